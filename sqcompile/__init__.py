@@ -1,0 +1,24 @@
+"""sqcompile: a torch.compile backend ("spectralquant") that compresses the KV cache with SpectralQuant.
+
+    import torch, sqcompile
+    compiled = torch.compile(model.forward, backend="spectralquant", options={"profile": "profile.safetensors"})
+"""
+from __future__ import annotations
+
+from .backend import spectralquant
+from .options import Options
+from .passes.sites import Site
+from .profile import SpectralProfile
+from .report import Report, explain
+
+__version__ = "0.1.0"
+
+
+def calibrate(*args, **kwargs):
+    """Calibrate a SpectralProfile on text (see `sqcompile.calibrate.calibrate`)."""
+    from .calibrate import calibrate as _calibrate
+
+    return _calibrate(*args, **kwargs)
+
+
+__all__ = ["spectralquant", "Options", "Site", "SpectralProfile", "Report", "explain", "calibrate"]

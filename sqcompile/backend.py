@@ -1,0 +1,117 @@
+"""The `spectralquant` torch.compile backend: options -> passes -> lowering.
+
+The pipeline, in order (each step a function over the FX graph, testable alone):
+
+1. detect_attention, detect_moe   find the sites and prove them (or record why they are left alone)
+2. insert_kv_rotation             k' = B_k (k - mu_k) at the KV write, q' = B_k q at the attention input
+3. fold_value_rotation            B_v into v_proj, B_v^T into o_proj (weights rewritten once, on copies)
+4. insert_kv_quantization         quantize K and V at the write (when options["quantize"])
+5. substitute_moe                 the fused MoE op for each proven MoE site (when options["moe"])
+6. lower                          Inductor (`compile_fx`), or the rewritten graph as is (`lower="eager"`)
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from .options import Options
+from .passes.detect_attention import detect_attention
+from .passes.fold_value_rotation import fold_value_rotation
+from .passes.insert_kv_quantization import insert_kv_quantization
+from .passes.insert_kv_rotation import insert_kv_rotation
+from .passes.sites import Site
+from .transform import KVTransform
+
+log = logging.getLogger("sqcompile")
+
+# explain() collects the sites of every graph compiled while it runs.
+_REPORT_SINK: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("sqcompile_report_sink", default=None)
+_logged: set = set()
+_transforms: dict = {}
+_graph_counter = [0]
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        log.info(msg)
+
+
+def _transform_for(opts: Options) -> KVTransform:
+    """One KVTransform per options object, so every graph of one compiled model shares its rotations."""
+    key = (id(opts.profile), opts.profile if isinstance(opts.profile, str) else None, float(opts.bits),
+           opts.quantize, opts.resolved_method, opts.seed)
+    t = _transforms.get(key)
+    if t is None or (opts.profile is not None and not isinstance(opts.profile, str) and t.options.profile is not opts.profile):
+        t = _transforms[key] = KVTransform(opts)
+    return t
+
+
+def _device_type(example_inputs: list) -> str:
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            return x.device.type
+    return "cpu"
+
+
+def _moe_passes():
+    try:
+        from .passes.detect_moe import detect_moe
+        from .passes.substitute_moe import substitute_moe
+    except ImportError:  # the MoE passes are optional while they are being built
+        return None, None
+    return detect_moe, substitute_moe
+
+
+def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options) -> list[Site]:
+    """Detect, prove and rewrite every site of `gm` in place; returns the sites (rewritten or not, with reasons)."""
+    graph_index = _graph_counter[0]
+    _graph_counter[0] += 1
+    kernels = opts.resolved_kernels(_device_type(example_inputs))
+    sites = detect_attention(gm, graph_index)
+    detect_moe, substitute_moe = _moe_passes()
+    moe_sites = detect_moe(gm, graph_index) if detect_moe is not None else []
+    transform = _transform_for(opts) if sites else None
+    for site in sites:
+        if site.reason is not None:
+            continue
+        rot = transform.layer(site.layer, site.kv_heads, site.head_dim)  # raises on a profile/model mismatch
+        insert_kv_rotation(gm, site, rot.key_basis, rot.key_mean)
+        fold_value_rotation(gm, site, rot.value_basis, rot.value_mean, example_inputs)
+        if opts.quantize:
+            insert_kv_quantization(gm, site, transform.codec(site.kv_heads, site.head_dim))
+        site.rewritten = True
+    if moe_sites:
+        if opts.moe:
+            substitute_moe(gm, moe_sites, example_inputs, kernels)
+        else:
+            for s in moe_sites:
+                if s.reason is None:
+                    s.leave("MoE substitution is off (options['moe'] = False)")
+    all_sites = sites + moe_sites
+    for s in all_sites:
+        if s.reason is not None:
+            _log_once(f"sqcompile: left {s.kind} site at layer {s.layer} (graph {s.graph}) alone: {s.reason}")
+    gm.graph.lint()
+    gm.recompile()
+    return all_sites
+
+
+def spectralquant(gm: fx.GraphModule, example_inputs: list, options: Any = None, **kwargs: Any) -> Callable:
+    """torch.compile backend: `torch.compile(model, backend="spectralquant", options={...})`."""
+    if kwargs.get("mode") is not None:
+        _log_once(f"sqcompile: mode={kwargs['mode']!r} is ignored by the spectralquant backend")
+    opts = Options.from_dict(options)
+    sites = run_passes(gm, example_inputs, opts)
+    sink = _REPORT_SINK.get()
+    if sink is not None:
+        sink.extend(sites)
+    if opts.lower == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)

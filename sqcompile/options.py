@@ -1,0 +1,93 @@
+"""`Options`: the validated form of the `options` dict a user passes to `torch.compile(..., backend="spectralquant")`."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+DEFAULT_BITS = 4.25  # 3.76x compression, every byte of metadata included
+KERNEL_CHOICES = ("auto", "triton", "tensorrt", "torch")
+LOWER_CHOICES = ("inductor", "eager")
+METHOD_CHOICES = ("spectralquant", "turboquant")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Backend options (DESIGN.md, "Public contract").
+
+    profile:  path or `SpectralProfile`; None = the data-oblivious TurboQuant mode.
+    bits:     stored bits per element, K and V averaged, metadata included (16/bits = compression ratio).
+    quantize: False = rotation only (outputs equal eager to float tolerance).
+    kernels:  "auto" | "triton" | "tensorrt" | "torch".
+    moe:      substitute the fused MoE op for detected MoE blocks.
+    lower:    "inductor" (default) | "eager" (run the rewritten graph as is: fast tests, debugging).
+    method:   "spectralquant" (needs a profile) | "turboquant"; None picks by whether a profile is given.
+    seed:     seed of the random rotations that stand in where no profile gives one.
+    """
+
+    profile: Any = None
+    bits: float = DEFAULT_BITS
+    quantize: bool = True
+    kernels: str = "auto"
+    moe: bool = True
+    lower: str = "inductor"
+    method: Optional[str] = None
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, options: Union[None, dict, "Options"]) -> "Options":
+        if options is None:
+            return cls()
+        if isinstance(options, Options):
+            return options
+        if not isinstance(options, dict):
+            raise TypeError(f"spectralquant options must be a dict, got {type(options).__name__}")
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown spectralquant option(s) {unknown}; valid options are {valid}")
+        opts = cls(**options)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        from .profile import SpectralProfile
+
+        if self.profile is not None and not isinstance(self.profile, (str, Path, SpectralProfile)):
+            raise TypeError(f"option 'profile' must be a path or a SpectralProfile, got {type(self.profile).__name__}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)):
+            raise TypeError(f"option 'bits' must be a number of bits per element, got {self.bits!r}")
+        if not 0 < float(self.bits) <= 16:
+            raise ValueError(f"option 'bits' must be in (0, 16] bits per element, got {self.bits}")
+        for name in ("quantize", "moe"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"option '{name}' must be True or False, got {getattr(self, name)!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"option 'kernels' must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
+        if self.lower not in LOWER_CHOICES:
+            raise ValueError(f"option 'lower' must be one of {LOWER_CHOICES}, got {self.lower!r}")
+        if self.method is not None and self.method not in METHOD_CHOICES:
+            raise ValueError(f"option 'method' must be one of {METHOD_CHOICES} or None, got {self.method!r}")
+        if self.method == "spectralquant" and self.profile is None and self.quantize:
+            raise ValueError("method 'spectralquant' needs a calibrated profile (options['profile'])")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"option 'seed' must be an int, got {self.seed!r}")
+        if isinstance(self.profile, (str, Path)) and not Path(self.profile).exists():
+            raise ValueError(f"option 'profile': no file at {self.profile}")
+
+    @property
+    def resolved_method(self) -> str:
+        return self.method or ("spectralquant" if self.profile is not None else "turboquant")
+
+    def resolved_kernels(self, device_type: str) -> str:
+        """Which kernel path serves this compile; an explicit choice that cannot run here is an error."""
+        from .kernels import select_kernels
+
+        return select_kernels(self.kernels, device_type)
+
+
+def triton_usable(device_type: str) -> bool:
+    if device_type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,54 @@
+"""Fold the value rotation into v_proj and its inverse into o_proj: zero cost at run time.
+
+With v' = B_v (v - mu_v) per kv head, v_proj becomes W_v' = B_v W_v, b_v' = B_v (b_v - mu_v). Attention
+mixes values with weights that sum to one, so its output is o' = B_v (o - mu_v) per head, and o_proj absorbs
+the inverse: W_o' = W_o blockdiag(B_v^T over query heads, each with its kv head), b_o' = b_o + W_o concat(mu_v).
+The new weights are copies held by the compiled graph; the user's module is not touched.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .fx_utils import add_constant, arg, tensor_value
+from .sites import Site
+
+
+def _set_linear_params(gm: fx.GraphModule, lin: fx.Node, weight: torch.Tensor, bias: torch.Tensor, tag: str) -> None:
+    w_node = add_constant(gm, f"sq_{tag}_weight", weight, lin)
+    b_node = add_constant(gm, f"sq_{tag}_bias", bias, lin)
+    lin.args = (lin.args[0], w_node, b_node)
+    lin.kwargs = {}
+
+
+def fold_value_rotation(gm: fx.GraphModule, site: Site, value_basis: torch.Tensor, value_mean: Optional[torch.Tensor],
+                        example_inputs: Optional[list]) -> None:
+    """Rewrite v_proj and o_proj of `site` with the value basis folded in (float64 math, original dtype)."""
+    v_lin, o_lin, off = site.nodes["v_linear"], site.nodes["o_linear"], site.nodes["v_offset"]
+    hkv, d, hq = site.kv_heads, site.head_dim, site.q_heads
+    w_v = tensor_value(gm, arg(v_lin, 1, "weight"), example_inputs)
+    b_v = tensor_value(gm, arg(v_lin, 2, "bias"), example_inputs)
+    w_o = tensor_value(gm, arg(o_lin, 1, "weight"), example_inputs)
+    b_o = tensor_value(gm, arg(o_lin, 2, "bias"), example_inputs)
+    if w_v is None or w_o is None:
+        raise ValueError(f"layer {site.layer}: v_proj/o_proj weights are not graph inputs or constants")
+    basis = value_basis.to(torch.float64)
+    mean = torch.zeros(hkv, d, dtype=torch.float64) if value_mean is None else value_mean.to(torch.float64)
+
+    wv = w_v.detach().to(torch.float64).clone()
+    rows = wv[off:off + hkv * d].reshape(hkv, d, -1)
+    wv[off:off + hkv * d] = torch.einsum("hed,hdi->hei", basis, rows).reshape(hkv * d, -1)
+    bv = torch.zeros(wv.shape[0], dtype=torch.float64) if b_v is None else b_v.detach().to(torch.float64).clone()
+    bv[off:off + hkv * d] = torch.einsum("hed,hd->he", basis, bv[off:off + hkv * d].reshape(hkv, d) - mean).reshape(-1)
+    _set_linear_params(gm, v_lin, wv.to(w_v.dtype), bv.to(w_v.dtype), "v_proj")
+
+    rep = hq // hkv
+    q_basis, q_mean = basis.repeat_interleave(rep, dim=0), mean.repeat_interleave(rep, dim=0)  # [Hq, d, d], [Hq, d]
+    wo = w_o.detach().to(torch.float64).reshape(w_o.shape[0], hq, d)
+    bo = torch.zeros(w_o.shape[0], dtype=torch.float64) if b_o is None else b_o.detach().to(torch.float64)
+    bo = bo + torch.einsum("ohd,hd->o", wo, q_mean)
+    wo = torch.einsum("ohd,hed->ohe", wo, q_basis).reshape(w_o.shape[0], hq * d)
+    _set_linear_params(gm, o_lin, wo.to(w_o.dtype), bo.to(w_o.dtype), "o_proj")
+    site.o_proj_folded = True

@@ -1,0 +1,158 @@
+"""Small helpers for reading dynamo-captured FX graphs (torch-level ops, parameters as placeholders)."""
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+
+def op_name(n: Any) -> Optional[str]:
+    """A stable name for what a node computes: the method name, or the function's __name__."""
+    if not isinstance(n, fx.Node):
+        return None
+    if n.op == "call_method":
+        return str(n.target)
+    if n.op == "call_function":
+        t = n.target
+        if t is operator.getitem:
+            return "getitem"
+        if isinstance(t, torch._ops.OpOverload):
+            return t._opname
+        if isinstance(t, torch._ops.OpOverloadPacket):
+            return t._qualified_op_name.split("::")[-1]
+        return getattr(t, "__name__", str(t))
+    if n.op == "call_module":
+        return "module"
+    return n.op
+
+
+def is_op(n: Any, *names: str) -> bool:
+    return op_name(n) in names
+
+
+SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+try:
+    SDPA_TARGETS.add(torch.ops.aten.scaled_dot_product_attention.default)
+except AttributeError:  # pragma: no cover
+    pass
+
+
+def is_sdpa(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in SDPA_TARGETS
+
+
+def is_linear(n: Any, gm: Optional[fx.GraphModule] = None) -> bool:
+    if not isinstance(n, fx.Node):
+        return False
+    if n.op == "call_function" and n.target in (F.linear, torch._C._nn.linear):
+        return True
+    if n.op == "call_module" and gm is not None:
+        return isinstance(gm.get_submodule(n.target), torch.nn.Linear)
+    return False
+
+
+def arg(n: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """The argument at `index` or keyword `name`."""
+    if len(n.args) > index:
+        return n.args[index]
+    return n.kwargs.get(name, default)
+
+
+def meta_tensor(n: Any) -> Optional[torch.Tensor]:
+    """The fake example value dynamo recorded for a node (None where there is none)."""
+    if not isinstance(n, fx.Node):
+        return None
+    v = n.meta.get("example_value", n.meta.get("val"))
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def static_shape(n: Any) -> Optional[tuple]:
+    t = meta_tensor(n)
+    if t is None:
+        return None
+    return tuple(concrete_int(s) for s in t.shape)
+
+
+def concrete_int(s: Any) -> Optional[int]:
+    """An int for a static size, None for a symbolic one. Never calls int() on a SymInt: in a backend that
+    would add a guard and specialize the graph (one recompile per decode step)."""
+    if isinstance(s, int):
+        return s
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    return int(s) if is_concrete_int(s) else None
+
+
+def only_user(n: fx.Node) -> Optional[fx.Node]:
+    users = list(n.users)
+    return users[0] if len(users) == 1 else None
+
+
+def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+_LAYER_RE = re.compile(r"layers?[._](?:modules_)?(\d+)(?:[._]|$)")
+
+
+def layer_from_name(name: str) -> Optional[int]:
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def node_source_name(n: Any) -> str:
+    """The name of the parameter or input behind a node (placeholder / get_attr / module target)."""
+    if not isinstance(n, fx.Node):
+        return ""
+    if n.op in ("placeholder", "get_attr", "call_module"):
+        return str(n.target)
+    return n.name
+
+
+def tensor_value(gm: fx.GraphModule, n: Any, example_inputs: Optional[list]) -> Optional[torch.Tensor]:
+    """The real tensor behind a parameter node: a placeholder's example input or a get_attr constant."""
+    if n is None:
+        return None
+    if not isinstance(n, fx.Node):
+        return n if isinstance(n, torch.Tensor) else None
+    if n.op == "placeholder":
+        if example_inputs is None:
+            return None
+        ph = placeholders(gm)
+        idx = ph.index(n)
+        if idx < len(example_inputs) and isinstance(example_inputs[idx], torch.Tensor):
+            return example_inputs[idx]
+        return None
+    if n.op == "get_attr":
+        obj: Any = gm
+        for part in str(n.target).split("."):
+            obj = getattr(obj, part)
+        return obj if isinstance(obj, torch.Tensor) else None
+    return None
+
+
+def add_constant(gm: fx.GraphModule, prefix: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register `value` as a buffer of `gm` (a copy owned by the compiled graph) and return a get_attr node."""
+    i = 0
+    while hasattr(gm, f"{prefix}_{i}"):
+        i += 1
+    name = f"{prefix}_{i}"
+    gm.register_buffer(name, value.detach().clone().contiguous())
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(name)
+
+
+def nodes_between(start: fx.Node, stop: fx.Node) -> Iterable[fx.Node]:
+    n = start
+    while n is not stop and n.op != "output":
+        yield n
+        n = n.next
+
+
+def first_in_graph(nodes: list[fx.Node]) -> fx.Node:
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
+    return min(nodes, key=lambda n: order[n])

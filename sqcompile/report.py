@@ -1,0 +1,73 @@
+"""`explain`: run one forward under the backend and report every site found, rewritten or left alone (and why)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .passes.sites import Site
+
+_COLUMNS = [
+    ("graph", "graph"), ("layer", "layer"), ("kind", "kind"), ("form", "form"), ("q_heads", "q-heads"),
+    ("kv_heads", "kv-heads"), ("head_dim", "head_dim"), ("kv_write", "KV write"), ("rope", "RoPE"),
+    ("rotation", "rotation"), ("o_proj_folded", "o_proj folded"), ("quantized", "quantized"),
+    ("experts", "experts"), ("top_k", "top-k"), ("kernel", "kernel"), ("rewritten", "rewritten"), ("reason", "reason"),
+]
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return str(v)
+
+
+@dataclass
+class Report:
+    """What the backend did: `sites` (one `Site` per attention or MoE block per compiled graph)."""
+
+    sites: list[Site] = field(default_factory=list)
+
+    def by_kind(self, kind: str, graph: Optional[int] = None) -> list[Site]:
+        return [s for s in self.sites if s.kind == kind and (graph is None or s.graph == graph)]
+
+    @property
+    def graphs(self) -> list[int]:
+        return sorted({s.graph for s in self.sites})
+
+    def __str__(self) -> str:
+        if not self.sites:
+            return "sqcompile: no attention or MoE sites found"
+        cols = [(k, h) for k, h in _COLUMNS if any(getattr(s, k) not in (None, False) for s in self.sites)
+                or k in ("layer", "kind", "rewritten")]
+        rows = [[_cell(getattr(s, k)) for k, _ in cols] for s in sorted(self.sites, key=lambda s: (s.graph, s.kind, s.layer))]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, (_, h) in enumerate(cols)]
+        line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+        out = [line([h for _, h in cols]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        out += [line(r) for r in rows]
+        rewritten = sum(s.rewritten for s in self.sites)
+        out.append(f"{len(self.sites)} sites, {rewritten} rewritten")
+        return "\n".join(out)
+
+
+def explain(model: Any, *args: Any, options: Optional[dict] = None, **kwargs: Any) -> Report:
+    """Compile `model` (an nn.Module or a callable) with the backend, run it once on the inputs, and report.
+
+    Options are the backend's; `lower` defaults to "eager" here (the report does not depend on it).
+    """
+    from . import backend
+
+    opts = dict(options or {})
+    opts.setdefault("lower", "eager")
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    compiled = torch.compile(fn, backend=backend.spectralquant, options=opts)
+    sink: list = []
+    token = backend._REPORT_SINK.set(sink)
+    try:
+        with torch.no_grad():
+            compiled(*args, **kwargs)
+    finally:
+        backend._REPORT_SINK.reset(token)
+    return Report(sites=sink)
