@@ -113,3 +113,17 @@ def test_inductor_lowering_equals_eager():
     eager = _decode(model, model, "static", ids, steps=2)
     fn = torch.compile(model.forward, backend="spectralquant", options={"quantize": False, "profile": profile})
     assert _rel(_decode(fn, model, "static", ids, steps=2), eager) < 1e-4
+
+
+def test_quantized_write_error_shrinks_with_bits():
+    """quantize=True (TurboQuant stand-in, no profile): the logits' error falls as the bit budget grows."""
+    torch._dynamo.reset()
+    model = _model("llama")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    eager = _decode(model, model, "static", ids, steps=1)
+    errors = []
+    for bits in (2.69, 4.25, 12.0):
+        torch._dynamo.reset()
+        fn = torch.compile(model.forward, backend="spectralquant", options={"bits": bits, "lower": "eager"})
+        errors.append(_rel(_decode(fn, model, "static", ids, steps=1), eager))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-2 and errors[0] < 0.5, errors

@@ -317,7 +317,7 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
             if extra:
                 raise _Unproven(f"the new {name} has a consumer outside the cache write: '{extra[0].name}'")
         else:
-            extra = [u for u in node.users if u is not attn and not _reads_into(u, attn)]
+            extra = [u for u in node.users if not _reads_into(u, (attn, out))]
             if extra:
                 raise _Unproven(f"the {name} has a consumer outside attention: '{extra[0].name}'")
     if v_offset == 0 and len(v_lin.users) != 1:
@@ -328,10 +328,10 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
                       v_offset=v_offset, o_linear=o_lin, centering_ok=m["centering_ok"])
 
 
-def _reads_into(n: fx.Node, attn: fx.Node, depth: int = 8) -> bool:
-    """True when `n` only feeds `attn` through read ops (repeat_kv, slicing)."""
+def _reads_into(n: fx.Node, sinks: tuple, depth: int = 8) -> bool:
+    """True when `n` only feeds one of `sinks` (the attention ops) through read ops (repeat_kv, slicing)."""
     for _ in range(depth):
-        if n is attn:
+        if n in sinks:
             return True
         if not is_op(n, *_READ_OPS) and not is_op(n, "transpose"):
             return False
@@ -339,7 +339,7 @@ def _reads_into(n: fx.Node, attn: fx.Node, depth: int = 8) -> bool:
         if len(users) != 1:
             return False
         n = users[0]
-    return n is attn
+    return n in sinks
 
 
 def _refuse_shared(sites: list[Site]) -> None:
