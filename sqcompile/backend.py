@@ -24,6 +24,7 @@ from .passes.fold_value_rotation import fold_value_rotation
 from .passes.insert_kv_quantization import insert_kv_quantization
 from .passes.insert_kv_rotation import insert_kv_rotation
 from .passes.sites import Site
+from .passes.substitute_decode_attention import substitute_decode_attention, upgrade_spectral_sites
 from .transform import KVTransform
 
 log = logging.getLogger("sqcompile")
@@ -67,17 +68,27 @@ def _moe_passes():
     return detect_moe, substitute_moe
 
 
+def _reads_spectral_cache(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and "dequantize_packed" in str(n.target) for n in gm.graph.nodes)
+
+
 def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options) -> list[Site]:
     """Detect, prove and rewrite every site of `gm` in place; returns the sites (rewritten or not, with reasons)."""
     graph_index = _graph_counter[0]
     _graph_counter[0] += 1
     kernels = opts.resolved_kernels(_device_type(example_inputs))
     sites = detect_attention(gm, graph_index)
+    if any(s.reason is not None for s in sites) and _reads_spectral_cache(gm):
+        upgrade_spectral_sites(gm, sites)
     detect_moe, substitute_moe = _moe_passes()
     moe_sites = detect_moe(gm, graph_index) if detect_moe is not None else []
-    transform = _transform_for(opts) if sites else None
+    transform = _transform_for(opts) if any(not s.nodes.get("spectral") for s in sites) else None
     for site in sites:
         if site.reason is not None:
+            continue
+        if site.nodes.get("spectral"):  # the cache owns rotation and quantization: fold and substitute only
+            substitute_decode_attention(gm, site, example_inputs)
+            site.rewritten = True
             continue
         rot = transform.layer(site.layer, site.kv_heads, site.head_dim)  # raises on a profile/model mismatch
         insert_kv_rotation(gm, site, rot.key_basis, rot.key_mean)

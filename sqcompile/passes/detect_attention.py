@@ -274,6 +274,7 @@ def detect_attention(gm: fx.GraphModule, graph_index: int = 0) -> list[Site]:
     sites = []
     for order, (form, m) in enumerate(found):
         site = Site(layer=-1, kind="attention", form=form, graph=graph_index)
+        site.nodes["attn_candidate"] = m["attn"]
         try:
             _prove(gm, site, m)
         except _Unproven as e:

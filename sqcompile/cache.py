@@ -1,0 +1,152 @@
+"""`SpectralCache`: a transformers `Cache` whose layers hold the packed SpectralQuant codes.
+
+Per layer: `k_packed`, `v_packed` uint8 [batch, kv_heads, max_cache_len, row_bytes] (the format of
+`sqcompile.quant.packing`: bit-planes per group, fp16 token scales, QJL bits), allocated once at the packed
+size, never at FP16 size. `update()` quantizes the new tokens into them (`sqcompile::quantize_write`) and, for
+eager attention, returns the dequantized cache in the model's own basis: correct everywhere, slow. Under
+`torch.compile(backend="spectralquant")` the substitution pass replaces "dequantize then SDPA" of a decode step
+with `sqcompile::decode_attention`, which reads the codes directly, and folds the value basis into
+v_proj/o_proj, so the compiled model never materialises FP16 K/V for the cache.
+
+Writing past `max_cache_len` is an error that names the capacity (checked on the host in eager mode, by an
+async assert inside compiled graphs), never a silent wrap.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from transformers.cache_utils import Cache, StaticLayer
+
+from .kernels import dequantize as _dequantize  # noqa: F401  (registers sqcompile::dequantize_packed)
+from .kernels import quantize_write as _quantize_write  # noqa: F401  (registers sqcompile::quantize_write)
+from .kernels._bitplanes import kernel_args
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover
+        return False
+
+
+class SpectralLayer(StaticLayer):
+    """One layer's packed K/V. Mask and length semantics are StaticLayer's (full capacity, causal mask)."""
+
+    is_compileable = True
+
+    def __init__(self, max_cache_len: int, codec, layer_idx: int, max_batch_size: Optional[int] = None):
+        super().__init__(max_cache_len=max_cache_len)
+        self.layer_idx = layer_idx
+        self.max_batch_size = max_batch_size
+        lc = codec.layers[layer_idx]
+        kf, vf = lc.key_format, lc.value_format
+        self.head_dim = kf.head_dim
+        self.k_groups, k_cb, k_cs = kernel_args(kf)
+        self.v_groups, v_cb, v_cs = kernel_args(vf)
+        self.qjl_dims, self.qjl_bits = int(kf.qjl_dims), int(kf.qjl_bits)
+        self.k_row_bytes, self.v_row_bytes = kf.bytes_per_token(), vf.bytes_per_token()
+        f32 = lambda t: None if t is None else t.detach().to(torch.float32).contiguous()
+        self.k_basis, self.k_mean = f32(lc.key_basis), f32(lc.key_mean)
+        self.v_basis, self.v_mean = f32(lc.value_basis), f32(lc.value_mean)
+        self.k_codebooks, self.k_channel_scale = f32(k_cb), f32(k_cs)
+        self.v_codebooks, self.v_channel_scale = f32(v_cb), f32(v_cs)
+        self.k_qjl_proj = f32(getattr(lc, "qjl_matrix", None)) if self.qjl_bits else None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        if self.max_batch_size is not None and self.batch_size > self.max_batch_size:
+            raise ValueError(f"SpectralCache was built for max_batch_size={self.max_batch_size}, got batch {self.batch_size}")
+        if key_states.shape[-1] != self.head_dim or self.num_heads != self.k_basis.shape[0]:
+            raise ValueError(f"SpectralCache layer {self.layer_idx} expects [B, {self.k_basis.shape[0]}, T, {self.head_dim}] "
+                             f"keys, got {tuple(key_states.shape)}")
+        shape = (self.batch_size, self.num_heads, self.max_cache_len)
+        self.keys = torch.zeros(*shape, self.k_row_bytes, dtype=torch.uint8, device=self.device)
+        self.values = torch.zeros(*shape, self.v_row_bytes, dtype=torch.uint8, device=self.device)
+        for name in ("k_basis", "k_mean", "v_basis", "v_mean", "k_codebooks", "k_channel_scale", "v_codebooks",
+                     "v_channel_scale", "k_qjl_proj"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(self.device))
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not _is_compiling():
+            for t in (self.keys, self.values, self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if not self.is_initialized else self.keys.numel() + self.values.numel()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n_new = key_states.shape[-2]
+        if not _is_compiling():
+            end = int(self.cumulative_length) + n_new
+            if end > self.max_cache_len:
+                raise IndexError(f"SpectralCache is full: writing {n_new} token(s) at position {int(self.cumulative_length)} "
+                                 f"would exceed its capacity max_cache_len={self.max_cache_len}")
+        positions = torch.arange(n_new, device=self.device) + self.cumulative_length
+        if _is_compiling():
+            torch._assert_async(positions[-1] < self.max_cache_len,
+                                f"SpectralCache capacity max_cache_len={self.max_cache_len} exceeded")
+        self.cumulative_length.add_(n_new)
+        # Values enter in the storage basis (under the backend, v_proj has this folded in and the pass
+        # removes these two ops); keys are rotated inside quantize_write.
+        v_store = torch.matmul(value_states.to(torch.float32) - self.v_mean[None, :, None, :],
+                               self.v_basis.transpose(-1, -2))
+        torch.ops.sqcompile.quantize_write(
+            key_states.to(torch.float32), v_store, self.keys, self.values, positions, self.k_basis, self.k_mean,
+            self.k_codebooks, self.k_channel_scale, self.v_codebooks, self.v_channel_scale, self.k_qjl_proj,
+            self.k_groups, self.v_groups, self.qjl_dims, self.qjl_bits)
+        k_store = torch.ops.sqcompile.dequantize_packed(self.keys, self.k_codebooks, self.k_channel_scale,
+                                                         self.k_groups, self.head_dim)
+        v_store_hat = torch.ops.sqcompile.dequantize_packed(self.values, self.v_codebooks, self.v_channel_scale,
+                                                            self.v_groups, self.head_dim)
+        k_hat = torch.matmul(k_store, self.k_basis) + self.k_mean[None, :, None, :]
+        v_hat = torch.matmul(v_store_hat, self.v_basis) + self.v_mean[None, :, None, :]
+        return k_hat.to(self.dtype), v_hat.to(self.dtype)
+
+
+class SpectralCache(Cache):
+    """A compressed KV cache: `SpectralCache(model_or_config, profile=None, bits=4.25, max_cache_len=...)`.
+
+    `profile` None gives the data-oblivious TurboQuant format. Pass it to `model(...)`/`model.generate(...)` as
+    `past_key_values`. `nbytes` is the memory the packed layers hold.
+    """
+
+    def __init__(self, model_or_config: Any, profile: Any = None, bits: float = 4.25, max_cache_len: int = 4096,
+                 max_batch_size: Optional[int] = None, method: Optional[str] = None, seed: int = 0, **codec_kwargs: Any):
+        from .profile import SpectralProfile, model_fingerprint
+        from .quant import build_codec
+
+        config = getattr(model_or_config, "config", model_or_config)
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        fp = model_fingerprint(config)
+        if isinstance(profile, (str, bytes)) or hasattr(profile, "__fspath__"):
+            profile = SpectralProfile.load(profile)
+        if profile is not None:
+            profile.check_matches(fp)
+        if not isinstance(max_cache_len, int) or max_cache_len <= 0:
+            raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
+        method = method or ("spectralquant" if profile is not None else "turboquant")
+        kw = {} if profile is not None else dict(num_layers=fp["num_layers"], num_kv_heads=fp["num_kv_heads"],
+                                                  head_dim=fp["head_dim"])
+        self.codec = build_codec(profile, bits=float(bits), method=method, seed=seed, **kw, **codec_kwargs)
+        self.bits = bits
+        layers = [SpectralLayer(max_cache_len, self.codec, i, max_batch_size) for i in range(fp["num_layers"])]
+        super().__init__(layers=layers)
+        self.max_cache_len = max_cache_len
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the packed K/V of all layers."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def packed_bytes_per_token(self) -> int:
+        """K+V bytes one token occupies across all layers and kv-heads (the bit accounting, exactly)."""
+        heads = self.codec.num_kv_heads
+        return sum((l.k_row_bytes + l.v_row_bytes) * heads for l in self.layers)

@@ -1,0 +1,209 @@
+"""Attention that reads a `SpectralCache`: fold the value basis into v_proj/o_proj and, for decode steps,
+replace "dequantize the whole cache then SDPA" with one `sqcompile::decode_attention` over the packed codes.
+
+What the cache's update() traces to (per layer):
+
+    v_store = (value.to(f32) - v_mean) @ v_basis^T
+    sqcompile.quantize_write(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, codebooks, ...)
+    k_hat = dequantize_packed(k_packed, ...) @ k_basis + k_mean          -> repeat_kv -> SDPA(q, k_hat, v_hat)
+    v_hat = dequantize_packed(v_packed, ...) @ v_basis + v_mean
+
+After the rewrite: v_proj emits v_store directly (the two ops above it are bypassed); SDPA reads the storage
+basis values (o_proj absorbs v_basis^T and the mean); and a single-token query (decode) calls
+`decode_attention(q, k_packed, v_packed, lengths, ...)`, which rotates q in its prologue, so neither the
+FP16 K nor V of the cache is ever materialised. A multi-token query (prefill) keeps SDPA over the
+dequantized cache. Only the standard cache-length mask is allowed for decode (no padding mask).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .detect_attention import _find_o_proj, _strip_kv_read, _trace_value, _Unproven
+from .fold_value_rotation import fold_value_rotation
+from .fx_utils import arg, concrete_int, is_op, layer_from_name, meta_tensor, node_source_name, tensor_value
+from .sites import Site
+
+
+def _ops():
+    from ..kernels import decode_attention as _d  # noqa: F401  (registers the ops)
+    from ..kernels import dequantize as _q  # noqa: F401
+
+    ops = torch.ops.sqcompile
+    return (ops.dequantize_packed, ops.dequantize_packed.default), (ops.quantize_write, ops.quantize_write.default)
+
+
+def _strip_to(n):
+    while is_op(n, "to", "contiguous"):
+        n = n.args[0]
+    return n
+
+
+def _match_read(base: fx.Node, dequant) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
+    """base = dequantize_packed(packed) @ basis + mean[None, :, None, :] -> (dequant node, basis, mean)."""
+    base = _strip_to(base)
+    if not is_op(base, "add") or not is_op(base.args[0], "matmul"):
+        return None
+    mm = base.args[0]
+    dq = mm.args[0]
+    if not (isinstance(dq, fx.Node) and dq.op == "call_function" and dq.target in dequant):
+        return None
+    mean = base.args[1]
+    mean = mean.args[0] if is_op(mean, "getitem") else mean
+    return dq, mm.args[1], mean
+
+
+def upgrade_spectral_sites(gm: fx.GraphModule, sites: list[Site]) -> None:
+    """Sites whose K/V come from a SpectralCache: prove them (the generic detector cannot see the write)."""
+    if not sites:
+        return
+    dequant, qwrite = _ops()
+    for site in sites:
+        if site.kind != "attention" or site.form != "sdpa":
+            continue
+        attn = site.nodes.get("attn") or _attn_of(gm, site)
+        if attn is None:
+            continue
+        k_read = _match_read(_strip_kv_read(arg(attn, 1, "key")), dequant)
+        v_read = _match_read(_strip_kv_read(arg(attn, 2, "value")), dequant)
+        if k_read is None or v_read is None:
+            continue
+        try:
+            _prove_spectral(gm, site, attn, k_read, v_read, qwrite)
+            site.reason = None
+        except _Unproven as e:
+            site.leave(f"SpectralCache attention: {e}")
+
+
+def _attn_of(gm: fx.GraphModule, site: Site) -> Optional[fx.Node]:
+    return site.nodes.get("attn_candidate")
+
+
+def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
+    k_dq, _, _ = k_read
+    v_dq, v_basis, v_mean = v_read
+    k_packed, v_packed = k_dq.args[0], v_dq.args[0]
+    writers = [u for u in k_packed.users if u.op == "call_function" and u.target in qwrite and u.args[2] is k_packed]
+    if len(writers) != 1 or writers[0].args[3] is not v_packed:
+        raise _Unproven("packed K/V are not written by exactly one quantize_write of this layer")
+    qw = writers[0]
+    v_store = _strip_to(qw.args[1])
+    if not (is_op(v_store, "matmul") and is_op(v_store.args[0], "sub")):
+        raise _Unproven("the value written is not (v - mean) @ basis^T")
+    new_v = _strip_to(v_store.args[0].args[0])
+    q = arg(attn, 0, "query")
+    qt, nv = meta_tensor(q), meta_tensor(new_v)
+    if qt is None or nv is None:
+        raise _Unproven("no shapes recorded for q/v")
+    site.q_heads, site.head_dim = concrete_int(qt.shape[1]), concrete_int(qt.shape[-1])
+    site.kv_heads = concrete_int(nv.shape[1])
+    if None in (site.q_heads, site.head_dim, site.kv_heads) or site.q_heads % site.kv_heads:
+        raise _Unproven("head counts are symbolic or not a GQA ratio")
+    v_lin, v_offset = _trace_value(new_v, gm, site.kv_heads, site.head_dim)
+    o_lin = _find_o_proj(attn, gm, site.q_heads, site.head_dim)
+    sub = v_store.args[0]
+    for u in new_v.users:
+        if u is sub or (is_op(u, "to", "contiguous") and set(u.users) == {sub}):
+            continue
+        raise _Unproven(f"the value has a consumer outside the cache write: '{u.name}'")
+    mask = arg(attn, 3, "attn_mask")
+    q_len = concrete_int(qt.shape[2])
+    decode = q_len == 1 and not _mask_from_input(mask)
+    layer = layer_from_name(node_source_name(_strip_to(k_packed)))
+    if layer is None:
+        w = arg(v_lin, 1, "weight")
+        layer = layer_from_name(node_source_name(w)) if isinstance(w, fx.Node) else None
+    site.layer = site.layer if layer is None else layer
+    site.kv_write = "spectral"
+    site.rope = site.rope or False
+    site.nodes.update(spectral=True, attn=attn, out=attn, q=q, qwrite=qw, v_store=v_store, new_v=new_v,
+                      v_linear=v_lin, v_offset=v_offset, o_linear=o_lin, v_dq=v_dq, v_basis=v_basis, v_mean=v_mean, decode=decode,
+                      k_packed=k_packed, v_packed=v_packed)
+
+
+def _mask_from_input(mask) -> bool:
+    """True when the SDPA mask depends on a user-given attention_mask (padding): decode_attention has none."""
+    if not isinstance(mask, fx.Node):
+        return False
+    seen, todo = set(), [mask]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" and "attention_mask" in str(n.target):
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def _erase_dead(nodes: list) -> None:
+    """Erase nodes left without users (and their inputs that become dead), never anything that mutates."""
+    todo = [n for n in nodes if isinstance(n, fx.Node)]
+    while todo:
+        n = todo.pop()
+        if n.graph is None or n.users or n.op not in ("call_function", "call_method"):
+            continue
+        if is_op(n, "index_copy_", "add_", "copy_") or "quantize_write" in str(n.target) or "assert" in str(n.target):
+            continue
+        inputs = n.all_input_nodes
+        n.graph.erase_node(n)
+        todo.extend(inputs)
+
+
+def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: Optional[list]) -> None:
+    """Fold the cache's value basis into v_proj/o_proj; decode steps read the packed codes directly."""
+    nodes = site.nodes
+    basis_t = tensor_value(gm, _strip_to(nodes["v_basis"]), example_inputs)
+    mean_t = tensor_value(gm, _strip_to(nodes["v_mean"]), example_inputs)
+    if basis_t is None or mean_t is None:
+        raise _Unproven("the cache's value basis is not a graph input")
+    fold_value_rotation(gm, site, basis_t, mean_t, example_inputs)
+    qw, v_store, new_v = nodes["qwrite"], nodes["v_store"], nodes["new_v"]
+    with gm.graph.inserting_before(qw):
+        v32 = gm.graph.call_method("to", (new_v, torch.float32))
+    qw.replace_input_with(qw.args[1], v32)
+    _erase_dead([v_store])
+    # SDPA reads the storage-basis values; o_proj (folded) maps them back.
+    v_dq = nodes["v_dq"]
+    v_hat = [u for u in v_dq.users if is_op(u, "matmul")]
+    for mm in v_hat:
+        for add in list(mm.users):
+            if is_op(add, "add"):
+                add.replace_all_uses_with(v_dq)
+                _erase_dead([add])
+    attn = nodes["attn"]
+    site.rotation = True
+    site.quantized = True
+    if not nodes["decode"]:
+        site.kernel = "sdpa (prefill over the dequantized cache)"
+        return
+    q = nodes["q"]
+    scale = arg(attn, 6, "scale")
+    if scale is None:
+        scale = 1.0 / math.sqrt(site.head_dim)
+    positions = qw.args[4]
+    batch = concrete_int(meta_tensor(q).shape[0])
+    if batch is None:
+        raise _Unproven("symbolic batch size")
+    a = qw.args
+    with gm.graph.inserting_before(attn):
+        q3 = gm.graph.call_method("select", (q, 2, 0))
+        last = gm.graph.call_method("max", (positions,))
+        length = gm.graph.call_function(torch.add, (last, 1))
+        length = gm.graph.call_method("to", (length, torch.int32))
+        lengths = gm.graph.call_method("reshape", (length, (1,)))
+        lengths = gm.graph.call_method("expand", (lengths, batch))
+        lengths = gm.graph.call_method("contiguous", (lengths,))
+        out = gm.graph.call_function(torch.ops.sqcompile.decode_attention.default,
+                                     (q3, a[2], a[3], lengths, a[5], a[7], a[8], a[9], a[10], a[11], a[12], a[13],
+                                      a[14], a[15], float(scale)))
+        out4 = gm.graph.call_method("unsqueeze", (out, 2))
+    old_inputs = list(attn.all_input_nodes)
+    attn.replace_all_uses_with(out4)
+    gm.graph.erase_node(attn)
+    _erase_dead(old_inputs)
+    site.kernel = "decode_attention"

@@ -1,0 +1,86 @@
+"""SpectralCache (issue #4): packed storage, eager correctness, the compiled fused path, capacity errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import StaticCache
+
+import sqcompile
+from sqcompile.backend import spectralquant
+from sqcompile.cache import SpectralCache
+from sqcompile.evaluate import EvalState, simulated_cache
+
+from test_hf_models import _model, _rel
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_compiled_fused_decode_equals_eager_spectral_cache(arch):
+    torch._dynamo.reset()
+    model = _model(arch)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    decode_graphs = []
+
+    def backend(gm, example_inputs):
+        fn = spectralquant(gm, example_inputs, options={"lower": "eager"})
+        decode_graphs.append(gm)
+        return fn
+
+    step = torch.compile(model.forward, backend=backend)
+    eager_cache = SpectralCache(model, bits=3.25, max_cache_len=40)
+    compiled_cache = SpectralCache(model, bits=3.25, max_cache_len=40)
+    with torch.no_grad():
+        x = ids
+        for i in range(17):  # prefill + 16 decode steps
+            a = model(input_ids=x, past_key_values=eager_cache, use_cache=True).logits
+            b = step(input_ids=x, past_key_values=compiled_cache, use_cache=True).logits
+            assert _rel(b, a) < 1e-4, (i, _rel(b, a))
+            x = a[:, -1:].argmax(-1)
+    # The decode graph reads the codes: decode_attention, and no dequantized cache anywhere.
+    decode = decode_graphs[-1]
+    targets = [str(n.target) for n in decode.graph.nodes if n.op == "call_function"]
+    assert sum("decode_attention" in t for t in targets) == model.config.num_hidden_layers
+    assert not any("dequantize_packed" in t for t in targets)
+    assert not any("scaled_dot_product_attention" in t for t in targets)
+    report = sqcompile.explain(model, input_ids=x, past_key_values=compiled_cache)
+    assert [s.kernel for s in report.sites] == ["decode_attention"] * model.config.num_hidden_layers, str(report)
+
+
+def test_eager_spectral_cache_equals_simulation():
+    model = _model("llama")
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(2))
+    cache = SpectralCache(model, bits=2.69, max_cache_len=32)
+    sim = simulated_cache(EvalState(cache.codec, ()), model.config)
+    with torch.no_grad():
+        a = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        b = model(input_ids=ids, past_key_values=sim, use_cache=True).logits
+        fp = model(input_ids=ids).logits
+    assert _rel(a, b) < 1e-5
+    assert _rel(a, fp) > 1e-3  # and it really is quantized
+
+
+def test_writing_past_capacity_raises_and_names_it():
+    model = _model("llama")
+    cache = SpectralCache(model, bits=4.25, max_cache_len=8)
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 6, dtype=torch.long), past_key_values=cache, use_cache=True)
+        with pytest.raises(IndexError, match="max_cache_len=8"):
+            model(input_ids=torch.zeros(1, 3, dtype=torch.long), past_key_values=cache, use_cache=True)
+
+
+def test_allocates_packed_size_not_fp16():
+    model = _model("llama")
+    cfg = model.config
+    batch, max_len = 3, 64
+    cache = SpectralCache(model, bits=3.25, max_cache_len=max_len)
+    with torch.no_grad():
+        model(input_ids=torch.zeros(batch, 4, dtype=torch.long), past_key_values=cache, use_cache=True)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    expected = batch * max_len * cache.packed_bytes_per_token()
+    assert abs(cache.nbytes - expected) <= 0.01 * expected
+    fp16 = batch * max_len * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * 2
+    assert cache.nbytes <= fp16 / 4  # 3.25 bits/element is 4.9x smaller than fp16
+    per_token_bits = 8 * cache.packed_bytes_per_token() / (cfg.num_hidden_layers * cfg.num_key_value_heads * 2 * head_dim)
+    assert per_token_bits <= 3.25 + 1e-9
+    # only uint8 storage: no float K/V buffers kept by the cache
+    for layer in cache.layers:
+        assert layer.keys.dtype == torch.uint8 and layer.values.dtype == torch.uint8
