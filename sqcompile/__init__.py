@@ -10,6 +10,15 @@ from .options import Options
 from .passes.sites import Site
 from .profile import SpectralProfile
 from .report import Report, explain
+from .optimize import Optimized, optimize
+
+
+def __getattr__(name: str):
+    if name == "SpectralCache":  # needs transformers: imported on first use
+        from .cache import SpectralCache
+
+        return SpectralCache
+    raise AttributeError(f"module 'sqcompile' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
@@ -21,4 +30,5 @@ def calibrate(*args, **kwargs):
     return _calibrate(*args, **kwargs)
 
 
-__all__ = ["spectralquant", "Options", "Site", "SpectralProfile", "Report", "explain", "calibrate"]
+__all__ = ["spectralquant", "Options", "Site", "SpectralProfile", "Report", "explain", "calibrate", "optimize",
+           "Optimized", "SpectralCache"]

@@ -34,6 +34,7 @@ _REPORT_SINK: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("s
 _logged: set = set()
 _transforms: dict = {}
 _graph_counter = [0]
+_last_kernels = ["torch"]
 
 
 def _log_once(msg: str) -> None:
@@ -77,6 +78,8 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options) -> list[
     graph_index = _graph_counter[0]
     _graph_counter[0] += 1
     kernels = opts.resolved_kernels(_device_type(example_inputs))
+    _log_once(f"sqcompile: kernels={opts.kernels!r} resolved to {kernels!r} on {_device_type(example_inputs)}")
+    _last_kernels[0] = kernels
     sites = detect_attention(gm, graph_index)
     if any(s.reason is not None for s in sites) and _reads_spectral_cache(gm):
         upgrade_spectral_sites(gm, sites)
@@ -123,6 +126,35 @@ def spectralquant(gm: fx.GraphModule, example_inputs: list, options: Any = None,
         sink.extend(sites)
     if opts.lower == "eager":
         return gm.forward
+    if _last_kernels[0] == "tensorrt":
+        # torch_tensorrt's dynamo backend; sqcompile's custom ops have no TensorRT converter yet and run as
+        # PyTorch fallback segments. Never run on hardware (no SM100 GPU here): see README.
+        from torch._dynamo.backends.registry import lookup_backend
+
+        register_constants(gm)
+        return lookup_backend("torch_tensorrt")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
+    register_constants(gm)
     return compile_fx(gm, example_inputs)
+
+
+def register_constants(gm: fx.GraphModule) -> None:
+    """Make the rewritten weights the passes attached to `gm` buffers with a source AOTAutograd accepts.
+
+    Inductor's AOT front end lifts a dynamo graph's parameters and buffers as inputs and wants a dynamo source
+    for each; a plain tensor attribute would reach fake tracing as a real tensor. A `ConstantSource` per
+    buffer names it (these weights are owned by the compiled graph, not by the user's module).
+    """
+    from torch._dynamo.source import ConstantSource
+
+    names = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("sq_")]
+    if not names:
+        return
+    sources = getattr(gm, "_param_name_to_source", None)
+    for name in names:
+        value = getattr(gm, name)
+        delattr(gm, name)
+        gm.register_buffer(name, value)
+        if sources is not None:
+            sources[name] = ConstantSource(f"sqcompile_{name}")

@@ -29,6 +29,7 @@ class Report:
     """What the backend did: `sites` (one `Site` per attention or MoE block per compiled graph)."""
 
     sites: list[Site] = field(default_factory=list)
+    kernels: Optional[str] = None  # the kernel path "auto" (or the user) chose: "torch" | "triton" | "tensorrt"
 
     def by_kind(self, kind: str, graph: Optional[int] = None) -> list[Site]:
         return [s for s in self.sites if s.kind == kind and (graph is None or s.graph == graph)]
@@ -38,14 +39,15 @@ class Report:
         return sorted({s.graph for s in self.sites})
 
     def __str__(self) -> str:
+        head = f"sqcompile: kernels={self.kernels}\n" if self.kernels else ""
         if not self.sites:
-            return "sqcompile: no attention or MoE sites found"
+            return head + "sqcompile: no attention or MoE sites found"
         cols = [(k, h) for k, h in _COLUMNS if any(getattr(s, k) not in (None, False) for s in self.sites)
                 or k in ("layer", "kind", "rewritten")]
         rows = [[_cell(getattr(s, k)) for k, _ in cols] for s in sorted(self.sites, key=lambda s: (s.graph, s.kind, s.layer))]
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, (_, h) in enumerate(cols)]
         line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-        out = [line([h for _, h in cols]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        out = ([head.rstrip()] if head else []) + [line([h for _, h in cols]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
         out += [line(r) for r in rows]
         rewritten = sum(s.rewritten for s in self.sites)
         out.append(f"{len(self.sites)} sites, {rewritten} rewritten")
@@ -70,4 +72,4 @@ def explain(model: Any, *args: Any, options: Optional[dict] = None, **kwargs: An
             compiled(*args, **kwargs)
     finally:
         backend._REPORT_SINK.reset(token)
-    return Report(sites=sink)
+    return Report(sites=sink, kernels=backend._last_kernels[0])

@@ -84,3 +84,32 @@ def test_allocates_packed_size_not_fp16():
     # only uint8 storage: no float K/V buffers kept by the cache
     for layer in cache.layers:
         assert layer.keys.dtype == torch.uint8 and layer.values.dtype == torch.uint8
+
+
+def test_generate_with_padding_uses_fused_kernel_and_equals_eager():
+    """model.generate with a left-padded batch: the attention_mask reaches decode_attention as a token mask."""
+    torch._dynamo.reset()
+    model = _model("llama")
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(4))
+    attn = torch.ones_like(ids)
+    attn[1, :4] = 0  # left padding of the second prompt
+    ids[1, :4] = 0
+    kw = dict(max_new_tokens=8, do_sample=False, attention_mask=attn, pad_token_id=0)
+    with torch.no_grad():
+        eager = model.generate(ids, past_key_values=SpectralCache(model, max_cache_len=24), **kw)
+        opt = sqcompile.optimize(model, max_cache_len=24, lower="eager")
+        try:
+            fused = opt.generate(ids, **kw)
+            report = sqcompile.explain(model.forward, input_ids=ids[:, -1:], attention_mask=torch.ones(2, 11, dtype=torch.long),
+                                       past_key_values=_prefilled(model, ids, attn))
+        finally:
+            del model.forward  # back to the class's forward
+    assert torch.equal(fused, eager)
+    assert all(s.kernel == "decode_attention" for s in report.sites), str(report)
+
+
+def _prefilled(model, ids, attn):
+    cache = SpectralCache(model, max_cache_len=24)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=attn, past_key_values=cache, use_cache=True)
+    return cache

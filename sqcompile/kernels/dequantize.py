@@ -27,3 +27,16 @@ def dequantize_packed(packed: torch.Tensor, codebooks: torch.Tensor, channel_sca
 @dequantize_packed.register_fake
 def _(packed, codebooks, channel_scale, groups, head_dim):
     return packed.new_empty((*packed.shape[:3], head_dim), dtype=torch.float32)
+
+
+@torch.library.custom_op("sqcompile::fake_quant", mutates_args=())
+def fake_quant(x_store: torch.Tensor, codebooks: torch.Tensor, channel_scale: torch.Tensor, groups: list[int],
+               head_dim: int) -> torch.Tensor:
+    """Quantize then dequantize [B, Hkv, T, d] storage coordinates with one format (the simulated cache write)."""
+    fmt = format_from_args(head_dim, groups, codebooks, channel_scale)
+    return fmt.fake_quant(x_store.to(torch.float32)).to(x_store.dtype).contiguous()
+
+
+@fake_quant.register_fake
+def _(x_store, codebooks, channel_scale, groups, head_dim):
+    return torch.empty_like(x_store, memory_format=torch.contiguous_format)

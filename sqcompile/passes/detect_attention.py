@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from .fx_utils import (
     arg,
+    op_name,
     concrete_int,
     is_linear,
     is_op,
@@ -39,7 +40,12 @@ _READ_OPS = ("getitem", "expand", "reshape", "view", "contiguous", "unsqueeze", 
 # Ops between the attention output and o_proj that only move data (checked for layout below).
 _OUT_OPS = ("reshape", "view", "transpose", "permute", "contiguous", "to", "flatten")
 # Ops allowed between the score matmul and softmax in the eager form; "tanh" forbids key centering.
-_SCORE_OPS = ("mul", "truediv", "div", "add", "iadd", "to", "float", "tanh", "masked_fill", "type_as")
+_SCORE_OPS = ("mul", "truediv", "div", "add", "iadd", "to", "float", "tanh", "masked_fill", "type_as", "type",
+              "itruediv", "imul")
+# Ops allowed between softmax and the value matmul (dtype casts, inference dropout).
+_PROB_OPS = ("to", "dropout", "type_as", "float", "type")
+# Ops that scale the scores: shift-invariance (key centering) needs the factor to be the same for every key.
+_SCALE_OPS = ("mul", "truediv", "div", "itruediv", "imul")
 _SOFTMAX = ("softmax", "_softmax", "_safe_softmax")
 _SPLITS = ("split", "chunk", "split_with_sizes", "tensor_split")
 
@@ -80,6 +86,13 @@ def _find_kv_write(base: fx.Node, attn: fx.Node, what: str) -> tuple[fx.Node, st
                or (u.op == "call_function" and u.target is operator.setitem and u.args[0] is base)]
     if len(writers) > 1:
         raise _Unproven(f"{what} cache tensor is written {len(writers)} times in one graph")
+    if not writers and base.op == "placeholder":
+        rolled = _roll_write(base)
+        if rolled is not None:  # StaticSlidingWindowLayer when full: roll, write the last slot, copy_ back
+            new = rolled.args[2]
+            if not isinstance(new, fx.Node):
+                raise _Unproven(f"{what}: cache write of a non-tensor")
+            return new, "roll"
     if writers:
         w = writers[0]
         if w.op == "call_function" and w.target is operator.setitem:
@@ -97,8 +110,41 @@ def _find_kv_write(base: fx.Node, attn: fx.Node, what: str) -> tuple[fx.Node, st
     return base, "direct"
 
 
+def _roll_write(base: fx.Node) -> Optional[fx.Node]:
+    """`new = base.roll(-1, dims=-2); new[:, :, idx] = x; base.copy_(new)`: the setitem node writing x, or None."""
+    copies = [u for u in base.users if is_op(u, "copy_") and u.args[0] is base]
+    if len(copies) != 1 or not is_op(copies[0].args[1], "roll"):
+        return None
+    roll = copies[0].args[1]
+    if roll.args[0] is not base or arg(roll, 2, "dims") not in (-2, 2, (-2,), [-2], (2,), [2]):
+        return None
+    sets = [u for u in roll.users if u.op == "call_function" and u.target is operator.setitem and u.args[0] is roll]
+    if len(sets) != 1 or set(roll.users) != {sets[0], copies[0]}:
+        return None
+    idx = sets[0].args[1]
+    if not (isinstance(idx, tuple) and len(idx) == 3 and idx[0] == slice(None) and idx[1] == slice(None)):
+        return None
+    return sets[0]
+
+
+def _cache_state_write(n: fx.Node) -> bool:
+    """`cache.copy_(n)` into a cache tensor (a graph input, or one the graph allocates: StaticCache's lazy init):
+    n is handed back as cache state (sliding-window StaticCache)."""
+    return is_op(n, "copy_") and isinstance(n.args[0], fx.Node) and (
+        n.args[0].op == "placeholder" or is_op(n.args[0], "zeros", "empty", "full", "zeros_like", "new_zeros"))
+
+
+def _only_to_cache_state(n: fx.Node, depth: int = 6) -> bool:
+    """True when `n` (a read op) only reaches the cache state: the graph output or a copy_ into a cache input."""
+    if depth == 0 or not is_op(n, *_READ_OPS):
+        return False
+    return all(u.op == "output" or is_op(u, *_SIZE_OPS) or (_cache_state_write(u) and u.args[1] is n)
+               or _only_to_cache_state(u, depth - 1) for u in n.users)
+
+
 def _rope_at(n: fx.Node) -> bool:
-    """`x*cos + rotate_half(x)*sin`: an add of two products, one of them over a cat that holds a neg."""
+    """`x*cos + rotate_half(x)*sin`: an add of two products, one of them over a cat (half-split RoPE, Llama) or a
+    stack + flatten (interleaved RoPE, GPT-J / Cohere) that holds a neg."""
     if not is_op(n, "add", "iadd") or len(n.args) < 2:
         return False
     a, b = n.args[0], n.args[1]
@@ -106,7 +152,9 @@ def _rope_at(n: fx.Node) -> bool:
         return False
     for m in (a, b):
         for x in m.args:
-            if is_op(x, "cat") and any(is_op(t, "neg") for t in arg(x, 0, "tensors", [])):
+            while is_op(x, "flatten", "view", "reshape"):
+                x = x.args[0]
+            if is_op(x, "cat", "stack") and any(is_op(t, "neg") for t in arg(x, 0, "tensors", [])):
                 return True
     return False
 
@@ -125,7 +173,17 @@ def _trace_key(new_k: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, bool]:
         if n.op in ("call_function", "call_method"):
             for a in n.all_input_nodes:
                 frontier.append((a, depth + 1))
-    raise _Unproven("the key does not come from a linear projection")
+    raise _Unproven("the key does not come from a linear projection" + _not_linear_hint(seen))
+
+
+def _not_linear_hint(nodes) -> str:
+    """Name a projection that is there but is not F.linear (GPT-2's Conv1D addmm, Falcon's `x @ W.T`)."""
+    for n in nodes:
+        if is_op(n, "addmm", "mm", "matmul", "baddbmm") and any(a.op == "placeholder" or is_op(a, "T", "t")
+                                                                for a in n.all_input_nodes):
+            return (f" (it comes from '{n.target if isinstance(n.target, str) else op_name(n)}' with a weight: a "
+                    f"Conv1D / hand-written projection, which the weight folding does not handle)")
+    return ""
 
 
 def _trace_value(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int, head_dim: int) -> tuple[fx.Node, int]:
@@ -135,8 +193,14 @@ def _trace_value(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int, head_dim: in
     -> transpose(1, 2). Anything in between would make folding the rotation into the weight wrong.
     """
     n = new_v
+    chain = [n]  # every node from new_v back to the projection: nothing else may read them (they get rotated)
     while is_op(n, "contiguous", "to"):
         n = n.args[0]
+        chain.append(n)
+    if is_op(n, "getitem") and is_op(n.args[0], *_SPLITS):
+        raise _Unproven("value is split out of a fused QKV tensor AFTER the head split (per-head interleaved "
+                        "q/k/v rows, GPT-NeoX / BLOOM / GPTBigCode layout): its v_proj rows are not one block, "
+                        "so the rotation cannot be folded into the weight")
     if is_op(n, "transpose"):
         dims = {d % 4 for d in n.args[1:3]}
         if dims != {1, 2}:
@@ -148,8 +212,10 @@ def _trace_value(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int, head_dim: in
     else:
         raise _Unproven(f"value reaches the cache through '{n.target}', not a head transpose")
     n = n.args[0]
+    chain.append(n)
     while is_op(n, "contiguous"):
         n = n.args[0]
+        chain.append(n)
     if not is_op(n, "view", "reshape"):
         raise _Unproven("value is not split into heads by a view/reshape")
     split_shape = static_shape(n)
@@ -158,7 +224,10 @@ def _trace_value(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int, head_dim: in
     n = n.args[0]
     offset = 0
     width = kv_heads * head_dim
+    fused = None  # the node whose other users must stay clear of the value rows
     if is_op(n, "getitem") and _is_tensor_getitem(n):
+        chain.append(n)
+        fused = "slice"
         idx = n.args[1]
         sl = idx[-1] if isinstance(idx, tuple) else idx
         if isinstance(idx, tuple) and any(i not in (Ellipsis, slice(None)) for i in idx[:-1]):
@@ -166,8 +235,12 @@ def _trace_value(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int, head_dim: in
         if not isinstance(sl, slice) or sl.step not in (None, 1) or not isinstance(sl.start or 0, int):
             raise _Unproven("fused QKV slice is not a plain slice")
         offset = sl.start or 0
+        if offset < 0 or (sl.stop is not None and (not isinstance(sl.stop, int) or sl.stop != offset + width)):
+            raise _Unproven(f"fused QKV value slice {sl} is not exactly {width} rows from a non-negative offset")
         n = n.args[0]
     elif is_op(n, "getitem") and is_op(n.args[0], *_SPLITS):
+        chain.append(n)
+        fused = "split"
         split, i = n.args[0], n.args[1]
         total = static_shape(split.args[0])
         dim = arg(split, 2, "dim", 0)
@@ -182,13 +255,55 @@ def _trace_value(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int, head_dim: in
             offset = sum(size[:i])
         else:
             raise _Unproven("fused QKV split sizes are not constants")
+        if not isinstance(i, int) or any(is_op(u, "getitem") and u.args[1] == i and u is not chain[-1]
+                                         for u in split.users) or any(not is_op(u, "getitem") for u in split.users):
+            raise _Unproven("the value part of the fused QKV split is read more than once")
         n = split.args[0]
+        if len(n.users) != 1:
+            raise _Unproven(f"the fused QKV output has {len(n.users)} consumers besides its split")
     if not is_linear(n, gm):
-        raise _Unproven("value is not the output of a linear projection (v_proj)")
+        raise _Unproven("value is not the output of a linear projection (v_proj)"
+                        + _not_linear_hint([n] + list(n.all_input_nodes)))
     out_features = static_shape(n)[-1] if static_shape(n) else None
     if out_features is None or offset + width > out_features:
         raise _Unproven("value rows fall outside the projection's output")
+    for a, b in zip(chain[1:], chain[2:]):  # each link of the value path has the next one as its only reader
+        if len(a.users) != 1:
+            raise _Unproven(f"the value (at '{a.name}') has a consumer outside the cache write")
+    last = chain[-1]
+    if len(last.users) != 1:
+        raise _Unproven(f"the value (at '{last.name}') has a consumer outside the cache write")
+    if fused == "slice":
+        for u in n.users:
+            if u is last:
+                continue
+            lo_hi = _last_dim_slice(u)
+            if lo_hi is None:
+                raise _Unproven(f"the fused QKV output is read by '{u.name}', not only by slices")
+            lo, hi = lo_hi
+            if hi is None:
+                hi = out_features
+            if lo < offset + width and hi > offset:
+                raise _Unproven(f"the fused QKV slice '{u.name}' overlaps the value rows")
+    elif fused is None and len(n.users) != 1:
+        raise _Unproven(f"v_proj output has {len(n.users)} consumers")
     return n, offset
+
+
+def _last_dim_slice(n: fx.Node) -> Optional[tuple]:
+    """(start, stop) of a getitem that slices only the last dim with constant bounds; None otherwise."""
+    if not (is_op(n, "getitem") and _is_tensor_getitem(n)):
+        return None
+    idx = n.args[1]
+    sl = idx[-1] if isinstance(idx, tuple) else idx
+    if isinstance(idx, tuple) and any(i not in (Ellipsis, slice(None)) for i in idx[:-1]):
+        return None
+    if not isinstance(sl, slice) or sl.step not in (None, 1):
+        return None
+    lo, hi = sl.start or 0, sl.stop
+    if not isinstance(lo, int) or lo < 0 or not (hi is None or (isinstance(hi, int) and hi >= 0)):
+        return None
+    return lo, hi
 
 
 def _find_o_proj(out: fx.Node, gm: fx.GraphModule, q_heads: int, head_dim: int) -> fx.Node:
@@ -237,12 +352,30 @@ def _site_layer(*nodes: Optional[fx.Node]) -> Optional[int]:
     return None
 
 
+def _softmax_dim_is_last(softmax: fx.Node) -> bool:
+    dim = arg(softmax, 1, "dim")
+    t = meta_tensor(softmax)
+    return isinstance(dim, int) and t is not None and dim % t.dim() == t.dim() - 1
+
+
+def _uniform_over_keys(x) -> bool:
+    """A scale factor that is the same for every key: a number, or a tensor of size 1 in the last dim."""
+    if isinstance(x, (int, float)):
+        return True
+    t = meta_tensor(x)
+    return t is not None and (t.dim() == 0 or concrete_int(t.shape[-1]) == 1)
+
+
 def _eager_attention(softmax: fx.Node) -> Optional[dict]:
     """Match matmul -> scale/cap/mask -> softmax -> matmul around one softmax; None when it is not that."""
     n, centering_ok = softmax.args[0], True
+    if not _softmax_dim_is_last(softmax):
+        return None
     while isinstance(n, fx.Node) and is_op(n, *_SCORE_OPS):
         if is_op(n, "tanh"):
             centering_ok = False  # a soft-cap is not shift-invariant: keys keep their mean
+        if is_op(n, *_SCALE_OPS) and not all(_uniform_over_keys(a) for a in n.args[1:2]):
+            centering_ok = False  # a per-key factor breaks shift-invariance too
         n = n.args[0]
     if not is_op(n, "matmul", "bmm") or not isinstance(n, fx.Node):
         return None
@@ -251,13 +384,57 @@ def _eager_attention(softmax: fx.Node) -> Optional[dict]:
     if not is_op(kt, "transpose") or {d % 4 for d in kt.args[1:3]} != {2, 3}:
         return None
     p, users = softmax, list(softmax.users)
-    while len(users) == 1 and is_op(users[0], "to", "dropout", "type_as", "float"):
+    while len(users) == 1 and is_op(users[0], *_PROB_OPS):
         p = users[0]
         users = list(p.users)
     if len(users) != 1 or not is_op(users[0], "matmul", "bmm") or users[0].args[0] is not p:
         return None
-    return {"attn": scores, "out": users[0], "q": q, "k": kt.args[0], "v": users[0].args[1],
+    return {"attn": scores, "out": users[0], "q": q, "k": kt.args[0], "v": users[0].args[1], "kt": kt,
             "centering_ok": centering_ok}
+
+
+_NEAR_SCORE_OPS = _SCORE_OPS + ("view", "reshape", "cat", "where", "sub", "contiguous", "clamp", "dropout")
+_NEAR_PROB_OPS = _PROB_OPS + ("view", "reshape", "getitem", "contiguous", "mul", "masked_fill", "where")
+
+
+def _near_miss(softmax: fx.Node) -> Optional[str]:
+    """Why an attention-looking `matmul -> ... -> softmax -> ... -> matmul` is not the recognised eager form.
+
+    None when the softmax is not between two products (a classifier head, an MoE router): those are not
+    attention and are not reported at all. An attention-like site is reported and left alone with the reason.
+    """
+    n, first_odd = softmax.args[0], None
+    for _ in range(12):
+        if not isinstance(n, fx.Node) or not is_op(n, *_NEAR_SCORE_OPS):
+            break
+        if first_odd is None and not is_op(n, *_SCORE_OPS):
+            first_odd = f"the scores pass through '{op_name(n)}' before softmax"
+        n = n.args[0]
+    if not is_op(n, "matmul", "bmm", "baddbmm", "einsum"):
+        return None
+    score_op = op_name(n)
+    p = softmax
+    for _ in range(12):
+        users = list(p.users)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if is_op(u, "matmul", "bmm", "einsum"):
+            break
+        if not is_op(u, *_NEAR_PROB_OPS):
+            return None
+        if first_odd is None and not is_op(u, *_PROB_OPS):
+            first_odd = f"the attention weights pass through '{op_name(u)}' before the value product"
+        p = u
+    else:
+        return None
+    if score_op not in ("matmul", "bmm"):
+        return f"attention-like scores come from '{score_op}' (not a 4-D q @ k^T; ALiBi-in-baddbmm / einsum form)"
+    if not _softmax_dim_is_last(softmax):
+        return "attention-like softmax is not over the last (key) dim"
+    if first_odd:
+        return f"attention-like softmax not in a provable form: {first_odd}"
+    return "attention-like softmax not in a provable form: the key operand is not k.transpose(2, 3) of a 4-D key"
 
 
 def detect_attention(gm: fx.GraphModule, graph_index: int = 0) -> list[Site]:
@@ -271,11 +448,18 @@ def detect_attention(gm: fx.GraphModule, graph_index: int = 0) -> list[Site]:
             m = _eager_attention(n)
             if m is not None:
                 found.append(("eager", m))
+            else:
+                why = _near_miss(n)
+                if why is not None:
+                    found.append(("eager", {"near_miss": why}))
     sites = []
     for order, (form, m) in enumerate(found):
         site = Site(layer=-1, kind="attention", form=form, graph=graph_index)
-        site.nodes["attn_candidate"] = m["attn"]
+        if "attn" in m:
+            site.nodes["attn_candidate"] = m["attn"]
         try:
+            if "near_miss" in m:
+                raise _Unproven(m["near_miss"])
             _prove(gm, site, m)
         except _Unproven as e:
             site.leave(str(e))
@@ -298,6 +482,10 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
     k_base, v_base = _strip_kv_read(k), _strip_kv_read(v)
     new_k, k_write = _find_kv_write(k_base, attn, "key")
     new_v, v_write = _find_kv_write(v_base, attn, "value")
+    if k_write == "direct" and any(_only_to_cache_state(u) for u in new_k.users):
+        k_write = "copy"  # sliding-window StaticCache: the fresh window is copied into the cache, attention reads it
+    if v_write == "direct" and any(_only_to_cache_state(u) for u in new_v.users):
+        v_write = "copy"
     site.kv_write = k_write if k_write == v_write else f"{k_write}/{v_write}"
     nk = meta_tensor(new_k)
     if nk is None or nk.dim() != 4 or concrete_int(nk.shape[-1]) != site.head_dim:
@@ -307,26 +495,165 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
         raise _Unproven("kv heads are symbolic")
     if site.q_heads % site.kv_heads:
         raise _Unproven(f"{site.q_heads} query heads are not a multiple of {site.kv_heads} kv heads")
+    gqa = bool(site.form == "sdpa" and attn.kwargs.get("enable_gqa", False))
+    for name, read, base, write, consumer in (("key", k, k_base, k_write, m.get("kt", attn)),
+                                              ("value", v, v_base, v_write, out)):
+        chain = _check_head_map(read, base, site.kv_heads, site.q_heads, gqa, name)
+        if write not in ("direct", "copy"):
+            _check_cache_readers(base, chain[0] if chain else consumer, name)
     k_lin, site.rope = _trace_key(new_k, gm)
     v_lin, v_offset = _trace_value(new_v, gm, site.kv_heads, site.head_dim)
     o_lin = _find_o_proj(out, gm, site.q_heads, site.head_dim)
     # Nothing outside the site may see the rotated key/value: every consumer must be the cache write or
     # the attention read.
     for name, node, base, write in (("key", new_k, k_base, k_write), ("value", new_v, v_base, v_write)):
-        if write != "direct":
+        if write == "roll":
+            extra = [u for u in node.users if u is not _roll_write(base)]
+        elif write == "copy":
+            extra = [u for u in node.users if not _reads_into(u, (attn, out)) and not _only_to_cache_state(u)]
+        if write in ("roll", "copy"):
+            if extra:
+                raise _Unproven(f"the new {name} has a consumer outside the cache write: '{extra[0].name}'")
+        elif write != "direct":
             extra = [u for u in node.users if u is not base and not (u.args and u.args[0] is base)]
             if extra:
                 raise _Unproven(f"the new {name} has a consumer outside the cache write: '{extra[0].name}'")
         else:
-            extra = [u for u in node.users if not _reads_into(u, (attn, out))]
+            # read into attention, or cropped and copied into a cache input (sliding window becoming full)
+            extra = [u for u in node.users if not _reads_into(u, (attn, out)) and not _only_to_cache_state(u)]
             if extra:
                 raise _Unproven(f"the {name} has a consumer outside attention: '{extra[0].name}'")
-    if v_offset == 0 and len(v_lin.users) != 1:
-        raise _Unproven(f"v_proj output has {len(v_lin.users)} consumers")
     site.layer = _site_layer(_weight_node(v_lin), _weight_node(o_lin), k_base, v_base)
     site.layer = -1 if site.layer is None else site.layer
     site.nodes.update(q=q, attn=attn, out=out, new_k=new_k, new_v=new_v, k_linear=k_lin, v_linear=v_lin,
                       v_offset=v_offset, o_linear=o_lin, centering_ok=m["centering_ok"])
+
+
+def _same_size(a, b) -> bool:
+    """Sizes equal without specializing: ints compare, SymInts compare by their symbolic expression (no guard)."""
+    ca, cb = concrete_int(a), concrete_int(b)
+    if ca is not None or cb is not None:
+        return ca == cb
+    try:
+        return a.node.expr == b.node.expr
+    except AttributeError:
+        return False
+
+
+def _check_head_map(read: fx.Node, base: fx.Node, kv_heads: int, q_heads: int, gqa: bool, what: str) -> list:
+    """Prove that the ops between the cache tensor `base` and the attention input `read` map query head h to kv
+    head h // (q_heads / kv_heads) (repeat_kv / repeat_interleave / enable_gqa), the mapping the rotation uses,
+    and touch neither the head dim nor the feature dim. A tiled repeat (h % kv_heads) or any other layout change
+    is refused. Returns the chain of read ops, base first excluded."""
+    chain, n = [], read
+    while n is not base:
+        chain.append(n)
+        n = n.args[0]
+    chain.reverse()
+    bt = meta_tensor(base)
+    if bt is None or bt.dim() != 4:
+        raise _Unproven(f"the {what} cache is not a 4-D [batch, kv_heads, tokens, head_dim] tensor")
+    labels = ["B", "H", "S", "D"]  # R: a repeat axis; HR: kv heads merged with their repeats (h // rep)
+
+    def refuse(node, why):
+        raise _Unproven(f"the {what} read '{node.name}' ({op_name(node)}) {why}: cannot prove which kv head "
+                        f"each query head reads")
+
+    for node in chain:
+        t, src = meta_tensor(node), meta_tensor(node.args[0])
+        if t is None or src is None:
+            refuse(node, "has no shape")
+        name = op_name(node)
+        if name in ("contiguous", "to", "float", "type_as", "clone"):
+            if t.dim() != len(labels):
+                refuse(node, "changes the rank")
+        elif name == "getitem":
+            idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+            new, pos = [], 0
+            for i in idx:
+                if i is Ellipsis:
+                    for _ in range(len(labels) - real):
+                        new.append(labels[pos])
+                        pos += 1
+                elif i is None:
+                    new.append("R")
+                elif isinstance(i, slice):
+                    if pos >= len(labels):
+                        refuse(node, "indexes past the last dim")
+                    if labels[pos] in ("H", "HR", "D") and i != slice(None):
+                        refuse(node, "slices the head or feature dim")
+                    new.append(labels[pos])
+                    pos += 1
+                else:
+                    refuse(node, f"indexes with {type(i).__name__}")
+            labels = new + labels[pos:]
+        elif name == "unsqueeze":
+            dim = arg(node, 1, "dim")
+            if not isinstance(dim, int):
+                refuse(node, "has a symbolic dim")
+            labels.insert(dim % (len(labels) + 1), "R")
+        elif name == "expand":
+            if t.dim() != len(labels):
+                refuse(node, "adds dims")
+            for i, (a, b) in enumerate(zip(src.shape, t.shape)):
+                if concrete_int(a) == 1 and concrete_int(b) != 1:
+                    if labels[i] == "R" or (labels[i] == "H" and kv_heads == 1):
+                        continue
+                    refuse(node, f"broadcasts the '{labels[i]}' dim")
+        elif name in ("reshape", "view"):
+            a, b = list(src.shape), list(t.shape)
+            if len(a) == len(b) and all(_same_size(x, y) for x, y in zip(a, b)):
+                continue
+            merged = None
+            if len(b) == len(a) - 1:
+                for i in range(len(labels) - 1):
+                    if labels[i:i + 2] == ["H", "R"] and all(_same_size(x, y) for x, y in zip(a[:i], b[:i])) \
+                            and all(_same_size(x, y) for x, y in zip(a[i + 2:], b[i + 1:])):
+                        h, r, hr = concrete_int(a[i]), concrete_int(a[i + 1]), concrete_int(b[i])
+                        if None not in (h, r, hr) and h * r == hr:
+                            merged = i
+                            break
+            if merged is None:
+                refuse(node, "reshapes the heads other than merging (kv_heads, repeats)")
+            labels = labels[:merged] + ["HR"] + labels[merged + 2:]
+        elif name == "repeat_interleave":
+            dim = arg(node, 2, "dim")
+            if not isinstance(dim, int) or not isinstance(arg(node, 1, "repeats"), int) \
+                    or labels[dim % len(labels)] != "H":
+                refuse(node, "is not a repeat_interleave over the kv-head dim")
+            labels[dim % len(labels)] = "HR"
+        else:
+            refuse(node, "is not a known read op")
+    if len(labels) != 4 or labels[0] != "B" or labels[2:] != ["S", "D"] or labels[1] not in ("H", "HR"):
+        raise _Unproven(f"the {what} reaches attention with layout {labels}, not [batch, heads, tokens, head_dim]")
+    heads = meta_tensor(read).shape[1]
+    if labels[1] == "H" and concrete_int(heads) != q_heads and not gqa and kv_heads != 1:
+        raise _Unproven(f"the {what} has {kv_heads} heads for {q_heads} query heads without enable_gqa/repeat_kv")
+    if labels[1] == "HR" and concrete_int(heads) != q_heads:
+        raise _Unproven(f"the {what} is repeated to {heads} heads, not the {q_heads} query heads")
+    return chain
+
+
+_SIZE_OPS = ("size", "sym_size", "dim", "numel", "sym_numel", "stride")
+
+
+def _check_cache_readers(base: fx.Node, reader: fx.Node, what: str) -> None:
+    """The cache tensor (after its write) may be read only by this attention, returned as the new cache state
+    (graph output, possibly cropped to a sliding window) or written by the site's own write op."""
+    for u in base.users:
+        if u is reader or is_op(u, *_SIZE_OPS) or u.op == "output":
+            continue
+        if (is_op(u, "index_copy_", "index_copy") or (u.op == "call_function" and u.target is operator.setitem)) \
+                and u.args[0] is base:
+            continue
+        if _only_to_cache_state(u):
+            continue
+        if is_op(u, "roll") and _roll_write(base) is not None and u is _roll_write(base).args[0]:
+            continue
+        if _cache_state_write(u) and u.args[0] is base and _roll_write(base) is not None:
+            continue
+        raise _Unproven(f"the {what} cache is also read by '{u.name}' ({op_name(u)}) outside this attention")
 
 
 def _reads_into(n: fx.Node, sinks: tuple, depth: int = 8) -> bool:
@@ -360,3 +687,12 @@ def _refuse_shared(sites: list[Site]) -> None:
         if len(group) > 1:
             for s in group:
                 s.leave(f"projection weight '{w.name}' is shared by {len(group)} attention sites")
+    by_kv: dict[fx.Node, list[Site]] = {}
+    for s in sites:
+        if s.reason is None:
+            for key in ("new_k", "new_v"):
+                by_kv.setdefault(s.nodes[key], []).append(s)
+    for node, group in by_kv.items():
+        if len(group) > 1:  # one cache read by two attention calls (KV sharing): rotating it twice is wrong
+            for s in group:
+                s.leave(f"the key/value '{node.name}' feeds {len(group)} attention sites (shared KV)")

@@ -136,12 +136,14 @@ def tensor_value(gm: fx.GraphModule, n: Any, example_inputs: Optional[list]) -> 
 
 
 def add_constant(gm: fx.GraphModule, prefix: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
-    """Register `value` as a buffer of `gm` (a copy owned by the compiled graph) and return a get_attr node."""
+    """Hold `value` on `gm` (a copy owned by the compiled graph) and return a get_attr node reading it."""
     i = 0
     while hasattr(gm, f"{prefix}_{i}"):
         i += 1
     name = f"{prefix}_{i}"
-    gm.register_buffer(name, value.detach().clone().contiguous())
+    # A plain tensor attribute, not a buffer: AOTAutograd lifts registered buffers as inputs it expects dynamo
+    # to have a source for; a plain attribute is traced as a constant of the compiled graph.
+    setattr(gm, name, value.detach().clone().contiguous())
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(name)
 

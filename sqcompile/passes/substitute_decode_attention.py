@@ -12,11 +12,13 @@ After the rewrite: v_proj emits v_store directly (the two ops above it are bypas
 basis values (o_proj absorbs v_basis^T and the mean); and a single-token query (decode) calls
 `decode_attention(q, k_packed, v_packed, lengths, ...)`, which rotates q in its prologue, so neither the
 FP16 K nor V of the cache is ever materialised. A multi-token query (prefill) keeps SDPA over the
-dequantized cache. Only the standard cache-length mask is allowed for decode (no padding mask).
+dequantized cache. A boolean [B, 1, 1, T] mask (padding, sliding window) is passed to the kernel per token;
+an additive float mask (a bias such as ALiBi) keeps SDPA.
 """
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -111,7 +113,15 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
         raise _Unproven(f"the value has a consumer outside the cache write: '{u.name}'")
     mask = arg(attn, 3, "attn_mask")
     q_len = concrete_int(qt.shape[2])
-    decode = q_len == 1 and not _mask_from_input(mask)
+    decode, why = q_len == 1, None
+    if decode and isinstance(mask, fx.Node):
+        mt, cap = meta_tensor(mask), concrete_int(meta_tensor(k_packed).shape[2]) if meta_tensor(k_packed) is not None else None
+        if mt is None or mt.dtype != torch.bool:
+            decode, why = False, "the attention mask is not boolean (an additive bias cannot be a token mask)"
+        elif mt.dim() != 4 or concrete_int(mt.shape[1]) != 1 or concrete_int(mt.shape[2]) != 1 \
+                or concrete_int(mt.shape[3]) != cap:
+            decode, why = False, f"the attention mask has shape {tuple(mt.shape)}, not [B, 1, 1, capacity]"
+    site.nodes["decode_reason"] = why
     layer = layer_from_name(node_source_name(_strip_to(k_packed)))
     if layer is None:
         w = arg(v_lin, 1, "weight")
@@ -122,22 +132,6 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
     site.nodes.update(spectral=True, attn=attn, out=attn, q=q, qwrite=qw, v_store=v_store, new_v=new_v,
                       v_linear=v_lin, v_offset=v_offset, o_linear=o_lin, v_dq=v_dq, v_basis=v_basis, v_mean=v_mean, decode=decode,
                       k_packed=k_packed, v_packed=v_packed)
-
-
-def _mask_from_input(mask) -> bool:
-    """True when the SDPA mask depends on a user-given attention_mask (padding): decode_attention has none."""
-    if not isinstance(mask, fx.Node):
-        return False
-    seen, todo = set(), [mask]
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder" and "attention_mask" in str(n.target):
-            return True
-        todo.extend(n.all_input_nodes)
-    return False
 
 
 def _erase_dead(nodes: list) -> None:
@@ -179,7 +173,7 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
     site.rotation = True
     site.quantized = True
     if not nodes["decode"]:
-        site.kernel = "sdpa (prefill over the dequantized cache)"
+        site.kernel = "sdpa over the dequantized cache" + (f" ({nodes['decode_reason']})" if nodes.get("decode_reason") else " (prefill)")
         return
     q = nodes["q"]
     scale = arg(attn, 6, "scale")
@@ -198,9 +192,13 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
         lengths = gm.graph.call_method("reshape", (length, (1,)))
         lengths = gm.graph.call_method("expand", (lengths, batch))
         lengths = gm.graph.call_method("contiguous", (lengths,))
+        mask = arg(attn, 3, "attn_mask")
+        kv_mask = None
+        if isinstance(mask, fx.Node):  # [B|1, 1, 1, T] bool -> [B, T]: padding and windows, read per token
+            kv_mask = gm.graph.call_function(operator.getitem, (mask, (slice(None), 0, 0)))
         out = gm.graph.call_function(torch.ops.sqcompile.decode_attention.default,
                                      (q3, a[2], a[3], lengths, a[5], a[7], a[8], a[9], a[10], a[11], a[12], a[13],
-                                      a[14], a[15], float(scale)))
+                                      a[14], a[15], float(scale)), {"kv_mask": kv_mask})
         out4 = gm.graph.call_method("unsqueeze", (out, 2))
     old_inputs = list(attn.all_input_nodes)
     attn.replace_all_uses_with(out4)

@@ -1,0 +1,199 @@
+"""End-to-end decode throughput of a Llama-3-8B-shaped model (random weights, bf16) on one GPU (issue #6).
+
+Rows, at each (context, batch): eager HF with DynamicCache; torch.compile (Inductor) with StaticCache;
+sqcompile (backend="spectralquant" + SpectralCache, fused decode attention). The caches are filled with
+`context` tokens of random K/V (speed does not depend on their values), then `--steps` greedy decode steps
+are timed with CUDA events, one event pair per step; the table reports the median step. Also: compile time
+(first call minus a steady call) for Inductor vs sqcompile, and the largest context that fits a fixed KV
+memory budget for FP16 vs sqcompile (from the exact bytes per token, checked by allocating one cache).
+
+    python benchmarks/e2e_decode.py --out e2e.json [--layers 32] [--contexts 4096 32768] [--batches 1 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+DEV = "cuda"
+HIDDEN, FFN, HEADS, VOCAB = 4096, 14336, 32, 128256
+
+
+def build_model(layers: int, dtype=torch.bfloat16):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=layers, num_attention_heads=HEADS,
+                      num_key_value_heads=8, vocab_size=VOCAB, max_position_embeddings=131072, rope_theta=500000.0,
+                      attn_implementation="sdpa")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device=DEV).to(dtype)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.02, generator=g)
+            else:
+                p.fill_(1.0)
+        model.model.rotary_emb.inv_freq.copy_(
+            1.0 / (500000.0 ** (torch.arange(0, 128, 2, device=DEV, dtype=torch.float32) / 128)))
+    return model.eval()
+
+
+def fill_dynamic(model, batch, ctx):
+    from transformers import DynamicCache
+
+    cfg = model.config
+    cache = DynamicCache(config=cfg)
+    for l in range(cfg.num_hidden_layers):
+        k = torch.randn(batch, 8, ctx, 128, device=DEV, dtype=torch.bfloat16)
+        cache.update(k, torch.randn_like(k), l)
+    return cache
+
+
+def fill_static(model, batch, ctx, steps):
+    from transformers import StaticCache
+
+    cfg = model.config
+    cache = StaticCache(config=cfg, max_cache_len=ctx + steps + 8)
+    for l in range(cfg.num_hidden_layers):
+        k = torch.randn(batch, 8, ctx, 128, device=DEV, dtype=torch.bfloat16)
+        cache.layers[l].update(k, torch.randn_like(k))
+    return cache
+
+
+def fill_spectral(model, batch, ctx, steps, bits):
+    from sqcompile.cache import SpectralCache
+
+    cfg = model.config
+    cache = SpectralCache(model, bits=bits, max_cache_len=ctx + steps + 8)
+    chunk = 4096
+    for l, layer in enumerate(cache.layers):
+        k0 = torch.zeros(batch, 8, 1, 128, device=DEV, dtype=torch.bfloat16)
+        layer.lazy_initialization(k0, k0)
+        for s in range(0, ctx, chunk):
+            n = min(chunk, ctx - s)
+            k = torch.randn(batch, 8, n, 128, device=DEV, dtype=torch.float32)
+            v = torch.randn_like(k)
+            pos = torch.arange(s, s + n, device=DEV)
+            torch.ops.sqcompile.quantize_write(k, v, layer.keys, layer.values, pos, layer.k_basis, layer.k_mean,
+                                               layer.k_codebooks, layer.k_channel_scale, layer.v_codebooks,
+                                               layer.v_channel_scale, layer.k_qjl_proj, layer.k_groups, layer.v_groups,
+                                               layer.qjl_dims, layer.qjl_bits)
+        layer.cumulative_length.fill_(ctx)
+    return cache
+
+
+def time_decode(step_fn, cache, batch, steps, warmup=2):
+    """Median time of one decode step (ms) and the time of the very first call (s, includes compilation)."""
+    x = torch.randint(0, min(1000, VOCAB), (batch, 1), device=DEV)
+    times = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        step_fn(input_ids=x, past_key_values=cache, use_cache=True)
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        for i in range(warmup + steps):
+            if DEV == "cuda":
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+            t1 = time.perf_counter()
+            logits = step_fn(input_ids=x, past_key_values=cache, use_cache=True).logits
+            if DEV == "cuda":
+                e.record()
+                torch.cuda.synchronize()
+            x = logits[:, -1:].argmax(-1)
+            if i >= warmup:
+                times.append(s.elapsed_time(e) if DEV == "cuda" else 1000 * (time.perf_counter() - t1))
+    return statistics.median(times), first
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--bits", type=float, default=2.69)
+    ap.add_argument("--budget-gb", type=float, default=40.0, help="KV memory budget for the max-context row")
+    ap.add_argument("--rows", default="eager,inductor,sqcompile")
+    ap.add_argument("--out", default="e2e_decode.json")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run of the script itself (tiny model, no timing value)")
+    args = ap.parse_args()
+    global DEV, HIDDEN, FFN, HEADS, VOCAB
+    if args.tiny:
+        DEV, HIDDEN, FFN, HEADS, VOCAB = "cpu", 1024, 256, 8, 512
+
+    import sqcompile
+    from sqcompile.cache import SpectralCache
+
+    torch.manual_seed(0)
+    model = build_model(args.layers)
+    fwd = model.forward
+    results = []
+    inductor = torch.compile(fwd)
+    sq = torch.compile(fwd, backend=sqcompile.spectralquant, options={"bits": args.bits, "moe": False})
+    compile_times = {}
+    rows = args.rows.split(",")
+    for ctx in args.contexts:
+        for b in args.batches:
+            row = {"context": ctx, "batch": b}
+            if "eager" in rows:
+                cache = fill_dynamic(model, b, ctx)
+                row["eager_ms"], _ = time_decode(fwd, cache, b, args.steps)
+                del cache
+            if "inductor" in rows:
+                cache = fill_static(model, b, ctx, args.steps + 3)
+                row["inductor_ms"], first = time_decode(inductor, cache, b, args.steps)
+                compile_times.setdefault("inductor", first)
+                del cache
+            if "sqcompile" in rows:
+                cache = fill_spectral(model, b, ctx, args.steps + 3, args.bits)
+                row["sqcompile_ms"], first = time_decode(sq, cache, b, args.steps)
+                compile_times.setdefault("sqcompile", first)
+                del cache
+            torch.cuda.empty_cache() if DEV == "cuda" else None
+            for k in ("eager", "inductor", "sqcompile"):
+                if f"{k}_ms" in row:
+                    row[f"{k}_tok_s"] = b * 1000.0 / row[f"{k}_ms"]
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+    # largest context in a fixed KV budget: exact bytes per token, checked by allocating one SpectralCache
+    probe = SpectralCache(model, bits=args.bits, max_cache_len=1024)
+    sq_bpt = probe.packed_bytes_per_token()
+    fp16_bpt = model.config.num_hidden_layers * 8 * 128 * 2 * 2
+    budget = args.budget_gb * 2**30
+    max_ctx = {"fp16": int(budget // fp16_bpt), "sqcompile": int(budget // sq_bpt)}
+    check = SpectralCache(model, bits=args.bits, max_cache_len=max_ctx["sqcompile"])
+    x = torch.randint(0, min(1000, VOCAB), (1, 1), device=DEV)
+    with torch.no_grad():
+        model(input_ids=x, past_key_values=check, use_cache=True)
+    max_ctx["sqcompile_allocated_gb"] = check.nbytes / 2**30
+    del check
+    summary = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__, "layers": args.layers,
+               "bits": args.bits, "rows": results, "compile_s": compile_times, "max_context": max_ctx,
+               "bytes_per_token": {"fp16": fp16_bpt, "sqcompile": sq_bpt}}
+    with open(args.out, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"\n{summary['device']}, Llama-3-8B shape ({args.layers} layers, random bf16 weights), sqcompile at "
+          f"{args.bits} bits/element ({16 / args.bits:.2f}x)")
+    print("| context | batch | eager tok/s | Inductor+StaticCache tok/s | sqcompile tok/s | sqcompile / Inductor |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        ratio = r.get("sqcompile_tok_s", 0) / r["inductor_tok_s"] if "inductor_tok_s" in r else float("nan")
+        print(f"| {r['context']} | {r['batch']} | {r.get('eager_tok_s', float('nan')):.1f} | "
+              f"{r.get('inductor_tok_s', float('nan')):.1f} | {r.get('sqcompile_tok_s', float('nan')):.1f} | {ratio:.2f}x |")
+    ct = compile_times
+    print(f"first call (compile) s: Inductor {ct.get('inductor', float('nan')):.1f}, sqcompile "
+          f"{ct.get('sqcompile', float('nan')):.1f} (ratio {ct.get('sqcompile', 0) / max(ct.get('inductor', 1e-9), 1e-9):.2f}x)")
+    print(f"max context in {args.budget_gb} GB of KV: FP16 {max_ctx['fp16']}, sqcompile {max_ctx['sqcompile']} "
+          f"({max_ctx['sqcompile'] / max_ctx['fp16']:.2f}x); allocated {max_ctx['sqcompile_allocated_gb']:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""Fused mixture-of-experts: routing, grouped gate/up GEMM with SiLU-and-multiply, grouped down GEMM.
+
+Two custom ops with one contract (the Triton one is what the substitution pass puts in GPU graphs):
+
+    torch.ops.sqcompile.fused_moe(hidden, router_logits, w_gate_up, w_down, top_k, renormalize, routing)
+    torch.ops.sqcompile.fused_moe_triton(... same ...)
+
+    hidden        [T, H]        tokens (any float dtype; the output has this dtype)
+    router_logits [T, E]        router linear output; scores = softmax or sigmoid in fp32
+    w_gate_up     [E, 2*I, H]   HF layout: rows 0..I-1 are the gate projection, I..2I-1 the up projection
+    w_down        [E, H, I]     HF layout
+    top_k         int           experts per token
+    renormalize   bool          divide the top-k scores by their sum
+    routing       str           "softmax" | "sigmoid"
+
+    out[t] = sum_j w[t, j] * down_e( silu(gate_e(x_t)) * up_e(x_t) ),  e = topk_ids[t, j]
+
+The weighted top-k sum is accumulated in fp32 and cast to hidden.dtype once at the end (as HF's
+grouped_mm / batched_mm experts do).
+
+Triton layout. Token-expert pairs p = t * top_k + j are sorted by expert and each expert's run is padded
+to a multiple of BLOCK_M (`align_pairs_to_blocks`), so one program of the grouped GEMM owns BLOCK_M
+rows of ONE expert: it reads that expert's weight tile once for all its rows. Padding rows hold the
+sentinel S = T * top_k and are masked. Blocks past the last expert have expert -1 and exit at once.
+With few tokens (decode), every used expert gets exactly one block per N-tile, so each used expert's
+weights are read exactly once and unused experts' weights are never read.
+
+Kernels, in launch order: `_route_kernel` (scores, top-k, renormalise; one program per token),
+`_align_kernel` (the sort/pad in one program when the pairs are few; larger batches use the torch
+`align_pairs_to_blocks`), `_gate_up_kernel` (grouped GEMM over all experts, SiLU(gate) * up in the
+epilogue), `_down_kernel` (grouped GEMM, routing weight in the epilogue; split-K with atomic adds in
+decode so that enough programs stream the few used experts), then the [T, k, H] -> [T, H] sum.
+Block sizes: `_config`. No Python loop over experts and no host sync anywhere.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+ROUTINGS = ("softmax", "sigmoid")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Routing (shared by both paths)
+# ----------------------------------------------------------------------------------------------------
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, routing: str):
+    """Top-k routing as HF computes it: scores in fp32, top-k, optional renormalisation.
+
+    Returns (topk_weights fp32 [T, k], topk_ids int64 [T, k]).
+    """
+    if routing == "softmax":
+        scores = torch.softmax(router_logits.float(), dim=-1)
+    elif routing == "sigmoid":
+        scores = torch.sigmoid(router_logits.float())
+    else:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+    weights, ids = torch.topk(scores, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def _check(hidden, router_logits, w_gate_up, w_down, top_k, routing):
+    torch._check(hidden.dim() == 2, lambda: f"hidden must be [T, H], got {tuple(hidden.shape)}")
+    torch._check(router_logits.dim() == 2, lambda: "router_logits must be [T, E]")
+    torch._check(w_gate_up.dim() == 3 and w_down.dim() == 3, lambda: "expert weights must be 3-D")
+    E, two_i, H = w_gate_up.shape
+    torch._check(two_i % 2 == 0, lambda: "w_gate_up must be [E, 2*I, H]")
+    torch._check(hidden.shape[1] == H, lambda: "hidden size mismatch")
+    torch._check(router_logits.shape[1] == E, lambda: "router_logits must have E columns")
+    torch._check(tuple(w_down.shape) == (E, H, two_i // 2), lambda: "w_down must be [E, H, I]")
+    torch._check(1 <= top_k <= E, lambda: "top_k out of range")
+    torch._check(routing in ROUTINGS, lambda: f"routing must be one of {ROUTINGS}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Torch reference (kernels="torch"; any device)
+# ----------------------------------------------------------------------------------------------------
+
+def fused_moe_reference(hidden, router_logits, w_gate_up, w_down, top_k: int, renormalize: bool,
+                        routing: str = "softmax") -> torch.Tensor:
+    """Plain-PyTorch fused MoE: sort pairs by expert, one matmul pair per used expert."""
+    T, H = hidden.shape
+    E = w_gate_up.shape[0]
+    inter = w_gate_up.shape[1] // 2
+    weights, ids = route(router_logits, top_k, renormalize, routing)
+    flat_ids = ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=E).tolist()  # one host sync, as HF's fallback does
+    x = hidden[order // top_k].to(w_gate_up.dtype)
+    pair_out = torch.empty(T * top_k, H, dtype=torch.float32, device=hidden.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        gate_up = x[rows] @ w_gate_up[e].t()
+        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        pair_out[order[rows]] = (h @ w_down[e].t()).float()
+        start += n
+    out = (pair_out * weights.reshape(-1, 1)).view(T, top_k, H).sum(dim=1)
+    return out.to(hidden.dtype)
+
+
+@torch.library.custom_op("sqcompile::fused_moe", mutates_args=())
+def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor,
+              w_down: torch.Tensor, top_k: int, renormalize: bool, routing: str = "softmax") -> torch.Tensor:
+    """Fused MoE, torch reference implementation (see the module docstring for the contract)."""
+    _check(hidden, router_logits, w_gate_up, w_down, top_k, routing)
+    return fused_moe_reference(hidden, router_logits, w_gate_up, w_down, top_k, renormalize, routing)
+
+
+@fused_moe.register_fake
+def _(hidden, router_logits, w_gate_up, w_down, top_k, renormalize, routing="softmax"):
+    _check(hidden, router_logits, w_gate_up, w_down, top_k, routing)
+    return hidden.new_empty(hidden.shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton implementation
+# ----------------------------------------------------------------------------------------------------
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is optional
+    HAS_TRITON = False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def align_pairs_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """Sort token-expert pairs by expert, padding each expert's run to a multiple of block_m.
+
+    Returns (sorted_pair_ids int32 [P], block_expert int32 [P // block_m]) with the static bound
+    P = round_up(S + E * (block_m - 1), block_m), S = T * top_k. Padding holds the sentinel S;
+    blocks past the used range have expert -1. Only fixed-size torch ops, so no host sync and no
+    data-dependent shapes (safe under CUDA graphs and Inductor).
+    """
+    device = topk_ids.device
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    S = flat.numel()
+    P = triton.cdiv(S + num_experts * (block_m - 1), block_m) * block_m if HAS_TRITON else 0
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    padded_start = padded_end - padded
+    start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    rank = torch.arange(S, device=device) - start[sorted_experts]
+    dest = padded_start[sorted_experts] + rank
+    sorted_pair_ids = torch.full((P,), S, dtype=torch.int32, device=device)
+    sorted_pair_ids.scatter_(0, dest, order.to(torch.int32))
+    block_first_row = torch.arange(0, P, block_m, device=device)
+    block_expert = torch.searchsorted(padded_end, block_first_row, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_pair_ids, block_expert
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_t,
+                      TOP_K: tl.constexpr, BLOCK_TOPK: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
+                      RENORMALIZE: tl.constexpr):
+        """One program per token: scores, top-k by repeated argmax, optional renormalisation."""
+        t = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_E)
+        mask = offs < E
+        logits = tl.load(logits_ptr + t * stride_t + offs, mask=mask, other=-float("inf")).to(tl.float32)
+        if SIGMOID:
+            scores = 1.0 / (1.0 + tl.exp(-logits))
+        else:
+            scores = tl.exp(logits - tl.max(logits, axis=0))
+            scores = scores / tl.sum(scores, axis=0)
+        scores = tl.where(mask, scores, -1.0)  # below any sigmoid/softmax score
+        offs_k = tl.arange(0, BLOCK_TOPK)
+        top_weights = tl.zeros((BLOCK_TOPK,), dtype=tl.float32)
+        top_ids = tl.zeros((BLOCK_TOPK,), dtype=tl.int32)
+        for j in tl.static_range(TOP_K):
+            best = tl.max(scores, axis=0)
+            # lowest index among equal maxima
+            idx = tl.min(tl.where(scores == best, offs, BLOCK_E), axis=0)
+            top_weights = tl.where(offs_k == j, best, top_weights)
+            top_ids = tl.where(offs_k == j, idx, top_ids)
+            scores = tl.where(offs == idx, -2.0, scores)
+        if RENORMALIZE:
+            top_weights = top_weights / tl.sum(top_weights, axis=0)
+        k_ok = offs_k < TOP_K
+        tl.store(weights_ptr + t * TOP_K + offs_k, top_weights, mask=k_ok)
+        tl.store(ids_ptr + t * TOP_K + offs_k, top_ids, mask=k_ok)
+
+    @triton.jit
+    def _align_kernel(ids_ptr, sorted_pair_ids_ptr, block_expert_ptr, S, E, P,
+                      BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr):
+        """`align_pairs_to_blocks` in ONE program, for few pairs (decode): no host sync, one launch.
+
+        Same output as the torch version: pairs of one expert in ascending pair order.
+        """
+        s = tl.arange(0, BLOCK_S)
+        e = tl.arange(0, BLOCK_E)
+        ids = tl.load(ids_ptr + s, mask=s < S, other=BLOCK_E)            # padding matches no expert
+        onehot = (ids[:, None] == e[None, :]).to(tl.int32)                 # [S, E]
+        counts = tl.sum(onehot, axis=0)                                    # [E]
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        padded_end = tl.cumsum(padded, axis=0)
+        padded_start = padded_end - padded
+        # rank of pair s among the earlier pairs of its expert
+        same = (ids[:, None] == ids[None, :]) & (s[None, :] < s[:, None])  # [S, S']
+        rank = tl.sum(same.to(tl.int32), axis=1)
+        dest = tl.sum(onehot * padded_start[None, :], axis=1) + rank
+        p = tl.arange(0, BLOCK_P)
+        tl.store(sorted_pair_ids_ptr + p, tl.full((BLOCK_P,), 0, tl.int32) + S, mask=p < P)
+        tl.debug_barrier()  # the sentinel fill lands before the scatter below
+        tl.store(sorted_pair_ids_ptr + dest, s, mask=s < S)
+        b = tl.arange(0, BLOCK_B)
+        first_row = b * BLOCK_M
+        expert = tl.sum(((padded_end[None, :] <= first_row[:, None]) & (e[None, :] < E)).to(tl.int32), axis=1)
+        expert = tl.where(expert < E, expert, -1)
+        tl.store(block_expert_ptr + b, expert, mask=first_row < P)
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+                        S, H, INTER, stride_xt, stride_we, stride_wn, stride_hs,
+                        TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        """h[p, n] = silu(x[t] . Wg[e, n]) * (x[t] . Wu[e, n]) for the BLOCK_M pairs p of one block.
+
+        Grid (num_blocks, cdiv(I, BLOCK_N)). Gate rows are w[e, n], up rows w[e, I + n]; both tiles
+        share the x tile, and the SiLU-and-multiply runs on the fp32 accumulators.
+        """
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_pair_ids_ptr + offs_m)
+        row_ok = pair < S
+        token = pair // TOP_K
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < INTER
+        offs_k = tl.arange(0, BLOCK_K)
+        x_rows = x_ptr + token[:, None] * stride_xt
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        gate_rows = w_base + offs_n[None, :] * stride_wn          # [1, BN] -> transposed tile [BK, BN]
+        up_rows = w_base + (offs_n[None, :] + INTER) * stride_wn
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < H
+            x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wg = tl.load(gate_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            wu = tl.load(up_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            x = x.to(wg.dtype)
+            acc_gate = tl.dot(x, wg, acc_gate, input_precision=PRECISION)
+            acc_up = tl.dot(x, wu, acc_up, input_precision=PRECISION)
+        h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+        tl.store(h_ptr + pair[:, None] * stride_hs + offs_n[None, :],
+                 h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _down_kernel(h_ptr, w_ptr, out_ptr, topk_weights_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+                     S, H, INTER, stride_hs, stride_we, stride_wn, stride_os, K_PER_SPLIT,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SPLIT_K: tl.constexpr, PRECISION: tl.constexpr):
+        """out[p, n] = w[p] * (h[p] . Wd[e, n]) in fp32, for the BLOCK_M pairs p of one block.
+
+        Grid (num_blocks, cdiv(H, BLOCK_N), SPLIT_K). With SPLIT_K > 1 (decode: few blocks, long K)
+        each program sums K_PER_SPLIT of the I inputs and adds its share atomically into a zeroed
+        output. The top-k sum over j is a [T, k, H] reduction after it.
+        """
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_pair_ids_ptr + offs_m)
+        row_ok = pair < S
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < H
+        offs_k = tl.arange(0, BLOCK_K)
+        h_rows = h_ptr + pair[:, None] * stride_hs
+        w_rows = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_start = pid_k * K_PER_SPLIT
+        k_end = tl.minimum(k_start + K_PER_SPLIT, INTER)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < k_end
+            h = tl.load(h_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(h.to(w.dtype), w, acc, input_precision=PRECISION)
+        weight = tl.load(topk_weights_ptr + pair, mask=row_ok, other=0.0)
+        acc = acc * weight[:, None]
+        out = out_ptr + pair[:, None] * stride_os + offs_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, acc, mask=row_ok[:, None] & n_ok[None, :])
+        else:
+            tl.atomic_add(out, acc, mask=row_ok[:, None] & n_ok[None, :])
+
+
+# Allocator for the kernel's buffers; tests swap in a NaN-filling one to prove every element is written.
+_empty = torch.empty
+
+
+def _config(num_pairs, num_experts: int, hidden: int, inter: int) -> dict:
+    """Block sizes. Decode (<= 16 pairs per expert): one 16-row block per used expert, narrow gate/up
+    tiles and split-K down projection so enough programs stream the used experts' weights. Prefill:
+    larger square-ish tiles. `_config_override` (tests) replaces the choice."""
+    if _config_override is not None:
+        return dict(_config_override)
+    if _interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, DOWN_BLOCK_N=32, DOWN_BLOCK_K=32, SPLIT_K=1,
+                    num_warps=4, num_stages=2)
+    rows_per_expert = num_pairs / num_experts
+    if rows_per_expert <= 16:
+        # programs that do work ~ used experts * H / DOWN_BLOCK_N * SPLIT_K; aim for ~4 per SM of 132
+        used = min(num_pairs, num_experts) if isinstance(num_pairs, int) else num_experts
+        tiles = used * triton.cdiv(hidden, 64)
+        split_k = max(1, min(8, 528 // max(tiles, 1), inter // 512))
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, DOWN_BLOCK_N=64, DOWN_BLOCK_K=128, SPLIT_K=split_k,
+                    num_warps=4, num_stages=4)
+    if rows_per_expert <= 64:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, DOWN_BLOCK_N=64, DOWN_BLOCK_K=64, SPLIT_K=1,
+                    num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, DOWN_BLOCK_N=128, DOWN_BLOCK_K=64, SPLIT_K=1,
+                num_warps=8, num_stages=3)
+
+
+_config_override = None
+
+
+def _use_align_kernel(num_pairs, num_experts: int, block_m: int) -> bool:
+    """The one-program align kernel for few pairs (its [S, S] and [S, E] tiles stay small)."""
+    if not isinstance(num_pairs, int):  # symbolic token count: the torch version has no size limit
+        return False
+    s_pad = triton.next_power_of_2(num_pairs)
+    p_pad = triton.next_power_of_2(num_pairs + num_experts * (block_m - 1))
+    return s_pad * max(s_pad, triton.next_power_of_2(num_experts)) <= 16384 and p_pad <= 16384
+
+
+def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, renormalize, routing, launch):
+    T, H = hidden.shape
+    E, two_i, _ = w_gate_up.shape
+    inter = two_i // 2
+    S = T * top_k
+    device = hidden.device
+    cfg = _config(S, E, H, inter)
+    bm, bn, bk, warps, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"]
+    down_bn, down_bk, split_k = cfg["DOWN_BLOCK_N"], cfg["DOWN_BLOCK_K"], cfg["SPLIT_K"]
+    # each split covers a whole number of DOWN_BLOCK_K steps
+    k_per_split = triton.cdiv(triton.cdiv(inter, split_k), down_bk) * down_bk
+    precision = "ieee" if w_gate_up.dtype == torch.float32 else "tf32"
+
+    logits = router_logits.contiguous()
+    topk_weights = _empty(T, top_k, dtype=torch.float32, device=device)
+    topk_ids = _empty(T, top_k, dtype=torch.int32, device=device)
+    launch(_route_kernel)[(T,)](
+        logits, topk_weights, topk_ids, E, logits.stride(0),
+        TOP_K=top_k, BLOCK_TOPK=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(E), SIGMOID=routing == "sigmoid",
+        RENORMALIZE=renormalize)
+
+    if _use_align_kernel(S, E, bm):
+        P = triton.cdiv(S + E * (bm - 1), bm) * bm
+        sorted_pair_ids = _empty(P, dtype=torch.int32, device=device)
+        block_expert = _empty(P // bm, dtype=torch.int32, device=device)
+        launch(_align_kernel)[(1,)](
+            topk_ids, sorted_pair_ids, block_expert, S, E, P,
+            BLOCK_S=triton.next_power_of_2(S), BLOCK_E=triton.next_power_of_2(E),
+            BLOCK_P=triton.next_power_of_2(P), BLOCK_B=triton.next_power_of_2(P // bm), BLOCK_M=bm)
+    else:
+        sorted_pair_ids, block_expert = align_pairs_to_blocks(topk_ids, E, bm)
+    num_blocks = block_expert.shape[0]
+
+    x = hidden.contiguous()
+    w1 = w_gate_up.contiguous()
+    w2 = w_down.contiguous()
+    h = _empty(S, inter, dtype=w1.dtype, device=device)
+    launch(_gate_up_kernel)[(num_blocks, triton.cdiv(inter, bn))](
+        x, w1, h, sorted_pair_ids, block_expert, S, H, inter,
+        x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
+        TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, num_warps=warps,
+        num_stages=stages)
+    if split_k == 1:
+        pair_out = _empty(S, H, dtype=torch.float32, device=device)
+    else:  # split-K adds partial sums atomically
+        pair_out = torch.zeros(S, H, dtype=torch.float32, device=device)
+    launch(_down_kernel)[(num_blocks, triton.cdiv(H, down_bn), split_k)](
+        h, w2, pair_out, topk_weights, sorted_pair_ids, block_expert, S, H, inter,
+        h.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0), k_per_split,
+        BLOCK_M=bm, BLOCK_N=down_bn, BLOCK_K=down_bk, SPLIT_K=split_k, PRECISION=precision,
+        num_warps=warps, num_stages=stages)
+    return pair_out.view(T, top_k, H).sum(dim=1).to(hidden.dtype)
+
+
+if HAS_TRITON:
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("sqcompile::fused_moe_triton", mutates_args=())
+    def fused_moe_triton(hidden: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor,
+                         w_down: torch.Tensor, top_k: int, renormalize: bool,
+                         routing: str = "softmax") -> torch.Tensor:
+        """Fused MoE, Triton implementation (same contract as `fused_moe`)."""
+        _check(hidden, router_logits, w_gate_up, w_down, top_k, routing)
+        return _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, renormalize,
+                                      routing, wrap_triton)
+else:  # pragma: no cover
+    fused_moe_triton = None
+
+if fused_moe_triton is not None and _interpreting():
+    # On a GPU the triton_op traces its own body (Inductor sees the kernels); the interpreter's kernels
+    # are not traceable, so under TRITON_INTERPRET=1 tracing uses this shape-only fake instead.
+    @fused_moe_triton.register_fake
+    def _(hidden, router_logits, w_gate_up, w_down, top_k, renormalize, routing="softmax"):
+        _check(hidden, router_logits, w_gate_up, w_down, top_k, routing)
+        return hidden.new_empty(hidden.shape)

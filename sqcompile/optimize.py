@@ -1,0 +1,50 @@
+"""`sqcompile.optimize`: the one-call HF drop-in (compile with the backend, generate with a SpectralCache)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .options import DEFAULT_BITS, Options
+
+
+@dataclass
+class Optimized:
+    """A model whose forward runs under backend="spectralquant", and the cache settings that go with it."""
+
+    model: Any
+    profile: Any
+    bits: float
+    max_cache_len: int
+    max_batch_size: Optional[int] = None
+    options: dict = field(default_factory=dict)
+
+    def cache(self):
+        """A fresh SpectralCache for one generation (packed storage, capacity max_cache_len)."""
+        from .cache import SpectralCache
+
+        return SpectralCache(self.model, profile=self.profile, bits=self.bits, max_cache_len=self.max_cache_len,
+                             max_batch_size=self.max_batch_size)
+
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any):
+        """`model.generate` with a new SpectralCache; kwargs go to generate (max_new_tokens, do_sample, ...)."""
+        need = input_ids.shape[-1] + int(kwargs.get("max_new_tokens", 20))
+        if need > self.max_cache_len:
+            raise ValueError(f"prompt + max_new_tokens = {need} tokens exceeds max_cache_len={self.max_cache_len}")
+        with torch.no_grad():
+            return self.model.generate(input_ids, past_key_values=self.cache(), **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return self.model(*args, **kwargs)
+
+
+def optimize(model: Any, profile: Any = None, *, bits: float = DEFAULT_BITS, max_cache_len: int = 4096,
+             max_batch_size: Optional[int] = None, **options: Any) -> Optimized:
+    """Compile `model.forward` with backend="spectralquant" (the module's weights are not touched; its
+    `forward` attribute is replaced by the compiled one) and return an `Optimized` handle whose `generate`
+    uses a `SpectralCache`. `options` are the backend's (kernels, moe, lower, ...)."""
+    opts = dict(options, profile=profile, bits=bits)
+    Options.from_dict(opts)  # validate now, not at the first call
+    model.forward = torch.compile(model.forward, backend="spectralquant", options=opts)
+    return Optimized(model, profile, bits, max_cache_len, max_batch_size, opts)

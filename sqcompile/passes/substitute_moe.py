@@ -1,0 +1,338 @@
+"""Replace each proven MoE site by one fused MoE op.
+
+Proof, per site (anything unproven is left alone with `site.leave(reason)`; never a wrong rewrite):
+
+1. The routed block ends at `final`: the last [T, H] node after the topk such that the region
+   R = ancestors(final) - ancestors(router_logits) - {placeholders, get_attr}
+   is closed (no node of R but `final` is used outside R), holds only ops an expert dispatch uses
+   (no attention, no linear on a weight other than the experts', nothing random), mutates nothing
+   outside itself, and reads from outside only the hidden states x [T, H], the router logits and the
+   two expert weights. So R computes final = f(x, router_logits, w_gate_up, w_down) and nothing else.
+2. f equals the fused op: R is run on the real expert weights with random x and router logits
+   (balanced, and skewed to one expert) and compared with `fused_moe`'s torch reference.
+
+The rewrite stores copies of the expert weights (contiguous, the kernel's layout) as new buffers on
+`gm` (or shares them: `copy_weights=False`); the user's module is never mutated. Qwen2-MoE's shared
+expert is outside R and stays as it is. Dynamic token counts are supported (sizes computed outside the
+block take their hints in step 2).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_arg
+
+from ..kernels import fused_moe as fused_moe_kernels
+from .detect_moe import example_value, op_name, same_size, shape_of, size_hint, weight_source
+from .sites import Site
+
+# Ops an expert dispatch is made of (HF loop, grouped_mm and batched_mm forms, and plain variants).
+_ALLOWED = {
+    "float", "to", "type", "contiguous", "view", "reshape", "flatten", "unsqueeze", "squeeze", "expand",
+    "transpose", "t", "permute", "getitem", "setitem", "chunk", "split", "unbind", "sort", "argsort",
+    "floordiv", "histc", "bincount", "cumsum", "grouped_mm_fallback", "_grouped_mm", "grouped_mm",
+    "bmm", "matmul", "mm", "silu", "mul", "mul_", "imul", "add", "add_", "iadd", "sum", "truediv",
+    "itruediv", "div", "div_", "empty_like", "zeros_like", "new_zeros", "zeros", "empty", "arange",
+    "repeat_interleave", "index_add_", "index_add", "index_select", "one_hot", "where", "nonzero",
+    "eq", "ne", "gt", "greater", "any", "masked_fill", "scatter_add", "scatter_add_", "index_put_",
+    "index_put", "linear", "clone", "size", "softmax", "_softmax", "sigmoid", "topk", "sym_size",
+    "sym_numel", "floor_divide",
+}
+_INPLACE = {"setitem", "mul_", "imul", "add_", "iadd", "itruediv", "div_", "index_add_",
+            "scatter_add_", "index_put_"}
+_MAX_REGION = 400
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _ancestors(node: fx.Node, stop: set[fx.Node], limit: Optional[int] = None) -> set[fx.Node]:
+    out: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n in out or n in stop:
+            continue
+        out.add(n)
+        if limit is not None and len(out) > limit:
+            raise _TooLarge
+        if not _is_size(n):  # sizes are shared, pure and read as inputs: not walked through
+            todo.extend(n.all_input_nodes)
+    return out
+
+
+def _is_size(n: fx.Node) -> bool:
+    """A node computing a size (int / SymInt), e.g. `2 * s0` for a dynamic token count."""
+    return isinstance(n.meta.get("example_value", n.meta.get("val")), (int, torch.SymInt, torch.SymBool))
+
+
+def _block_nodes(final: fx.Node, excluded: set[fx.Node]) -> set[fx.Node]:
+    """Ancestors of `final`, plus the in-place ops (and their inputs) that mutate any of them.
+
+    An in-place write such as `inv_perm[perm] = arange(S)` feeds `final` without being its
+    ancestor in the FX graph, so it is added here.
+    """
+    region = _ancestors(final, excluded, 2 * _MAX_REGION)
+    grew = True
+    while grew:
+        grew = False
+        for n in list(region):
+            for u in n.users:
+                if u not in region and op_name(u) in _INPLACE and u.args and u.args[0] is n:
+                    region |= _ancestors(u, excluded, 2 * _MAX_REGION)
+                    grew = True
+    return region
+
+
+def _check_region(region: set[fx.Node], final: fx.Node, weights: set[fx.Node]) -> Optional[str]:
+    """None when `region` is a closed expert dispatch; otherwise why not."""
+    for n in region:
+        name = op_name(n)
+        if n.op not in ("call_function", "call_method") or name not in _ALLOWED:
+            return f"unexpected op {name} ({n.name})"
+        if name == "linear" and weight_source(n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")) not in weights:
+            return f"linear on a non-expert weight ({n.name})"
+        if n is not final and any(u not in region for u in n.users):
+            return f"{n.name} is used outside the MoE block"
+        if name in _INPLACE and n.args and isinstance(n.args[0], fx.Node) and \
+                _alias_root(n.args[0], region) not in region:
+            return f"{n.name} mutates a tensor from outside the MoE block"
+    return None
+
+
+_VIEWS = {"view", "reshape", "transpose", "t", "permute", "getitem", "unsqueeze", "squeeze", "expand",
+          "flatten", "chunk", "split", "unbind", "contiguous", "to", "float", "type"}
+
+
+def _alias_root(n: fx.Node, region: set[fx.Node]) -> fx.Node:
+    """The tensor `n` may alias, following view-like ops (which can return their input's storage)."""
+    while n in region and op_name(n) in _VIEWS and n.args and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    return n
+
+
+def _find_block(gm: fx.GraphModule, site: Site):
+    """(final, region, x) for the largest proven region ending at a [T, H] node, or (None, reason)."""
+    n = site.nodes
+    router_logits, topk = n["router_logits"], n["topk"]
+    weights = {n["w_gate_up"], n["w_down"]}
+    tokens, hidden = n["tokens"], site.hidden
+    excluded = _ancestors(router_logits, set())
+    best = None
+    why = None
+    seen_topk = False
+    for node in gm.graph.nodes:
+        if node is topk:
+            seen_topk = True
+            continue
+        if not seen_topk or node.op not in ("call_function", "call_method"):
+            continue
+        if not _is_tokens_by_hidden(node, tokens, hidden):
+            continue
+        try:
+            region = _block_nodes(node, excluded)
+        except _TooLarge:
+            break  # far past the MoE block
+        if topk not in region or not weights <= region:
+            continue
+        region = {r for r in region if r.op not in ("placeholder", "get_attr") and not _is_size(r)}
+        if len(region) > _MAX_REGION:
+            break
+        reason = _check_region(region, node, weights)
+        if reason is None:
+            inputs = {i for r in region for i in r.all_input_nodes if i not in region}
+            # sizes computed outside (dynamic token counts) are fine: the fused op does not need them
+            sizes = {i for i in inputs if _is_size(i)}
+            others = inputs - weights - {router_logits} - sizes
+            if len(others) != 1:
+                reason = f"the block reads {sorted(o.name for o in others)} besides the router and experts"
+            elif not _is_tokens_by_hidden(next(iter(others)), tokens, hidden):
+                reason = f"hidden states {next(iter(others)).name} are not [T, H]"
+            elif any(size_hint(s.meta.get("example_value", s.meta.get("val"))) is None for s in sizes):
+                reason = "a size the block reads has no concrete value"
+            else:
+                best = (node, region, others.pop(), sizes)
+                continue
+        if best is not None:
+            break  # the region grew past the MoE block
+        why = why or reason
+    if best is None:
+        return None, why or "no [T, H] output after the experts"
+    return best, None
+
+
+def _is_tokens_by_hidden(node: fx.Node, tokens: Any, hidden: int) -> bool:
+    shape = shape_of(node)
+    return shape is not None and len(shape) == 2 and same_size(shape[0], tokens) and same_size(shape[1], hidden)
+
+
+def _real_value(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[Any]) -> Optional[torch.Tensor]:
+    if node.op == "get_attr":
+        obj = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        return obj if isinstance(obj, torch.Tensor) else None
+    placeholders = [p for p in gm.graph.nodes if p.op == "placeholder"]
+    i = placeholders.index(node)
+    value = example_inputs[i] if i < len(example_inputs) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _run_region(region: set[fx.Node], final: fx.Node, env: dict) -> torch.Tensor:
+    """Evaluate the region's nodes, in graph order, on the tensors in env."""
+    for node in final.graph.nodes:
+        if node not in region:
+            continue
+        args = map_arg(node.args, lambda a: env[a])
+        kwargs = map_arg(node.kwargs, lambda a: env[a])
+        if node.op == "call_method":
+            env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            env[node] = node.target(*args, **kwargs)
+        if node is final:
+            return env[node]
+    raise RuntimeError("final node not reached")
+
+
+def _prove_numerically(region, final, x, router_logits, w_nodes, w_values, sizes, site) -> Optional[str]:
+    """Run the region and the fused op's reference on random inputs; None when they agree.
+
+    Symbolic sizes take their hints, and x gets the hinted token count, so they stay consistent.
+    """
+    xv = example_value(x)
+    w_gate_up, w_down = w_values
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    tokens, hidden = size_hint(xv.shape[0]), int(xv.shape[1])
+    experts = site.experts
+    tol = {torch.float32: 1e-4, torch.float64: 1e-9}.get(w_gate_up.dtype, 3e-2)
+    for skew in (0.0, 8.0):
+        x_test = torch.randn(tokens, hidden, generator=gen).to(device=w_gate_up.device, dtype=xv.dtype)
+        logits = torch.randn(tokens, experts, generator=gen)
+        logits[:, 0] += skew  # all tokens to expert 0 (the others get none)
+        logits = logits.to(device=w_gate_up.device, dtype=example_value(router_logits).dtype)
+        env = {x: x_test, router_logits: logits, w_nodes[0]: w_gate_up, w_nodes[1]: w_down}
+        env.update({s: size_hint(s.meta.get("example_value", s.meta.get("val"))) for s in sizes})
+        try:
+            with torch.no_grad():
+                expected = _run_region(region, final, env)
+                got = fused_moe_kernels.fused_moe_reference(
+                    x_test, logits, w_gate_up, w_down, site.top_k, site.nodes["renormalize"], site.routing)
+        except Exception as e:  # noqa: BLE001 - any failure means "not proven"
+            return f"could not run the block to check it ({type(e).__name__}: {e})"
+        if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
+            return "the block's output is not [T, H]"
+        err = (expected.float() - got.float()).abs().max().item()
+        scale = expected.float().abs().max().item() + 1e-6
+        if not err <= tol * scale:
+            return f"the block does not compute the fused MoE (max error {err:.3g} of {scale:.3g})"
+    return None
+
+
+def _kernel_for(kernels: str, device: torch.device) -> tuple[str, Any]:
+    """The Triton op on CUDA, else the torch reference op.
+
+    kernels="triton" also takes the Triton op on CPU under TRITON_INTERPRET=1 (tests); "tensorrt" has no
+    MoE lowering of its own, so its MoE sites take the Triton kernel.
+    """
+    triton_ok = fused_moe_kernels.HAS_TRITON and fused_moe_kernels.fused_moe_triton is not None
+    wanted = kernels in ("triton", "auto", "tensorrt")
+    runs_here = device.type == "cuda" or (kernels == "triton" and fused_moe_kernels._interpreting())
+    if wanted and triton_ok and runs_here:
+        return "triton", torch.ops.sqcompile.fused_moe_triton.default
+    return "torch", torch.ops.sqcompile.fused_moe.default
+
+
+def _register_constant(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
+    """A new buffer on gm that Inductor (aot_autograd) accepts in a dynamo graph.
+
+    aot_autograd lifts a dynamo graph's buffers to inputs and wants a dynamo source for each; a
+    buffer we create has none in the user's code, so it gets a ConstantSource naming it.
+    """
+    gm.register_buffer(name, value)
+    sources = getattr(gm, "_param_name_to_source", None)
+    if isinstance(sources, dict):
+        from torch._dynamo.source import ConstantSource
+
+        sources[name] = ConstantSource(name)
+
+
+def _unique_attr(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def substitute_moe(gm: fx.GraphModule, sites: list[Site], example_inputs: Sequence[Any],
+                   kernels: str = "auto", copy_weights: bool = True) -> None:
+    """Rewrite every proven MoE site of `gm` into one `sqcompile::fused_moe*` call (in place).
+
+    copy_weights=False shares the user's expert weights instead of copying them when they are already
+    contiguous (HF's layout is the kernel's): nothing writes to them either way, and a large model
+    (Mixtral-8x7B: 87 GB of experts) does not need twice the memory.
+    """
+    changed = False
+    for site in sites:
+        if site.kind != "moe" or site.reason is not None or site.rewritten:
+            continue
+        if "w_gate_up" not in site.nodes:
+            site.leave("expert weights not found in this graph")
+            continue
+        if site.nodes.get("tokens") is None or site.hidden is None:
+            site.leave("token count or hidden size unknown")
+            continue
+        block, reason = _find_block(gm, site)
+        if block is None:
+            site.leave(f"not proven: {reason}")
+            continue
+        final, region, x, sizes = block
+        w_nodes = (site.nodes["w_gate_up"], site.nodes["w_down"])
+        originals = [_real_value(gm, w, example_inputs) for w in w_nodes]
+        if any(w is None or w.device.type == "meta" or isinstance(w, torch._subclasses.FakeTensor)
+               for w in originals):
+            site.leave("expert weights have no real values")
+            continue
+        # Copies in the kernel's layout; the user's parameters are never touched.
+        w_values = [w.detach() if not copy_weights and w.is_contiguous() else
+                    w.detach().clone(memory_format=torch.contiguous_format) for w in originals]
+        reason = _prove_numerically(region, final, x, site.nodes["router_logits"], w_nodes, w_values, sizes, site)
+        if reason is not None:
+            site.leave(f"not proven: {reason}")
+            continue
+        kernel_name, op = _kernel_for(kernels, w_values[0].device)
+        tag = f"sq_moe_g{site.graph}_l{site.layer}"
+        names = []
+        for suffix, value in zip(("w_gate_up", "w_down"), w_values):
+            name = _unique_attr(gm, f"{tag}_{suffix}")
+            _register_constant(gm, name, value)
+            names.append(name)
+        graph = gm.graph
+        final_value = example_value(final)
+        with graph.inserting_before(final):
+            w1 = graph.get_attr(names[0])
+            w2 = graph.get_attr(names[1])
+            fused = graph.call_function(op, (x, site.nodes["router_logits"], w1, w2, site.top_k,
+                                             bool(site.nodes["renormalize"]), site.routing))
+            fused.meta["example_value"] = example_value(x).new_empty(example_value(x).shape) \
+                if final_value.dtype != example_value(x).dtype else final_value
+            out = fused
+            if final_value.dtype != example_value(x).dtype:
+                cast = graph.call_method("to", (out, final_value.dtype))
+                cast.meta["example_value"] = final_value
+                out = cast
+        final.replace_all_uses_with(out)
+        for node in reversed(list(graph.nodes)):
+            if node in region and not node.users:
+                graph.erase_node(node)
+        site.rewritten = True
+        site.reason = None
+        site.kernel = kernel_name
+        site.nodes["fused"] = fused
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
