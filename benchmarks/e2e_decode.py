@@ -170,9 +170,9 @@ def main():
     budget = args.budget_gb * 2**30
     max_ctx = {"fp16": int(budget // fp16_bpt), "sqcompile": int(budget // sq_bpt)}
     check = SpectralCache(model, bits=args.bits, max_cache_len=max_ctx["sqcompile"])
-    x = torch.randint(0, min(1000, VOCAB), (1, 1), device=DEV)
-    with torch.no_grad():
-        model(input_ids=x, past_key_values=check, use_cache=True)
+    k0 = torch.zeros(1, 8, 1, 128, device=DEV, dtype=torch.bfloat16)
+    for layer in check.layers:  # allocate every layer's packed buffers (no forward: eager would dequantize all)
+        layer.lazy_initialization(k0, k0)
     max_ctx["sqcompile_allocated_gb"] = check.nbytes / 2**30
     del check
     summary = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__, "layers": args.layers,

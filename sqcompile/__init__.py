@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from .backend import spectralquant
+from .calibrate import calibrate  # noqa: E402  (the function shadows the submodule on purpose)
 from .options import Options
 from .passes.sites import Site
 from .profile import SpectralProfile
@@ -21,13 +22,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sqcompile' has no attribute {name!r}")
 
 __version__ = "0.1.0"
-
-
-def calibrate(*args, **kwargs):
-    """Calibrate a SpectralProfile on text (see `sqcompile.calibrate.calibrate`)."""
-    from .calibrate import calibrate as _calibrate
-
-    return _calibrate(*args, **kwargs)
 
 
 __all__ = ["spectralquant", "Options", "Site", "SpectralProfile", "Report", "explain", "calibrate", "optimize",

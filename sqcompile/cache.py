@@ -139,7 +139,11 @@ class SpectralCache(Cache):
         self.bits = bits
         layers = [SpectralLayer(max_cache_len, self.codec, i, max_batch_size) for i in range(fp["num_layers"])]
         super().__init__(layers=layers)
-        self.max_cache_len = max_cache_len
+
+    @property
+    def max_cache_len(self) -> int:
+        """Capacity in tokens (a property in some transformers versions, an attribute in others)."""
+        return self.layers[0].max_cache_len
 
     @property
     def nbytes(self) -> int:

@@ -228,15 +228,12 @@ def _trace_value(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int, head_dim: in
     if is_op(n, "getitem") and _is_tensor_getitem(n):
         chain.append(n)
         fused = "slice"
-        idx = n.args[1]
-        sl = idx[-1] if isinstance(idx, tuple) else idx
-        if isinstance(idx, tuple) and any(i not in (Ellipsis, slice(None)) for i in idx[:-1]):
-            raise _Unproven("fused QKV slice is not on the last dim")
-        if not isinstance(sl, slice) or sl.step not in (None, 1) or not isinstance(sl.start or 0, int):
-            raise _Unproven("fused QKV slice is not a plain slice")
-        offset = sl.start or 0
-        if offset < 0 or (sl.stop is not None and (not isinstance(sl.stop, int) or sl.stop != offset + width)):
-            raise _Unproven(f"fused QKV value slice {sl} is not exactly {width} rows from a non-negative offset")
+        bounds = _last_dim_slice(n)
+        if bounds is None:
+            raise _Unproven("fused QKV slice is not a plain constant slice of the last dim")
+        offset, stop = bounds
+        if stop - offset != width:
+            raise _Unproven(f"fused QKV value slice [{offset}:{stop}] is not {width} rows")
         n = n.args[0]
     elif is_op(n, "getitem") and is_op(n.args[0], *_SPLITS):
         chain.append(n)
@@ -281,8 +278,6 @@ def _trace_value(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int, head_dim: in
             if lo_hi is None:
                 raise _Unproven(f"the fused QKV output is read by '{u.name}', not only by slices")
             lo, hi = lo_hi
-            if hi is None:
-                hi = out_features
             if lo < offset + width and hi > offset:
                 raise _Unproven(f"the fused QKV slice '{u.name}' overlaps the value rows")
     elif fused is None and len(n.users) != 1:
@@ -291,19 +286,26 @@ def _trace_value(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int, head_dim: in
 
 
 def _last_dim_slice(n: fx.Node) -> Optional[tuple]:
-    """(start, stop) of a getitem that slices only the last dim with constant bounds; None otherwise."""
+    """(start, stop), normalized to 0 <= start <= stop <= width, of a getitem that slices only the last dim of a
+    tensor with a static last dim, with constant bounds and step 1; None otherwise."""
     if not (is_op(n, "getitem") and _is_tensor_getitem(n)):
         return None
-    idx = n.args[1]
-    sl = idx[-1] if isinstance(idx, tuple) else idx
-    if isinstance(idx, tuple) and any(i not in (Ellipsis, slice(None)) for i in idx[:-1]):
+    src = meta_tensor(n.args[0])
+    width = concrete_int(src.shape[-1]) if src is not None and src.dim() > 0 else None
+    if width is None:
+        return None
+    idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    sl, lead = idx[-1], idx[:-1]
+    if any(i not in (Ellipsis, slice(None)) for i in lead):
+        return None
+    if Ellipsis not in lead and len(idx) != src.dim():  # x[:, a:b] on a 3-D tensor slices dim 1, not features
         return None
     if not isinstance(sl, slice) or sl.step not in (None, 1):
         return None
-    lo, hi = sl.start or 0, sl.stop
-    if not isinstance(lo, int) or lo < 0 or not (hi is None or (isinstance(hi, int) and hi >= 0)):
+    if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (sl.start, sl.stop)):
         return None
-    return lo, hi
+    lo, hi, _ = sl.indices(width)
+    return lo, max(lo, hi)
 
 
 def _find_o_proj(out: fx.Node, gm: fx.GraphModule, q_heads: int, head_dim: int) -> fx.Node:
@@ -407,9 +409,14 @@ def _near_miss(softmax: fx.Node) -> Optional[str]:
     for _ in range(12):
         if not isinstance(n, fx.Node) or not is_op(n, *_NEAR_SCORE_OPS):
             break
-        if first_odd is None and not is_op(n, *_SCORE_OPS):
+        if is_op(n, "cat"):
+            first_odd = ("the scores are concatenated with extra logits before softmax (attention sinks?): the "
+                         "weights on the values do not sum to one")
+        elif first_odd is None and not is_op(n, *_SCORE_OPS):
             first_odd = f"the scores pass through '{op_name(n)}' before softmax"
         n = n.args[0]
+        if isinstance(n, (list, tuple)) and n:  # cat: follow the first tensor
+            n = n[0]
     if not is_op(n, "matmul", "bmm", "baddbmm", "einsum"):
         return None
     score_op = op_name(n)

@@ -24,8 +24,10 @@ def _set_linear_params(gm: fx.GraphModule, lin: fx.Node, weight: torch.Tensor, b
 
 
 def fold_value_rotation(gm: fx.GraphModule, site: Site, value_basis: torch.Tensor, value_mean: Optional[torch.Tensor],
-                        example_inputs: Optional[list]) -> None:
-    """Rewrite v_proj and o_proj of `site` with the value basis folded in (float64 math, original dtype)."""
+                        example_inputs: Optional[list], fold_v_proj: bool = True) -> None:
+    """Rewrite v_proj and o_proj of `site` with the value basis folded in (float64 math, original dtype).
+
+    fold_v_proj=False rewrites o_proj only (the caller keeps rotating values online at the write)."""
     v_lin, o_lin, off = site.nodes["v_linear"], site.nodes["o_linear"], site.nodes["v_offset"]
     hkv, d, hq = site.kv_heads, site.head_dim, site.q_heads
     w_v = tensor_value(gm, arg(v_lin, 1, "weight"), example_inputs)
@@ -34,21 +36,30 @@ def fold_value_rotation(gm: fx.GraphModule, site: Site, value_basis: torch.Tenso
     b_o = tensor_value(gm, arg(o_lin, 2, "bias"), example_inputs)
     if w_v is None or w_o is None:
         raise ValueError(f"layer {site.layer}: v_proj/o_proj weights are not graph inputs or constants")
-    basis = value_basis.to(torch.float64)
-    mean = torch.zeros(hkv, d, dtype=torch.float64) if value_mean is None else value_mean.to(torch.float64)
+    # The fold runs once, on the CPU in float64, whatever the weights' device; results go back to it.
+    basis = value_basis.detach().to("cpu", torch.float64)
+    mean = torch.zeros(hkv, d, dtype=torch.float64) if value_mean is None else value_mean.detach().to("cpu", torch.float64)
 
-    wv = w_v.detach().to(torch.float64).clone()
+    if fold_v_proj:
+        _fold_v_proj(gm, v_lin, off, hkv, d, w_v, b_v, basis, mean)
+    _fold_o_proj(gm, o_lin, hq, hkv, d, w_o, b_o, basis, mean)
+    site.o_proj_folded = True
+
+
+def _fold_v_proj(gm, v_lin, off, hkv, d, w_v, b_v, basis, mean) -> None:
+    wv = w_v.detach().to("cpu", torch.float64).clone()
     rows = wv[off:off + hkv * d].reshape(hkv, d, -1)
     wv[off:off + hkv * d] = torch.einsum("hed,hdi->hei", basis, rows).reshape(hkv * d, -1)
-    bv = torch.zeros(wv.shape[0], dtype=torch.float64) if b_v is None else b_v.detach().to(torch.float64).clone()
+    bv = torch.zeros(wv.shape[0], dtype=torch.float64) if b_v is None else b_v.detach().to("cpu", torch.float64).clone()
     bv[off:off + hkv * d] = torch.einsum("hed,hd->he", basis, bv[off:off + hkv * d].reshape(hkv, d) - mean).reshape(-1)
-    _set_linear_params(gm, v_lin, wv.to(w_v.dtype), bv.to(w_v.dtype), "v_proj")
+    _set_linear_params(gm, v_lin, wv.to(w_v.device, w_v.dtype), bv.to(w_v.device, w_v.dtype), "v_proj")
 
+
+def _fold_o_proj(gm, o_lin, hq, hkv, d, w_o, b_o, basis, mean) -> None:
     rep = hq // hkv
     q_basis, q_mean = basis.repeat_interleave(rep, dim=0), mean.repeat_interleave(rep, dim=0)  # [Hq, d, d], [Hq, d]
-    wo = w_o.detach().to(torch.float64).reshape(w_o.shape[0], hq, d)
-    bo = torch.zeros(w_o.shape[0], dtype=torch.float64) if b_o is None else b_o.detach().to(torch.float64)
+    wo = w_o.detach().to("cpu", torch.float64).reshape(w_o.shape[0], hq, d)
+    bo = torch.zeros(w_o.shape[0], dtype=torch.float64) if b_o is None else b_o.detach().to("cpu", torch.float64)
     bo = bo + torch.einsum("ohd,hd->o", wo, q_mean)
     wo = torch.einsum("ohd,hed->ohe", wo, q_basis).reshape(w_o.shape[0], hq * d)
-    _set_linear_params(gm, o_lin, wo.to(w_o.dtype), bo.to(w_o.dtype), "o_proj")
-    site.o_proj_folded = True
+    _set_linear_params(gm, o_lin, wo.to(w_o.device, w_o.dtype), bo.to(w_o.device, w_o.dtype), "o_proj")

@@ -8,8 +8,8 @@ What the cache's update() traces to (per layer):
     k_hat = dequantize_packed(k_packed, ...) @ k_basis + k_mean          -> repeat_kv -> SDPA(q, k_hat, v_hat)
     v_hat = dequantize_packed(v_packed, ...) @ v_basis + v_mean
 
-After the rewrite: v_proj emits v_store directly (the two ops above it are bypassed); SDPA reads the storage
-basis values (o_proj absorbs v_basis^T and the mean); and a single-token query (decode) calls
+After the rewrite: SDPA reads the storage-basis values (o_proj absorbs v_basis^T and the mean; the write side
+keeps the cache's online value rotation of the new tokens, so compiled and eager write identical codes); and a single-token query (decode) calls
 `decode_attention(q, k_packed, v_packed, lengths, ...)`, which rotates q in its prologue, so neither the
 FP16 K nor V of the cache is ever materialised. A multi-token query (prefill) keeps SDPA over the
 dequantized cache. A boolean [B, 1, 1, T] mask (padding, sliding window) is passed to the kernel per token;
@@ -149,18 +149,15 @@ def _erase_dead(nodes: list) -> None:
 
 
 def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: Optional[list]) -> None:
-    """Fold the cache's value basis into v_proj/o_proj; decode steps read the packed codes directly."""
+    """Fold the cache's value basis into o_proj; decode steps read the packed codes directly."""
     nodes = site.nodes
     basis_t = tensor_value(gm, _strip_to(nodes["v_basis"]), example_inputs)
     mean_t = tensor_value(gm, _strip_to(nodes["v_mean"]), example_inputs)
     if basis_t is None or mean_t is None:
         raise _Unproven("the cache's value basis is not a graph input")
-    fold_value_rotation(gm, site, basis_t, mean_t, example_inputs)
-    qw, v_store, new_v = nodes["qwrite"], nodes["v_store"], nodes["new_v"]
-    with gm.graph.inserting_before(qw):
-        v32 = gm.graph.call_method("to", (new_v, torch.float32))
-    qw.replace_input_with(qw.args[1], v32)
-    _erase_dead([v_store])
+    # o_proj absorbs the value basis; the write keeps the cache's own (v - mu) @ B_v^T for the one new token,
+    # so the codes written are bit-identical to the eager cache's.
+    fold_value_rotation(gm, site, basis_t, mean_t, example_inputs, fold_v_proj=False)
     # SDPA reads the storage-basis values; o_proj (folded) maps them back.
     v_dq = nodes["v_dq"]
     v_hat = [u for u in v_dq.users if is_op(u, "matmul")]
@@ -169,7 +166,7 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
             if is_op(add, "add"):
                 add.replace_all_uses_with(v_dq)
                 _erase_dead([add])
-    attn = nodes["attn"]
+    attn, qw = nodes["attn"], nodes["qwrite"]
     site.rotation = True
     site.quantized = True
     if not nodes["decode"]:
@@ -180,15 +177,13 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
     if scale is None:
         scale = 1.0 / math.sqrt(site.head_dim)
     positions = qw.args[4]
-    batch = concrete_int(meta_tensor(q).shape[0])
-    if batch is None:
-        raise _Unproven("symbolic batch size")
     a = qw.args
     with gm.graph.inserting_before(attn):
         q3 = gm.graph.call_method("select", (q, 2, 0))
         last = gm.graph.call_method("max", (positions,))
         length = gm.graph.call_function(torch.add, (last, 1))
         length = gm.graph.call_method("to", (length, torch.int32))
+        batch = gm.graph.call_method("size", (q, 0))  # symbolic under dynamic shapes
         lengths = gm.graph.call_method("reshape", (length, (1,)))
         lengths = gm.graph.call_method("expand", (lengths, batch))
         lengths = gm.graph.call_method("contiguous", (lengths,))

@@ -1,0 +1,188 @@
+"""Calibration: run real text through the model and collect post-RoPE key/value spectra.
+
+No model-specific code: the keys and values are taken where every HF decoder hands them to the cache,
+`Cache.update(key_states, value_states, layer_idx, ...)`, which receives them after RoPE. A
+`DynamicCache` subclass accumulates, per (layer, kv-head), the float64 sum and sum of outer products,
+then delegates. The profile is the mean and the eigendecomposition of the centered covariance.
+
+Token requirement: at least `head_dim + 1` tokens (a covariance of n tokens has rank <= n - 1, so fewer
+tokens cannot span all head_dim directions); in practice use thousands.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import time
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .profile import SpectralProfile, model_fingerprint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 65536
+DEFAULT_CHUNK = 1024
+
+
+class MomentAccumulator:
+    """Float64 running sums of x and x x^T per (layer, kv-head), for keys and values."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.sums: dict[str, list[Optional[Tensor]]] = {"key": [None] * num_layers, "value": [None] * num_layers}
+        self.outers: dict[str, list[Optional[Tensor]]] = {"key": [None] * num_layers, "value": [None] * num_layers}
+        self.counts = [0] * num_layers
+
+    def add(self, layer_idx: int, key_states: Tensor, value_states: Tensor) -> None:
+        # [B, Hkv, S, d] -> per head [Hkv, B*S, d]
+        for kind, x in (("key", key_states), ("value", value_states)):
+            x = x.detach().to(torch.float64)
+            x = x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])
+            s = x.sum(1)
+            o = x.transpose(1, 2) @ x
+            if self.sums[kind][layer_idx] is None:
+                self.sums[kind][layer_idx] = s
+                self.outers[kind][layer_idx] = o
+            else:
+                self.sums[kind][layer_idx] += s
+                self.outers[kind][layer_idx] += o
+        self.counts[layer_idx] += key_states.shape[0] * key_states.shape[2]
+
+    def to_profile(self, fingerprint: dict, meta: Optional[dict] = None) -> SpectralProfile:
+        missing = [l for l in range(self.num_layers) if self.sums["key"][l] is None]
+        if missing:
+            raise RuntimeError(f"calibration saw no keys for layers {missing}: did the model call Cache.update?")
+        if len(set(self.counts)) != 1:
+            log.warning("layers saw different token counts: %s", self.counts)
+        return SpectralProfile.from_moments(
+            fingerprint,
+            torch.stack(self.sums["key"]), torch.stack(self.outers["key"]),
+            torch.stack(self.sums["value"]), torch.stack(self.outers["value"]),
+            count=torch.tensor(self.counts, dtype=torch.float64)[:, None],
+            meta=meta,
+        )
+
+
+def _dynamic_cache_class():
+    from transformers import DynamicCache
+
+    class MomentCollectingCache(DynamicCache):
+        """A DynamicCache that records every key/value it is given (post-RoPE) before storing it."""
+
+        def __init__(self, accumulator: MomentAccumulator, **kwargs):
+            super().__init__(**kwargs)
+            self.accumulator = accumulator
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            self.accumulator.add(layer_idx, key_states, value_states)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    return MomentCollectingCache
+
+
+def cache_kwarg(model) -> str:
+    """`cache` in newer transformers, `past_key_values` in older ones."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _model_config(model) -> Any:
+    config = model.config
+    return getattr(config, "get_text_config", lambda: config)() if hasattr(config, "get_text_config") else config
+
+
+def _to_sequences(texts_or_batches: Any, tokenizer) -> list[Tensor]:
+    """Strings, token-id tensors ([S] or [B, S]) or lists of ints -> list of 1-D LongTensors."""
+    if isinstance(texts_or_batches, (str, Tensor)):
+        texts_or_batches = [texts_or_batches]
+    sequences = []
+    for item in texts_or_batches:
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ValueError("calibrate got text but no tokenizer: pass tokenizer=..., or token-id tensors")
+            ids = tokenizer(item, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        elif isinstance(item, dict) and "input_ids" in item:
+            ids = torch.as_tensor(item["input_ids"])
+        else:
+            ids = torch.as_tensor(item)
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token ids must be integers, got {ids.dtype}")
+        ids = ids.long()
+        if ids.dim() == 1:
+            ids = ids[None]
+        sequences.extend(row for row in ids if row.numel() > 0)
+    return sequences
+
+
+@torch.no_grad()
+def calibrate(model, texts_or_batches: Union[str, Tensor, Iterable], seconds: float = 15,
+              tokenizer=None, max_tokens: int = DEFAULT_MAX_TOKENS, chunk: int = DEFAULT_CHUNK,
+              progress: bool = True) -> SpectralProfile:
+    """Calibrate a `SpectralProfile` on real text.
+
+    `texts_or_batches`: a string, a token-id tensor ([S] or [B, S]), or an iterable of those. Long
+    sequences are cut into independent windows of `chunk` tokens (each starting at position 0, like
+    the prefixes the model sees). Stops at `max_tokens` or after `seconds` (at window granularity,
+    always at least one window) and records how many tokens it used in `profile.tokens`.
+    """
+    from tqdm.auto import tqdm
+
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    config = _model_config(model)
+    fingerprint = model_fingerprint(config)
+    needed = fingerprint["head_dim"] + 1
+    sequences = _to_sequences(texts_or_batches, tokenizer)
+    windows = [seq[i:i + chunk] for seq in sequences for i in range(0, seq.numel(), chunk)]
+    windows = [w for w in windows if w.numel() >= 2] or windows
+    available = min(sum(w.numel() for w in windows), max_tokens)
+    if available < needed:
+        raise ValueError(
+            f"calibration text too short: {available} tokens, need at least head_dim + 1 = {needed} "
+            f"(a covariance of n tokens has rank <= n - 1); thousands are recommended")
+
+    accumulator = MomentAccumulator(fingerprint["num_layers"])
+    cache_cls = _dynamic_cache_class()
+    kwarg = cache_kwarg(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    used, stopped_by_time, last_window_s = 0, False, 0.0
+    start = time.monotonic()
+    bar = tqdm(total=available, unit="tok", desc="calibrating", disable=not progress)
+    try:
+        for window in windows:
+            if used >= max_tokens:
+                break
+            # stop before a window that would overrun the budget (at least one window always runs)
+            if used > 0 and time.monotonic() - start + last_window_s > seconds:
+                stopped_by_time = True
+                break
+            t0 = time.monotonic()
+            window = window[: max_tokens - used]
+            cache = cache_cls(accumulator, config=config)
+            model(input_ids=window[None].to(device), use_cache=True, **{kwarg: cache})
+            last_window_s = time.monotonic() - t0
+            used += window.numel()
+            bar.update(window.numel())
+    finally:
+        bar.close()
+        model.train(was_training)
+    elapsed = time.monotonic() - start
+    if used < needed:
+        raise ValueError(f"calibration stopped after {used} tokens (time budget {seconds}s); "
+                         f"need at least head_dim + 1 = {needed}: raise `seconds`")
+    reason = "time budget" if stopped_by_time else ("max_tokens" if used >= max_tokens else "end of text")
+    (log.warning if stopped_by_time else log.info)(
+        "calibration used %d of %d available tokens in %.1fs (stopped by %s)", used, available, elapsed, reason)
+    meta = {"method": "moments", "seconds": seconds, "elapsed_s": round(elapsed, 2), "chunk": chunk,
+            "max_tokens": max_tokens, "stopped_by": reason, "model": getattr(config, "_name_or_path", "")}
+    profile = accumulator.to_profile(fingerprint, meta)
+    profile.tokens = used
+    return profile
+
+
+__all__ = ["calibrate", "MomentAccumulator", "cache_kwarg"]
+

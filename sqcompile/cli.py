@@ -1,0 +1,195 @@
+"""`sqcompile` command line: calibrate, eval, inspect, explain, bench."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _load_model(name: str):
+    if name.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
+        from .hf import load_smollm2
+
+        return load_smollm2()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name)
+    if not path.is_dir():
+        raise SystemExit(f"sqcompile: --model must be 'smollm2' or a local model directory; {name!r} is neither "
+                         "(this tool never downloads from a model hub)")
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
+    from .hf import load_text
+
+    model, tokenizer = _load_model(args.model)
+    texts = [load_text(t) for t in args.text]
+    profile = calibrate(model, texts, seconds=args.seconds, tokenizer=tokenizer, max_tokens=args.max_tokens,
+                        chunk=args.chunk)
+    profile.meta["texts"] = list(args.text)
+    profile.meta["model"] = args.model
+    path = profile.save(args.out)
+    print(f"{profile}\nsaved to {path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import default_rows, run_eval, to_markdown
+
+    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else (4.25, 3.25, 2.69)
+    rows = default_rows(budgets)
+    if args.only:
+        keep = [s.strip().lower() for s in args.only.split(",")]
+        rows = [r for r in rows if r.method is None or any(k in f"{r.group} {r.name}".lower() for k in keep)]
+    results, info = run_eval(calibration_text=args.calibration_text, eval_text=args.eval_text,
+                             eval_tokens=args.eval_tokens, calibration_seconds=args.seconds,
+                             calibration_tokens=args.calibration_tokens,
+                             profile_path=args.profile, rows=rows, out_dir=args.out,
+                             eval_offset=args.eval_offset)
+    print("\n".join(f"- {k}: {v}" for k, v in info.items()))
+    print()
+    print(to_markdown(results))
+    if args.out:
+        print(f"\nwrote {Path(args.out) / 'eval.md'} and {Path(args.out) / 'eval.json'}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .profile import SpectralProfile
+
+    profile = SpectralProfile.load(args.profile)
+    print(profile)
+    print(f"fingerprint: {profile.fingerprint}")
+    print(f"meta: {profile.meta}")
+    d_key, d_value = profile.d_eff("key"), profile.d_eff("value")
+    print("\n| layer | kv-head | d_eff key | d_eff value |\n|---|---|---|---|")
+    for l in range(profile.num_layers):
+        for h in range(profile.num_kv_heads):
+            print(f"| {l} | {h} | {d_key[l, h]:.1f} | {d_value[l, h]:.1f} |")
+    print(f"\nmean d_eff: key {d_key.mean():.2f}, value {d_value.mean():.2f} (head_dim {profile.head_dim})\n")
+    for bits in args.bits:
+        _print_bits(profile, bits)
+    png = Path(args.plot) if args.plot else Path(args.profile).with_suffix(".spectra.png")
+    _plot_spectra(profile, png)
+    print(f"spectra plot: {png}")
+    return 0
+
+
+def _print_bits(profile, bits: float) -> None:
+    """The codec's per-layer K/V formats (groups, bits, scales) at `bits` stored bits per element."""
+    try:
+        from .quant import build_codec
+    except ImportError:
+        print("(bits table skipped: sqcompile.quant.build_codec is not available)")
+        return
+    codec = build_codec(profile, bits=bits)
+    print(f"codec at {bits} bits/element: {codec.bits_per_element:.3f} stored bits/element "
+          f"({16 / codec.bits_per_element:.2f}x vs FP16)")
+    print(codec.describe() if hasattr(codec, "describe") else repr(codec))
+
+
+def _plot_spectra(profile, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    cmap = plt.get_cmap("viridis")
+    L = profile.num_layers
+    for ax, kind in zip(axes, ("key", "value")):
+        lam = profile.eigvals(kind)
+        for l in range(L):
+            spec = lam[l].mean(0)
+            spec = spec / spec.sum().clamp_min(1e-30)
+            ax.semilogy(range(1, spec.numel() + 1), spec.clamp_min(1e-12).numpy(), color=cmap(l / max(L - 1, 1)),
+                        lw=1)
+        ax.set_title(f"{kind}s: centered spectrum, mean d_eff {profile.d_eff(kind).mean():.1f}", fontsize=10)
+        ax.set_xlabel("eigen-index")
+    axes[0].set_ylabel("fraction of variance (mean over kv-heads)")
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, L - 1))
+    fig.colorbar(sm, ax=axes, label="layer")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _delegate(module_name: str, what: str):
+    def run(args) -> int:
+        try:
+            module = importlib.import_module(f"sqcompile.{module_name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"sqcompile.{module_name}":
+                raise
+            print(f"sqcompile {what}: not available in this build (sqcompile/{module_name}.py is missing)",
+                  file=sys.stderr)
+            return 2
+        return int(module.main(args) or 0)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sqcompile", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("calibrate", help="calibrate a SpectralProfile on text")
+    p.add_argument("--model", default="smollm2", help="'smollm2' or a local HF model directory")
+    p.add_argument("--text", nargs="+", default=["britannica"], help="text names (hamlet, britannica) or .txt paths")
+    p.add_argument("--seconds", type=float, default=15)
+    p.add_argument("--max-tokens", type=int, default=65536)
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("-o", "--out", default="profile.safetensors")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("eval", help="KV compression quality on SmolLM2-135M (perplexity, attention error)")
+    p.add_argument("--calibration-text", default="britannica")
+    p.add_argument("--eval-text", default="hamlet")
+    p.add_argument("--eval-tokens", type=int, default=1024)
+    p.add_argument("--eval-offset", type=int, default=0)
+    p.add_argument("--seconds", type=float, default=15, help="calibration time budget")
+    p.add_argument("--calibration-tokens", type=int, default=8192, help="calibration token cap")
+    p.add_argument("--profile", default=None, help="load this profile if it exists, else calibrate and save it")
+    p.add_argument("--budgets", default=None, help="comma-separated bits/element, default 4.25,3.25,2.69")
+    p.add_argument("--only", default=None, help="comma-separated substrings of row group/name to keep")
+    p.add_argument("--out", default=None, help="directory for eval.md and eval.json")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="d_eff per layer/head, bits, and a PNG of the eigen-spectra")
+    p.add_argument("profile")
+    p.add_argument("--bits", type=float, nargs="*", default=[2.69],
+                   help="show the codec's bit allocation at these budgets (bits/element; default 2.69 = 5.95x)")
+    p.add_argument("--plot", default=None, help="PNG path (default: PROFILE.spectra.png)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("explain", help="which attention/MoE sites the backend rewrites (sqcompile.explain_cli)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_delegate("explain_cli", "explain"))
+
+    p = sub.add_parser("bench", help="benchmarks (sqcompile.bench_cli)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_delegate("bench_cli", "bench"))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

