@@ -101,7 +101,8 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options) -> list[
         site.rewritten = True
     if moe_sites:
         if opts.moe:
-            substitute_moe(gm, moe_sites, example_inputs, kernels)
+            # Expert weights already in the kernel layout are shared read-only, not copied (no 2x memory).
+            substitute_moe(gm, moe_sites, example_inputs, kernels, copy_weights=False)
         else:
             for s in moe_sites:
                 if s.reason is None:

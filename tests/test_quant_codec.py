@@ -286,8 +286,9 @@ def test_layer_weights_keep_the_average_budget_and_favour_sensitive_layers(bits)
     assert kb[2] == max(kb) and kb[2] > equal.bytes_per_token("key", 2)
     assert vb[4] == min(vb) and vb[4] < equal.bytes_per_token("value", 4)
     half = math.floor(bits * 2 * d / 8 + 1e-9) / 2
-    for b in kb + vb:  # the default spread: at most 1 bit per element from the average
-        assert abs(b - half) <= d / 8 + 1e-9
+    for b in kb + vb:  # the default spread: budgets within 1 bit per element of the average (a plan for
+        # the lowest budget may store a few bytes less, e.g. one token scale fewer)
+        assert half - d / 8 - 3 <= b <= half + d / 8 + 1e-9
     wide = build_codec(prof, bits=bits, layer_weights=w, layer_spread=3.0)
     assert wide.bits_per_element <= bits + 1e-9
     xs = codec.to_storage("key", 2, sample(prof, "key", 2, 1, 8))
