@@ -69,11 +69,35 @@ def _moe_passes():
     return detect_moe, substitute_moe
 
 
+_decisions: dict = {}
+
+
+def _check_consistent(scope: Any, sites: list[Site]) -> None:
+    """Every graph of one compiled model must treat a layer's attention the same way: a cache written rotated
+    by one graph (prefill) and read unrotated by another (decode) would be silently wrong. A conflict is an error.
+
+    `scope` is the options dict of one torch.compile call (dynamo hands the same object to every graph it
+    compiles for that call); it is kept alive here so its id is never reused."""
+    if scope is None:
+        return
+    held, decisions = _decisions.setdefault(id(scope), (scope, {}))
+    for s in sites:
+        if s.nodes.get("layer_from_order") or s.nodes.get("spectral"):
+            continue
+        seen = decisions.setdefault(s.layer, s.rewritten)
+        if seen != s.rewritten:
+            raise RuntimeError(
+                f"sqcompile: attention at layer {s.layer} was {'rewritten' if seen else 'left alone'} in an earlier "
+                f"graph but {'rewritten' if s.rewritten else 'left alone'} in graph {s.graph}"
+                f"{' (' + s.reason + ')' if s.reason else ''}; the KV cache would be read in the wrong basis. "
+                "Compile with options={'quantize': False} to inspect with sqcompile.explain, or report this model.")
+
+
 def _reads_spectral_cache(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and "dequantize_packed" in str(n.target) for n in gm.graph.nodes)
 
 
-def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options) -> list[Site]:
+def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: Any = None) -> list[Site]:
     """Detect, prove and rewrite every site of `gm` in place; returns the sites (rewritten or not, with reasons)."""
     graph_index = _graph_counter[0]
     _graph_counter[0] += 1
@@ -108,6 +132,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options) -> list[
                 if s.reason is None:
                     s.leave("MoE substitution is off (options['moe'] = False)")
     all_sites = sites + moe_sites
+    _check_consistent(scope, sites)
     for s in all_sites:
         if s.reason is not None:
             _log_once(f"sqcompile: left {s.kind} site at layer {s.layer} (graph {s.graph}) alone: {s.reason}")
@@ -121,7 +146,7 @@ def spectralquant(gm: fx.GraphModule, example_inputs: list, options: Any = None,
     if kwargs.get("mode") is not None:
         _log_once(f"sqcompile: mode={kwargs['mode']!r} is ignored by the spectralquant backend")
     opts = Options.from_dict(options)
-    sites = run_passes(gm, example_inputs, opts)
+    sites = run_passes(gm, example_inputs, opts, scope=options if isinstance(options, dict) else None)
     sink = _REPORT_SINK.get()
     if sink is not None:
         sink.extend(sites)

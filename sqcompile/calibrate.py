@@ -120,8 +120,13 @@ def _to_sequences(texts_or_batches: Any, tokenizer) -> list[Tensor]:
 @torch.no_grad()
 def calibrate(model, texts_or_batches: Union[str, Tensor, Iterable], seconds: float = 15,
               tokenizer=None, max_tokens: int = DEFAULT_MAX_TOKENS, chunk: int = DEFAULT_CHUNK,
-              progress: bool = True) -> SpectralProfile:
+              progress: bool = True, sensitivity_tokens: int = 0) -> SpectralProfile:
     """Calibrate a `SpectralProfile` on real text.
+
+    `sensitivity_tokens` > 0 also measures, on that many calibration tokens, how much each layer's keys and
+    values matter (`measure_kv_sensitivity`): the codec then gives more bytes to the sensitive ones at the same
+    average budget (SmolLM2-135M at 4.92x: +21.9% -> +8.5% perplexity). It is not bounded by `seconds`
+    (1 + 2 * layers forward passes over those tokens: minutes on a CPU).
 
     `texts_or_batches`: a string, a token-id tensor ([S] or [B, S]), or an iterable of those. Long
     sequences are cut into independent windows of `chunk` tokens (each starting at position 0, like
@@ -181,8 +186,79 @@ def calibrate(model, texts_or_batches: Union[str, Tensor, Iterable], seconds: fl
             "max_tokens": max_tokens, "stopped_by": reason, "model": getattr(config, "_name_or_path", "")}
     profile = accumulator.to_profile(fingerprint, meta)
     profile.tokens = used
+    if sensitivity_tokens > 0:
+        ids = torch.cat([w.reshape(-1) for w in windows])[:sensitivity_tokens]
+        measure_kv_sensitivity(model, ids, profile, progress=progress)
     return profile
 
 
-__all__ = ["calibrate", "MomentAccumulator", "cache_kwarg"]
+# --- per-(layer, kind) sensitivity for the layer-adaptive codec --------------------------------------------
+class _OnlyOne:
+    """Codec view that fake-quantizes one (kind, layer) and passes everything else through."""
+
+    def __init__(self, codec, kind: str, layer: int):
+        self.codec, self.kind, self.layer = codec, kind, layer
+        self.layers, self.head_dim, self.bits_per_element = codec.layers, codec.head_dim, codec.bits_per_element
+
+    def fake_quant(self, kind, layer, x_store):
+        if kind == self.kind and layer == self.layer:
+            return self.codec.fake_quant(kind, layer, x_store)
+        return x_store
+
+
+@torch.no_grad()
+def _chunked_log_probs(model, ids: Tensor, codec=None, chunk: int = 64) -> Tensor:
+    from . import evaluate as ev
+
+    ev._register_attention()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ev.ATTN_NAME)
+    state = ev.EvalState(codec, [], fp16=codec is None)
+    cache = ev.simulated_cache(state, model.config)
+    kwarg = cache_kwarg(model)
+    device = next(model.parameters()).device
+    out = []
+    ev._ACTIVE = state
+    try:
+        for start in range(0, ids.numel(), chunk):
+            logits = model(input_ids=ids[start:start + chunk].to(device)[None], use_cache=True, **{kwarg: cache}).logits
+            out.append(torch.log_softmax(logits[0].float(), -1))
+    finally:
+        ev._ACTIVE = None
+        model.set_attn_implementation(previous)
+    return torch.cat(out)
+
+
+def measure_kv_sensitivity(model, ids: Tensor, profile: SpectralProfile, bits: float = 3.25,
+                           progress: bool = True) -> list:
+    """How much the model's output suffers per unit of quantization error, per (layer, kind).
+
+    For each layer and kind, only that tensor is quantized (equal-bytes codec at `bits`), `ids` are fed through
+    the simulated cache in chunks of 64, and KL(FP16 logits || quantized logits) is divided by the codec's
+    predicted relative error of that format. Stored in `profile.meta["kv_sensitivity"]` ([L][key, value],
+    mean 1), `build_codec` spends more bytes where it is large. Cost: 1 + 2L forward passes over `ids`.
+    """
+    from tqdm.auto import tqdm
+
+    from .quant import build_codec
+
+    codec = build_codec(profile, bits=bits, layer_weights=False)
+    predicted = codec.config["predicted"]
+    ref = _chunked_log_probs(model, ids)
+    out = []
+    for layer in tqdm(range(codec.num_layers), desc="kv sensitivity", disable=not progress):
+        row = []
+        for ki, kind in enumerate(("key", "value")):
+            lp = _chunked_log_probs(model, ids, _OnlyOne(codec, kind, layer))
+            kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
+            row.append(max(kl, 0.0) / max(predicted[layer][ki], 1e-12))
+        out.append(row)
+    mean = sum(sum(r) for r in out) / (2 * len(out))
+    sens = [[v / mean for v in r] for r in out]
+    profile.meta["kv_sensitivity"] = sens
+    profile.meta["kv_sensitivity_info"] = f"KL per unit predicted error, {ids.numel()} tokens, {bits}-bit codec"
+    return sens
+
+
+__all__ = ["calibrate", "measure_kv_sensitivity", "MomentAccumulator", "cache_kwarg"]
 

@@ -31,7 +31,7 @@ def cmd_calibrate(args) -> int:
     model, tokenizer = _load_model(args.model)
     texts = [load_text(t) for t in args.text]
     profile = calibrate(model, texts, seconds=args.seconds, tokenizer=tokenizer, max_tokens=args.max_tokens,
-                        chunk=args.chunk)
+                        chunk=args.chunk, sensitivity_tokens=args.sensitivity_tokens)
     profile.meta["texts"] = list(args.text)
     profile.meta["model"] = args.model
     path = profile.save(args.out)
@@ -51,7 +51,7 @@ def cmd_eval(args) -> int:
                              eval_tokens=args.eval_tokens, calibration_seconds=args.seconds,
                              calibration_tokens=args.calibration_tokens,
                              profile_path=args.profile, rows=rows, out_dir=args.out,
-                             eval_offset=args.eval_offset)
+                             eval_offset=args.eval_offset, sensitivity_tokens=args.sensitivity_tokens)
     print("\n".join(f"- {k}: {v}" for k, v in info.items()))
     print()
     print(to_markdown(results))
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=65536)
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("-o", "--out", default="profile.safetensors")
+    p.add_argument("--sensitivity-tokens", type=int, default=512,
+                   help="measure per-layer K/V sensitivity on this many tokens (0: off; minutes on a CPU)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("eval", help="KV compression quality on SmolLM2-135M (perplexity, attention error)")
@@ -161,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default=None, help="comma-separated bits/element, default 4.25,3.25,2.69")
     p.add_argument("--only", default=None, help="comma-separated substrings of row group/name to keep")
     p.add_argument("--out", default=None, help="directory for eval.md and eval.json")
+    p.add_argument("--sensitivity-tokens", type=int, default=512,
+                   help="when calibrating: per-layer K/V sensitivity on this many tokens (0: off)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("inspect", help="d_eff per layer/head, bits, and a PNG of the eigen-spectra")

@@ -311,7 +311,9 @@ def run_row(model, ids: Tensor, codec=None, fp16: bool = False, measure_layers: 
     return math.exp(nll / max(count, 1)), state
 
 
-def _measure_layers(num_layers: int, n: int = 5) -> list[int]:
+def _measure_layers(num_layers: int, n: int = 1 << 30) -> list[int]:
+    """The layers whose attention error is measured: all of them by default (a layer-adaptive codec moves bytes
+    between layers, so a sample of layers would be biased)."""
     if num_layers <= n:
         return list(range(num_layers))
     return sorted({round(i * (num_layers - 1) / (n - 1)) for i in range(n)})
@@ -397,7 +399,7 @@ def write_results(results: Sequence[RowResult], out_dir: Path, info: dict) -> tu
 def run_eval(calibration_text: str = "britannica", eval_text: str = "hamlet", eval_tokens: int = 1024,
              calibration_seconds: float = 15, calibration_tokens: int = 8192, profile_path: Optional[str] = None,
              rows=None, out_dir: Optional[str] = None, progress: bool = True,
-             eval_offset: int = 0) -> tuple[list[RowResult], dict]:
+             eval_offset: int = 0, sensitivity_tokens: int = 512) -> tuple[list[RowResult], dict]:
     """The `sqcompile eval` pipeline on SmolLM2-135M-Instruct: calibrate (or load), evaluate, write.
 
     Calibration windows are at least as long as the evaluation text, so the post-RoPE statistics cover
@@ -414,7 +416,7 @@ def run_eval(calibration_text: str = "britannica", eval_text: str = "hamlet", ev
     else:
         profile = calibrate(model, load_text(calibration_text), seconds=calibration_seconds,
                             tokenizer=tokenizer, max_tokens=calibration_tokens, chunk=max(1024, eval_tokens),
-                            progress=progress)
+                            progress=progress, sensitivity_tokens=sensitivity_tokens)
         profile.meta["texts"] = [calibration_text]
         if profile_path:
             profile.save(profile_path)

@@ -64,7 +64,10 @@ def explain(model: Any, *args: Any, options: Optional[dict] = None, **kwargs: An
     opts = dict(options or {})
     opts.setdefault("lower", "eager")
     fn = model.forward if isinstance(model, torch.nn.Module) else model
-    compiled = torch.compile(fn, backend=backend.spectralquant, options=opts)
+    def explain_backend(gm, example_inputs, **kwargs):  # a fresh backend object: dynamo must compile again
+        return backend.spectralquant(gm, example_inputs, **kwargs)
+
+    compiled = torch.compile(fn, backend=explain_backend, options=opts)
     sink: list = []
     token = backend._REPORT_SINK.set(sink)
     try:

@@ -320,3 +320,16 @@ def test_entry_point_backend_in_fresh_interpreter():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_a_layer_treated_differently_by_two_graphs_is_an_error():
+    """Prefill rotated layer 0's cache; a decode graph that cannot prove layer 0 must not read it unrotated."""
+    from sqcompile.backend import _check_consistent
+    from sqcompile.passes.sites import Site
+
+    scope = {"quantize": False}
+    _check_consistent(scope, [Site(layer=0, kind="attention", rewritten=True)])
+    _check_consistent(scope, [Site(layer=0, kind="attention", rewritten=True)])  # same decision: fine
+    _check_consistent({"quantize": False}, [Site(layer=0, kind="attention", reason="other compile")])  # other scope
+    with pytest.raises(RuntimeError, match="layer 0 was rewritten in an earlier graph"):
+        _check_consistent(scope, [Site(layer=0, kind="attention", reason="cannot prove")])

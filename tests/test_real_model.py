@@ -88,7 +88,7 @@ def smollm2_results(smollm2, shared_texts):
     try:
         # a token budget, not a time budget, so the profile does not depend on the machine's load
         profile = calibrate(model, shared_texts["britannica"], seconds=600, max_tokens=8192, chunk=1024,
-                            tokenizer=tokenizer, progress=False)
+                            tokenizer=tokenizer, progress=False, sensitivity_tokens=512)
         results = evaluate(model, profile, ids, rows=rows, progress=False)
     finally:
         torch.set_num_threads(threads)

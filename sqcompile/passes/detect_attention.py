@@ -198,9 +198,9 @@ def _trace_value(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int, head_dim: in
         n = n.args[0]
         chain.append(n)
     if is_op(n, "getitem") and is_op(n.args[0], *_SPLITS):
-        raise _Unproven("value is split out of a fused QKV tensor AFTER the head split (per-head interleaved "
-                        "q/k/v rows, GPT-NeoX / BLOOM / GPTBigCode layout): its v_proj rows are not one block, "
-                        "so the rotation cannot be folded into the weight")
+        raise _Unproven("value is split out of a fused projection AFTER the head split (per-head interleaved "
+                        "rows: GPT-NeoX / BLOOM / GPTBigCode fused QKV, MLA's kv_b_proj): its v_proj rows are not "
+                        "one block, so the rotation cannot be folded into the weight")
     if is_op(n, "transpose"):
         dims = {d % 4 for d in n.args[1:3]}
         if dims != {1, 2}:

@@ -22,36 +22,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .fx_utils import meta_tensor as example_value  # noqa: F401  (re-exported for substitute_moe)
+from .fx_utils import op_name  # noqa: F401
 from .sites import Site
 
 _LAYER_RE = re.compile(r"layers[._](?:modules_)?(\d+)")
 _CASTS = {"float", "to", "type", "contiguous", "_to_copy"}
 _GROUPED_MM = {"grouped_mm_fallback", "_grouped_mm", "grouped_mm"}
-
-
-def op_name(n: Any) -> Optional[str]:
-    """What a node computes, as a short name: the method name or the function's name."""
-    if not isinstance(n, fx.Node):
-        return None
-    if n.op == "call_method":
-        return str(n.target)
-    if n.op == "call_function":
-        t = n.target
-        if t is operator.getitem:
-            return "getitem"
-        if isinstance(t, torch._ops.OpOverload):
-            return t._opname
-        if isinstance(t, torch._ops.OpOverloadPacket):
-            return t._qualified_op_name.split("::")[-1]
-        return getattr(t, "__name__", str(t))
-    return n.op
-
-
-def example_value(n: Any) -> Optional[torch.Tensor]:
-    if not isinstance(n, fx.Node):
-        return None
-    v = n.meta.get("example_value", n.meta.get("val"))
-    return v if isinstance(v, torch.Tensor) else None
 
 
 def static_shape(n: Any) -> Optional[tuple[int, ...]]:
