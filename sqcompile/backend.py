@@ -20,10 +20,12 @@ import torch.fx as fx
 
 from .options import Options
 from .passes.detect_attention import detect_attention
+from .passes.detect_moe import detect_moe
 from .passes.fold_value_rotation import fold_value_rotation
 from .passes.insert_kv_quantization import insert_kv_quantization
 from .passes.insert_kv_rotation import insert_kv_rotation
 from .passes.sites import Site
+from .passes.substitute_moe import substitute_moe
 from .passes.substitute_decode_attention import substitute_decode_attention, upgrade_spectral_sites
 from .transform import KVTransform
 
@@ -60,15 +62,6 @@ def _device_type(example_inputs: list) -> str:
     return "cpu"
 
 
-def _moe_passes():
-    try:
-        from .passes.detect_moe import detect_moe
-        from .passes.substitute_moe import substitute_moe
-    except ImportError:  # the MoE passes are optional while they are being built
-        return None, None
-    return detect_moe, substitute_moe
-
-
 _decisions: dict = {}
 
 
@@ -80,7 +73,7 @@ def _check_consistent(scope: Any, sites: list[Site]) -> None:
     compiles for that call); it is kept alive here so its id is never reused."""
     if scope is None:
         return
-    held, decisions = _decisions.setdefault(id(scope), (scope, {}))
+    _, decisions = _decisions.setdefault(id(scope), (scope, {}))
     for s in sites:
         if s.nodes.get("layer_from_order") or s.nodes.get("spectral"):
             continue
@@ -107,8 +100,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
     sites = detect_attention(gm, graph_index)
     if any(s.reason is not None for s in sites) and _reads_spectral_cache(gm):
         upgrade_spectral_sites(gm, sites)
-    detect_moe, substitute_moe = _moe_passes()
-    moe_sites = detect_moe(gm, graph_index) if detect_moe is not None else []
+    moe_sites = detect_moe(gm, graph_index)
     transform = _transform_for(opts) if any(not s.nodes.get("spectral") for s in sites) else None
     for site in sites:
         if site.reason is not None:
