@@ -23,7 +23,6 @@ import time
 import pytest
 import torch
 import transformers
-from transformers import DynamicCache, StaticCache
 
 from sqcompile import SpectralProfile, backend
 from sqcompile.profile import model_fingerprint
@@ -155,23 +154,9 @@ def build(arch: str, impl: str = None):
     return model
 
 
-def make_cache(kind: str, config):
-    return StaticCache(config=config, max_cache_len=64) if kind == "static" else DynamicCache(config=config)
-
-
-def decode(fn, model, kind, ids, steps=8):
-    cache = make_cache(kind, model.config)
-    logits, x = [], ids
-    with torch.no_grad():
-        for _ in range(steps + 1):
-            out = fn(input_ids=x, past_key_values=cache, use_cache=True).logits
-            logits.append(out[:, -1])
-            x = out[:, -1:].argmax(-1)
-    return torch.stack(logits, 1)
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
+# The prefill + greedy decode loop and the error measure are the HF model tests' own.
+from test_hf_models import _decode as decode  # noqa: E402
+from test_hf_models import _rel as rel  # noqa: E402
 
 
 def random_profile(config, seed=3):
