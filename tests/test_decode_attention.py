@@ -1,14 +1,12 @@
 """decode_attention: the Triton kernels (Triton interpreter on CPU) against the torch reference.
 
 TRITON_INTERPRET must be set before triton is imported; if another module imported the kernels
-first (compiled, not interpreted), the interpreter tests re-run this file in a subprocess.
+first (compiled, not interpreted), the interpreter tests re-run this file in a subprocess (conftest.interp).
 """
 from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -19,7 +17,6 @@ from sqcompile.kernels import decode_attention as da  # noqa: E402
 from sqcompile.kernels._bitplanes import PackedLayout, kernel_args  # noqa: E402
 from sqcompile.quant.format import Group, TensorFormat  # noqa: E402
 
-INTERPRETED = type(da._decode_split_kernel).__name__ == "InterpretedFunction"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,23 +85,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # interpreter plumbing
 # ------------------------------------------------------------------------------------------------
 
-_SUBPROCESS_RESULT: dict = {}
-
-
-@pytest.fixture
-def interp(request):
-    """Run in-process when the kernels are interpreted, else run this file once in a subprocess."""
-    if INTERPRETED:
-        return
-    path = request.node.fspath.strpath
-    if path not in _SUBPROCESS_RESULT:
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", path],
-                           env=env, capture_output=True, text=True, timeout=600)
-        _SUBPROCESS_RESULT[path] = (r.returncode, r.stdout[-4000:] + r.stderr[-2000:])
-    rc, out = _SUBPROCESS_RESULT[path]
-    assert rc == 0, out
-    pytest.skip("kernels were compiled before TRITON_INTERPRET was set; this file passed in a subprocess")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,14 +2,12 @@
 (sqcompile.kernels.decode_attention_fast, Triton interpreter on CPU) against the torch reference.
 
 TRITON_INTERPRET must be set before triton is imported; if another module compiled the kernels first,
-the interpreter tests re-run this file in a subprocess.
+the interpreter tests re-run this file in a subprocess (conftest.interp).
 """
 from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -20,24 +18,6 @@ from sqcompile.kernels import decode_attention_fast as fa  # noqa: E402
 from sqcompile.quant.fast_layout import (FastGroup, FastLayout, gaussian_step, layout_for_budget,  # noqa: E402
                                          uniform_mse)
 
-INTERPRETED = type(fa._fast_split_kernel).__name__ == "InterpretedFunction"
-_SUBPROCESS_RESULT: dict = {}
-
-
-@pytest.fixture
-def interp(request):
-    """Run in-process when the kernels are interpreted, else run this file once in a subprocess."""
-    if INTERPRETED:
-        return
-    path = request.node.fspath.strpath
-    if path not in _SUBPROCESS_RESULT:
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", path],
-                           env=env, capture_output=True, text=True, timeout=600)
-        _SUBPROCESS_RESULT[path] = (r.returncode, r.stdout[-4000:] + r.stderr[-2000:])
-    rc, out = _SUBPROCESS_RESULT[path]
-    assert rc == 0, out
-    pytest.skip("kernels were compiled before TRITON_INTERPRET was set; this file passed in a subprocess")
 
 
 def rel_err(a, b) -> float:

@@ -15,7 +15,7 @@ from sqcompile.kernels import decode_attention as da  # noqa: E402
 from sqcompile.kernels import quantize_write as qw  # noqa: E402
 from sqcompile.kernels._bitplanes import kernel_args  # noqa: E402
 
-from test_decode_attention import interp, make_format, random_basis, rel_err  # noqa: E402,F401
+from test_decode_attention import make_format, random_basis, rel_err  # noqa: E402
 
 
 def write_args(kfmt, vfmt, H, d, gen):
