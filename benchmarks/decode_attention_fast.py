@@ -71,7 +71,7 @@ def offline_sass(bits_list, variants, H=8, Hq=32, d=128, splits=17, dump=None, a
 
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     ptr = {"Q": "*fp16", "KP": "*u8", "VP": "*u8", "LEN": "*i32", "KBASIS": "*fp32", "KFAC": "*fp32",
-           "VFAC": "*fp32", "OP": "*fp32", "LSE": "*fp32", "qk_scale": "fp32"}
+           "VFAC": "*fp32", "OP": "*fp32", "LSE": "*fp32", "KVM": "*u8", "qk_scale": "fp32"}
     out = []
     for bits in bits_list:
         kl, vl = layout_for_budget(bits, d, align=align)
@@ -81,7 +81,7 @@ def offline_sass(bits_list, variants, H=8, Hq=32, d=128, splits=17, dump=None, a
                          V_BYTES=vl.bytes_per_token(), NSPLIT=kw.get("num_splits", splits), BLOCK_N=kw["block_n"],
                          **fa.group_constexprs(kl, "K"), **fa.group_constexprs(vl, "V"), MODE=kw.get("mode", 2),
                          DCH=32, PREC="tf32x3", TRANS_K=kw.get("trans_k", 0),
-                         LAZY=kw.get("lazy", 1))
+                         LAZY=kw.get("lazy", 1), HAS_MASK=0)
             names = fa._fast_split_kernel.arg_names
             sig = {n: "constexpr" if n in const else ptr.get(n, "i32") for n in names}
             # what the JIT specializes: pointers, strides and max_tokens divisible by 16

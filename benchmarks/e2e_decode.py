@@ -65,11 +65,10 @@ def fill_static(model, batch, ctx, steps):
     return cache
 
 
-def fill_spectral(model, batch, ctx, steps, bits):
+def fill_spectral(model, batch, ctx, steps, bits, layout="planes"):
     from sqcompile.cache import SpectralCache
 
-    cfg = model.config
-    cache = SpectralCache(model, bits=bits, max_cache_len=ctx + steps + 8)
+    cache = SpectralCache(model, bits=bits, max_cache_len=ctx + steps + 8, layout=layout)
     chunk = 4096
     for l, layer in enumerate(cache.layers):
         k0 = torch.zeros(batch, 8, 1, 128, device=DEV, dtype=torch.bfloat16)
@@ -79,6 +78,10 @@ def fill_spectral(model, batch, ctx, steps, bits):
             k = torch.randn(batch, 8, n, 128, device=DEV, dtype=torch.float32)
             v = torch.randn_like(k)
             pos = torch.arange(s, s + n, device=DEV)
+            if layer.fast:
+                torch.ops.sqcompile.quantize_write_fast(k, v, layer.keys, layer.values, pos, layer.k_basis, layer.k_mean,
+                                                        layer.k_layout, layer.v_layout)
+                continue
             torch.ops.sqcompile.quantize_write(k, v, layer.keys, layer.values, pos, layer.k_basis, layer.k_mean,
                                                layer.k_codebooks, layer.k_channel_scale, layer.v_codebooks,
                                                layer.v_channel_scale, layer.k_qjl_proj, layer.k_groups, layer.v_groups,
@@ -121,6 +124,8 @@ def main():
     ap.add_argument("--bits", type=float, default=2.69)
     ap.add_argument("--budget-gb", type=float, default=40.0, help="KV memory budget for the max-context row")
     ap.add_argument("--rows", default="eager,inductor,sqcompile")
+    ap.add_argument("--layouts", nargs="+", default=["planes"], choices=["planes", "fast"],
+                    help="SpectralCache layouts timed as sqcompile rows (planes: decode_attention; fast: decode_attention_fast)")
     ap.add_argument("--out", default="e2e_decode.json")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run of the script itself (tiny model, no timing value)")
     args = ap.parse_args()
@@ -135,8 +140,12 @@ def main():
     model = build_model(args.layers)
     fwd = model.forward
     results = []
+    for knob in ("cache_size_limit", "recompile_limit"):  # one graph per (context, batch, layout): no eager fallback
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
     inductor = torch.compile(fwd)
-    sq = torch.compile(fwd, backend=sqcompile.spectralquant, options={"bits": args.bits, "moe": False})
+    sqs = {lay: torch.compile(fwd, backend=sqcompile.spectralquant, options={"bits": args.bits, "moe": False})
+           for lay in args.layouts}
     compile_times = {}
     rows = args.rows.split(",")
     for ctx in args.contexts:
@@ -151,25 +160,29 @@ def main():
                 row["inductor_ms"], first = time_decode(inductor, cache, b, args.steps)
                 compile_times.setdefault("inductor", first)
                 del cache
+            names = []
             if "sqcompile" in rows:
-                cache = fill_spectral(model, b, ctx, args.steps + 3, args.bits)
-                row["sqcompile_ms"], first = time_decode(sq, cache, b, args.steps)
-                compile_times.setdefault("sqcompile", first)
-                del cache
+                for lay in args.layouts:
+                    name = "sqcompile" if lay == "planes" else f"sqcompile_{lay}"
+                    names.append(name)
+                    cache = fill_spectral(model, b, ctx, args.steps + 3, args.bits, lay)
+                    row[f"{name}_ms"], first = time_decode(sqs[lay], cache, b, args.steps)
+                    compile_times.setdefault(name, first)
+                    del cache
             torch.cuda.empty_cache() if DEV == "cuda" else None
-            for k in ("eager", "inductor", "sqcompile"):
+            for k in ["eager", "inductor"] + names:
                 if f"{k}_ms" in row:
                     row[f"{k}_tok_s"] = b * 1000.0 / row[f"{k}_ms"]
             results.append(row)
             print(json.dumps(row), flush=True)
 
     # largest context in a fixed KV budget: exact bytes per token, checked by allocating one SpectralCache
-    probe = SpectralCache(model, bits=args.bits, max_cache_len=1024)
+    probe = SpectralCache(model, bits=args.bits, max_cache_len=1024, layout=args.layouts[0])
     sq_bpt = probe.packed_bytes_per_token()
     fp16_bpt = model.config.num_hidden_layers * 8 * 128 * 2 * 2
     budget = args.budget_gb * 2**30
     max_ctx = {"fp16": int(budget // fp16_bpt), "sqcompile": int(budget // sq_bpt)}
-    check = SpectralCache(model, bits=args.bits, max_cache_len=max_ctx["sqcompile"])
+    check = SpectralCache(model, bits=args.bits, max_cache_len=max_ctx["sqcompile"], layout=args.layouts[0])
     k0 = torch.zeros(1, 8, 1, 128, device=DEV, dtype=torch.bfloat16)
     for layer in check.layers:  # allocate every layer's packed buffers (no forward: eager would dequantize all)
         layer.lazy_initialization(k0, k0)
@@ -182,15 +195,22 @@ def main():
         json.dump(summary, f, indent=1)
     print(f"\n{summary['device']}, Llama-3-8B shape ({args.layers} layers, random bf16 weights), sqcompile at "
           f"{args.bits} bits/element ({16 / args.bits:.2f}x)")
-    print("| context | batch | eager tok/s | Inductor+StaticCache tok/s | sqcompile tok/s | sqcompile / Inductor |")
-    print("|---|---|---|---|---|---|")
+    names = ["sqcompile" if lay == "planes" else f"sqcompile_{lay}" for lay in args.layouts]
+    print("| context | batch | eager tok/s | Inductor+StaticCache tok/s | "
+          + " | ".join(f"{n} tok/s | {n} / Inductor" for n in names) + " |")
+    print("|---|---|---|---|" + "---|---|" * len(names))
+    nan = float("nan")
     for r in results:
-        ratio = r.get("sqcompile_tok_s", 0) / r["inductor_tok_s"] if "inductor_tok_s" in r else float("nan")
-        print(f"| {r['context']} | {r['batch']} | {r.get('eager_tok_s', float('nan')):.1f} | "
-              f"{r.get('inductor_tok_s', float('nan')):.1f} | {r.get('sqcompile_tok_s', float('nan')):.1f} | {ratio:.2f}x |")
+        cells = []
+        for n in names:
+            ratio = r.get(f"{n}_tok_s", 0) / r["inductor_tok_s"] if "inductor_tok_s" in r else nan
+            cells.append(f"{r.get(f'{n}_tok_s', nan):.1f} | {ratio:.2f}x")
+        print(f"| {r['context']} | {r['batch']} | {r.get('eager_tok_s', nan):.1f} | "
+              f"{r.get('inductor_tok_s', nan):.1f} | " + " | ".join(cells) + " |")
     ct = compile_times
-    print(f"first call (compile) s: Inductor {ct.get('inductor', float('nan')):.1f}, sqcompile "
-          f"{ct.get('sqcompile', float('nan')):.1f} (ratio {ct.get('sqcompile', 0) / max(ct.get('inductor', 1e-9), 1e-9):.2f}x)")
+    for n in names:
+        print(f"first call (compile) s: Inductor {ct.get('inductor', nan):.1f}, {n} "
+              f"{ct.get(n, nan):.1f} (ratio {ct.get(n, 0) / max(ct.get('inductor', 1e-9), 1e-9):.2f}x)")
     print(f"max context in {args.budget_gb} GB of KV: FP16 {max_ctx['fp16']}, sqcompile {max_ctx['sqcompile']} "
           f"({max_ctx['sqcompile'] / max_ctx['fp16']:.2f}x); allocated {max_ctx['sqcompile_allocated_gb']:.2f} GB")
 

@@ -48,7 +48,7 @@ def _log_once(msg: str) -> None:
 def _transform_for(opts: Options) -> KVTransform:
     """One KVTransform per options object, so every graph of one compiled model shares its rotations."""
     key = (id(opts.profile), opts.profile if isinstance(opts.profile, str) else None, float(opts.bits),
-           opts.quantize, opts.resolved_method, opts.seed)
+           opts.quantize, opts.resolved_method, opts.seed, opts.layout)
     t = _transforms.get(key)
     if t is None or (opts.profile is not None and not isinstance(opts.profile, str) and t.options.profile is not opts.profile):
         t = _transforms[key] = KVTransform(opts)
@@ -87,7 +87,8 @@ def _check_consistent(scope: Any, sites: list[Site]) -> None:
 
 
 def _reads_spectral_cache(gm: fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and "dequantize_packed" in str(n.target) for n in gm.graph.nodes)
+    return any(n.op == "call_function" and str(n.target).startswith(("sqcompile.dequantize_packed", "sqcompile.dequantize_fast"))
+               for n in gm.graph.nodes)
 
 
 def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: Any = None) -> list[Site]:
@@ -125,12 +126,29 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
                     s.leave("MoE substitution is off (options['moe'] = False)")
     all_sites = sites + moe_sites
     _check_consistent(scope, sites)
+    _inline_fast_cache_ops(gm)
     for s in all_sites:
         if s.reason is not None:
             _log_once(f"sqcompile: left {s.kind} site at layer {s.layer} (graph {s.graph}) alone: {s.reason}")
     gm.graph.lint()
     gm.recompile()
     return all_sites
+
+
+def _inline_fast_cache_ops(gm: fx.GraphModule) -> None:
+    """Calls of the fast cache's write/read ops -> calls of their plain-torch implementations, so AOTAutograd
+    traces through them and Inductor fuses the rotation, quantization and packing. (Their layout arguments
+    are strings, which must not reach Inductor's generated code; the passes above needed the op calls
+    only to find the cache's write and read.)"""
+    from .kernels import fast_cache
+
+    ops = torch.ops.sqcompile
+    impl = {ops.quantize_write_fast: fast_cache.quantize_write_fast,
+            ops.quantize_write_fast.default: fast_cache.quantize_write_fast,
+            ops.dequantize_fast: fast_cache.dequantize_fast, ops.dequantize_fast.default: fast_cache.dequantize_fast}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in impl:
+            n.target = impl[n.target]
 
 
 def spectralquant(gm: fx.GraphModule, example_inputs: list, options: Any = None, **kwargs: Any) -> Callable:

@@ -1,7 +1,8 @@
 """`SpectralCache`: a transformers `Cache` whose layers hold the packed SpectralQuant codes.
 
 Per layer: `k_packed`, `v_packed` uint8 [batch, kv_heads, max_cache_len, row_bytes] (the format of
-`sqcompile.quant.packing`: bit-planes per group, fp16 token scales, QJL bits), allocated once at the packed
+`sqcompile.quant.packing`: bit-planes per group, fp16 token scales, QJL bits; or, for a codec built with
+layout="fast", the codes packed inside bytes of `sqcompile.quant.fast_layout`), allocated once at the packed
 size, never at FP16 size. `update()` quantizes the new tokens into them (`sqcompile::quantize_write`) and, for
 eager attention, returns the dequantized cache in the model's own basis: correct everywhere, slow. Under
 `torch.compile(backend="spectralquant")` the substitution pass replaces "dequantize then SDPA" of a decode step
@@ -19,6 +20,7 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 from .kernels import dequantize as _dequantize  # noqa: F401  (registers sqcompile::dequantize_packed)
+from .kernels import fast_cache as _fast_cache  # registers sqcompile::quantize_write_fast, dequantize_fast
 from .kernels import quantize_write as _quantize_write  # noqa: F401  (registers sqcompile::quantize_write)
 from .kernels._bitplanes import kernel_args
 
@@ -42,8 +44,16 @@ class SpectralLayer(StaticLayer):
         lc = codec.layers[layer_idx]
         kf, vf = lc.key_format, lc.value_format
         self.head_dim = kf.head_dim
-        self.k_groups, k_cb, k_cs = kernel_args(kf)
-        self.v_groups, v_cb, v_cs = kernel_args(vf)
+        if kf.packing != vf.packing:
+            raise ValueError(f"layer {layer_idx}: keys and values must share a packing, got {kf.packing}/{vf.packing}")
+        self.fast = kf.packing == "fast"
+        if self.fast:  # uniform levels, codes inside bytes: sqcompile::quantize_write_fast / decode_attention_fast
+            self.k_layout = _fast_cache.layout_spec(kf.fast_layout())
+            self.v_layout = _fast_cache.layout_spec(vf.fast_layout())
+            k_cb = k_cs = v_cb = v_cs = None
+        else:
+            self.k_groups, k_cb, k_cs = kernel_args(kf)
+            self.v_groups, v_cb, v_cs = kernel_args(vf)
         self.qjl_dims, self.qjl_bits = int(kf.qjl_dims), int(kf.qjl_bits)
         self.k_row_bytes, self.v_row_bytes = kf.bytes_per_token(), vf.bytes_per_token()
         f32 = lambda t: None if t is None else t.detach().to(torch.float32).contiguous()
@@ -98,6 +108,13 @@ class SpectralLayer(StaticLayer):
         # removes these two ops); keys are rotated inside quantize_write.
         v_store = torch.matmul(value_states.to(torch.float32) - self.v_mean[None, :, None, :],
                                self.v_basis.transpose(-1, -2))
+        if self.fast:
+            torch.ops.sqcompile.quantize_write_fast(
+                key_states.to(torch.float32), v_store, self.keys, self.values, positions, self.k_basis, self.k_mean,
+                self.k_layout, self.v_layout)
+            k_store = torch.ops.sqcompile.dequantize_fast(self.keys, self.k_layout, self.head_dim)
+            v_store_hat = torch.ops.sqcompile.dequantize_fast(self.values, self.v_layout, self.head_dim)
+            return self._from_store(k_store, v_store_hat)
         torch.ops.sqcompile.quantize_write(
             key_states.to(torch.float32), v_store, self.keys, self.values, positions, self.k_basis, self.k_mean,
             self.k_codebooks, self.k_channel_scale, self.v_codebooks, self.v_channel_scale, self.k_qjl_proj,
@@ -106,6 +123,9 @@ class SpectralLayer(StaticLayer):
                                                          self.k_groups, self.head_dim)
         v_store_hat = torch.ops.sqcompile.dequantize_packed(self.values, self.v_codebooks, self.v_channel_scale,
                                                             self.v_groups, self.head_dim)
+        return self._from_store(k_store, v_store_hat)
+
+    def _from_store(self, k_store: torch.Tensor, v_store_hat: torch.Tensor):
         k_hat = torch.matmul(k_store, self.k_basis) + self.k_mean[None, :, None, :]
         v_hat = torch.matmul(v_store_hat, self.v_basis) + self.v_mean[None, :, None, :]
         return k_hat.to(self.dtype), v_hat.to(self.dtype)

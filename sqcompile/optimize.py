@@ -25,7 +25,7 @@ class Optimized:
         from .cache import SpectralCache
 
         return SpectralCache(self.model, profile=self.profile, bits=self.bits, max_cache_len=self.max_cache_len,
-                             max_batch_size=self.max_batch_size)
+                             max_batch_size=self.max_batch_size, layout=self.options.get("layout", "planes"))
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any):
         """`model.generate` with a new SpectralCache; kwargs go to generate (max_new_tokens, do_sample, ...)."""

@@ -10,6 +10,7 @@ DEFAULT_BITS = 4.25  # 3.76x compression, every byte of metadata included
 KERNEL_CHOICES = ("auto", "triton", "tensorrt", "torch")
 LOWER_CHOICES = ("inductor", "eager")
 METHOD_CHOICES = ("spectralquant", "turboquant")
+LAYOUT_CHOICES = ("planes", "fast")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,10 @@ class Options:
     lower:    "inductor" (default) | "eager" (run the rewritten graph as is: fast tests, debugging).
     method:   "spectralquant" (needs a profile) | "turboquant"; None picks by whether a profile is given.
     seed:     seed of the random rotations that stand in where no profile gives one.
+    layout:   "planes" (default: Lloyd-Max levels, bit-planes, `decode_attention`) | "fast" (uniform levels
+              at 1/2/4/8 bits packed inside bytes, `decode_attention_fast`: faster decode, a little more
+              error at 4 bits). Used by the simulated quantization and by `sqcompile.optimize`'s cache; a
+              `SpectralCache` passed by the user carries its own layout (`SpectralCache(..., layout=...)`).
     """
 
     profile: Any = None
@@ -34,6 +39,7 @@ class Options:
     lower: str = "inductor"
     method: Optional[str] = None
     seed: int = 0
+    layout: str = "planes"
 
     @classmethod
     def from_dict(cls, options: Union[None, dict, "Options"]) -> "Options":
@@ -71,6 +77,8 @@ class Options:
             raise ValueError(f"option 'method' must be one of {METHOD_CHOICES} or None, got {self.method!r}")
         if self.method == "spectralquant" and self.profile is None and self.quantize:
             raise ValueError("method 'spectralquant' needs a calibrated profile (options['profile'])")
+        if self.layout not in LAYOUT_CHOICES:
+            raise ValueError(f"option 'layout' must be one of {LAYOUT_CHOICES}, got {self.layout!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"option 'seed' must be an int, got {self.seed!r}")
         if isinstance(self.profile, (str, Path)) and not Path(self.profile).exists():

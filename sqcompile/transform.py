@@ -69,7 +69,7 @@ class KVTransform:
                 # The TurboQuant stand-in needs sizes; every layer's rotation depends only on (seed, layer).
                 kwargs = dict(num_layers=256, num_kv_heads=num_kv_heads, head_dim=head_dim)
             self._codec = build_codec(self.profile, bits=float(self.options.bits), method=self.options.resolved_method,
-                                      seed=self.options.seed, **kwargs)
+                                      seed=self.options.seed, layout=self.options.layout, **kwargs)
         return self._codec
 
     def layer(self, layer: int, kv_heads: int, head_dim: int) -> LayerRotation:

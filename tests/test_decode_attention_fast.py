@@ -88,6 +88,66 @@ def test_fast_kernel_transposed_scores_and_empty_splits(interp):
     assert rel_err(out, ref) < 2e-3
 
 
+def test_fast_kernel_kv_mask_matches_reference(interp):
+    """kv_mask (padding, sliding windows): kernel and op equal the reference, including fully masked blocks
+    (before and after valid tokens) and a fully masked split, for a [B, T] bool view, a [1, T] int mask
+    broadcast over the batch and lazy/eager sums; masked tokens have no effect on the output."""
+    gen = torch.Generator().manual_seed(23)
+    B, Hq, Hkv, d, T = 2, 8, 2, 64, 160
+    kl, vl = layout_for_budget(3.25, d)
+    args = make_args(kl, vl, Hkv, gen)
+    kp, vp = random_cache(kl, B, Hkv, T, gen), random_cache(vl, B, Hkv, T, gen)
+    q = torch.randn(B, Hq, d, generator=gen)
+    lens = torch.tensor([150, 117], dtype=torch.int32)
+    scale = 0.5 / math.sqrt(d)
+    full = torch.ones(B, 1, 3, T, dtype=torch.bool)  # HF-style [B, 1, q_len, T]; the op gets a strided view
+    full[0, 0, -1, :50] = False  # left padding: 4 splits of 48 -> split 0 fully masked, blocks 0-2 of 16 too
+    full[0, 0, -1, 64:80] = False  # a fully masked block after valid tokens of its split
+    full[1, 0, -1, :5] = False  # short left padding
+    full[1, 0, -1, 64:96] = False  # row 1 (length 117): 4 splits of 32 -> split 2 fully masked
+    full[1, 0, -1, 100:103] = False
+    bmask = full[:, 0, -1]
+    assert not bmask.is_contiguous()
+    wmask = torch.ones(1, T, dtype=torch.int32)  # [1, T], integer: a window shared by the batch
+    wmask[0, :37] = 0
+    wmask[0, 90:91] = 0
+    variants = [dict(block_n=16, num_splits=4, mode=0), dict(block_n=32, num_splits=3, mode=1, lazy=0)]
+    for mask in (bmask, wmask):
+        ref = fa.decode_attention_fast_reference(q, kp, vp, lens, scale=scale, kv_mask=mask, **args)
+        nomask = fa.decode_attention_fast_reference(q, kp, vp, lens, scale=scale, **args)
+        assert torch.isfinite(ref).all() and rel_err(nomask, ref) > 1e-2  # the mask matters
+        for kw in variants:
+            out = fa.decode_attention_fast_triton(q, kp, vp, lens, scale=scale, poison=True, kv_mask=mask,
+                                                  **kw, **args)
+            assert torch.isfinite(out).all()
+            assert rel_err(out, ref) < 2e-3, (kw, rel_err(out, ref))
+        op = torch.ops.sqcompile.decode_attention_fast(q, kp, vp, lens, scale=scale, num_splits=4, kv_mask=mask,
+                                                       **args)
+        torch.testing.assert_close(op, ref)
+
+        # masked tokens do not matter: new codes (and scales) for them leave the output unchanged
+        drop = (~(mask.expand(B, T) != 0))[:, None, :, None]
+        kp2 = torch.where(drop, random_cache(kl, B, Hkv, T, gen), kp)
+        vp2 = torch.where(drop, random_cache(vl, B, Hkv, T, gen), vp)
+        assert not torch.equal(kp2, kp) and not torch.equal(vp2, vp)
+        ref2 = fa.decode_attention_fast_reference(q, kp2, vp2, lens, scale=scale, kv_mask=mask, **args)
+        torch.testing.assert_close(ref2, ref, atol=1e-6, rtol=0)
+        # the kernel never reads them: even all-0xFF rows (NaN fp16 scales) give bit-identical output
+        kw = variants[0]
+        out = fa.decode_attention_fast_triton(q, kp, vp, lens, scale=scale, kv_mask=mask, **kw, **args)
+        out2 = fa.decode_attention_fast_triton(q, kp2.masked_fill(drop, 255), vp2.masked_fill(drop, 255), lens,
+                                               scale=scale, kv_mask=mask, **kw, **args)
+        assert torch.equal(out2, out)
+
+    # an all-False mask: zeros, no NaN (every split empty)
+    none = torch.zeros(1, T, dtype=torch.bool)
+    out = fa.decode_attention_fast_triton(q, kp, vp, lens, scale=scale, num_splits=4, block_n=16, poison=True,
+                                          kv_mask=none, **args)
+    assert torch.equal(out, torch.zeros_like(out))
+    ref = fa.decode_attention_fast_reference(q, kp, vp, lens, scale=scale, kv_mask=none, **args)
+    assert torch.equal(ref, torch.zeros_like(ref))
+
+
 def test_reference_equals_dense_attention_on_quantized_data():
     """The op's reference == SDPA on FastLayout.dequantize'd K/V (keys unrotated with the basis)."""
     gen = torch.Generator().manual_seed(11)

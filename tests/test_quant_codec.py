@@ -325,3 +325,65 @@ def test_rotated_signal_tier():
             xs = codec.to_storage(kind, layer, sample(prof, kind, layer, 1, 64))
             err = (codec.fake_quant(kind, layer, xs) - xs).pow(2).sum() / xs.pow(2).sum()
             assert err < 0.1
+
+
+# -- the fast layout (uniform levels, codes packed inside bytes) -------------------------------------
+
+@pytest.mark.parametrize("method", ["turboquant", "spectralquant"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_fast_layout_codec_budget_pack_and_fake_quant(method, d):
+    from sqcompile.quant.fast_layout import FastLayout
+
+    profile = PROFILE64 if d == 64 else PROFILE128
+    for bits in (4.25, 3.25, 2.69):
+        codec = codec_for(method, d, bits, layout="fast")
+        assert codec.config["layout"] == "fast"
+        assert bits - 16 / d - 1e-9 <= codec.bits_per_element <= bits + 1e-9, (bits, codec.bits_per_element)
+        for kind in ("key", "value"):
+            fmt = codec.format(kind, 0)
+            assert fmt.packing == "fast" and fmt.qjl_bits == 0
+            assert all(g.bits in (0, 1, 2, 4, 8) for g in fmt.groups)
+            x = sample(profile, kind, 0, 2, 17, seed=7)
+            xs = codec.to_storage(kind, 0, x)
+            packed = codec.pack(kind, 0, xs)
+            assert packed.shape == (2, 2, 17, fmt.bytes_per_token())
+            assert sum(n for _, _, n in fmt.layout()) == fmt.bytes_per_token()
+            deq = codec.unpack(kind, 0, packed)
+            assert torch.equal(deq, codec.fake_quant(kind, 0, xs).float())
+            # the bytes are exactly FastLayout's (what decode_attention_fast reads)
+            lay = fmt.fast_layout()
+            assert isinstance(lay, FastLayout) and torch.equal(lay.quantize(xs), packed)
+            assert torch.allclose(lay.dequantize(packed), deq, atol=1e-6, rtol=1e-6)
+            rel = ((deq - xs.float()).norm() / xs.float().norm()).item()
+            assert rel < {4.25: 0.15, 3.25: 0.3, 2.69: 0.45}[bits], (kind, bits, rel)
+
+
+def test_fast_layout_spectral_gives_the_leading_pca_block_more_bits():
+    """spectralquant + fast: groups are blocks of PCA dims (rotated within themselves), so when two groups differ
+    the high-variance block (first) has the more bits; its predicted error beats the data-oblivious layout's."""
+    sq = codec_for("spectralquant", 128, 3.25, layout="fast")
+    tq = codec_for("turboquant", 128, 3.25, layout="fast")
+    for kind in ("key", "value"):
+        groups = sq.format(kind, 0).groups
+        assert all(a.bits >= b.bits for a, b in zip(groups, groups[1:])), sq.describe()
+    assert any(len({g.bits for g in sq.format(k, 0).groups}) > 1 for k in ("key", "value")), sq.describe()
+    x = sample(PROFILE128, "key", 0, 1, 256, seed=9)
+    err = {}
+    for name, codec in (("sq", sq), ("tq", tq)):
+        xs = codec.to_storage("key", 0, x)
+        err[name] = ((codec.fake_quant("key", 0, xs) - xs).norm() / xs.norm()).item()
+    assert err["sq"] < 0.8 * err["tq"], err
+
+
+def test_fast_layout_bad_combinations_are_clear_errors():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        codec_for("turboquant", 64, 4.25, layout="nibbles")
+    with pytest.raises(ValueError, match="no QJL"):
+        codec_for("spectralquant", 64, 4.25, layout="fast", qjl="signal")
+    import sqcompile
+
+    with pytest.raises(ValueError, match="option 'layout'"):
+        sqcompile.Options.from_dict({"layout": "nibbles"})
+    fmt = codec_for("turboquant", 64, 4.25).format("key", 0)  # Lloyd-Max levels are not uniform
+    with pytest.raises(ValueError, match="uniform"):
+        TensorFormat(64, fmt.groups, fmt.channel_scale, packing="fast")

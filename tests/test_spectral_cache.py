@@ -13,8 +13,12 @@ from sqcompile.evaluate import EvalState, simulated_cache
 from test_hf_models import _model, _rel
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_compiled_fused_decode_equals_eager_spectral_cache(arch):
+KERNEL = {"planes": "decode_attention", "fast": "decode_attention_fast"}
+DEQUANT = {"planes": "dequantize_packed", "fast": "dequantize_fast"}
+
+
+@pytest.mark.parametrize("arch,layout", [("llama", "planes"), ("qwen2", "planes"), ("llama", "fast"), ("qwen2", "fast")])
+def test_compiled_fused_decode_equals_eager_spectral_cache(arch, layout):
     torch._dynamo.reset()
     model = _model(arch)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -26,8 +30,8 @@ def test_compiled_fused_decode_equals_eager_spectral_cache(arch):
         return fn
 
     step = torch.compile(model.forward, backend=backend)
-    eager_cache = SpectralCache(model, bits=3.25, max_cache_len=40)
-    compiled_cache = SpectralCache(model, bits=3.25, max_cache_len=40)
+    eager_cache = SpectralCache(model, bits=3.25, max_cache_len=40, layout=layout)
+    compiled_cache = SpectralCache(model, bits=3.25, max_cache_len=40, layout=layout)
     with torch.no_grad():
         x = ids
         for i in range(17):  # prefill + 16 decode steps
@@ -38,17 +42,19 @@ def test_compiled_fused_decode_equals_eager_spectral_cache(arch):
     # The decode graph reads the codes: decode_attention, and no dequantized cache anywhere.
     decode = decode_graphs[-1]
     targets = [str(n.target) for n in decode.graph.nodes if n.op == "call_function"]
-    assert sum("decode_attention" in t for t in targets) == model.config.num_hidden_layers
-    assert not any("dequantize_packed" in t for t in targets)
+    assert sum(t.endswith(KERNEL[layout] + ".default") for t in targets) == model.config.num_hidden_layers, targets
+    assert not any(DEQUANT[layout] in t for t in targets)
     assert not any("scaled_dot_product_attention" in t for t in targets)
     report = sqcompile.explain(model, input_ids=x, past_key_values=compiled_cache)
-    assert [s.kernel for s in report.sites] == ["decode_attention"] * model.config.num_hidden_layers, str(report)
+    assert [s.kernel for s in report.sites] == [KERNEL[layout]] * model.config.num_hidden_layers, str(report)
 
 
-def test_eager_spectral_cache_equals_simulation():
+@pytest.mark.parametrize("layout", ["planes", "fast"])
+def test_eager_spectral_cache_equals_simulation(layout):
     model = _model("llama")
     ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(2))
-    cache = SpectralCache(model, bits=2.69, max_cache_len=32)
+    cache = SpectralCache(model, bits=2.69, max_cache_len=32, layout=layout)
+    assert cache.layers[0].fast == (layout == "fast")
     sim = simulated_cache(EvalState(cache.codec, ()), model.config)
     with torch.no_grad():
         a = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
@@ -67,11 +73,12 @@ def test_writing_past_capacity_raises_and_names_it():
             model(input_ids=torch.zeros(1, 3, dtype=torch.long), past_key_values=cache, use_cache=True)
 
 
-def test_allocates_packed_size_not_fp16():
+@pytest.mark.parametrize("layout", ["planes", "fast"])
+def test_allocates_packed_size_not_fp16(layout):
     model = _model("llama")
     cfg = model.config
     batch, max_len = 3, 64
-    cache = SpectralCache(model, bits=3.25, max_cache_len=max_len)
+    cache = SpectralCache(model, bits=3.25, max_cache_len=max_len, layout=layout)
     with torch.no_grad():
         model(input_ids=torch.zeros(batch, 4, dtype=torch.long), past_key_values=cache, use_cache=True)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -86,7 +93,8 @@ def test_allocates_packed_size_not_fp16():
         assert layer.keys.dtype == torch.uint8 and layer.values.dtype == torch.uint8
 
 
-def test_generate_with_padding_uses_fused_kernel_and_equals_eager():
+@pytest.mark.parametrize("layout", ["planes", "fast"])
+def test_generate_with_padding_uses_fused_kernel_and_equals_eager(layout):
     """model.generate with a left-padded batch: the attention_mask reaches decode_attention as a token mask."""
     torch._dynamo.reset()
     model = _model("llama")
@@ -96,20 +104,61 @@ def test_generate_with_padding_uses_fused_kernel_and_equals_eager():
     ids[1, :4] = 0
     kw = dict(max_new_tokens=8, do_sample=False, attention_mask=attn, pad_token_id=0)
     with torch.no_grad():
-        eager = model.generate(ids, past_key_values=SpectralCache(model, max_cache_len=24), **kw)
-        opt = sqcompile.optimize(model, max_cache_len=24, lower="eager")
+        eager = model.generate(ids, past_key_values=SpectralCache(model, max_cache_len=24, layout=layout), **kw)
+        opt = sqcompile.optimize(model, max_cache_len=24, lower="eager", layout=layout)
         try:
             fused = opt.generate(ids, **kw)
             report = sqcompile.explain(model.forward, input_ids=ids[:, -1:], attention_mask=torch.ones(2, 11, dtype=torch.long),
-                                       past_key_values=_prefilled(model, ids, attn))
+                                       past_key_values=_prefilled(model, ids, attn, layout))
         finally:
             del model.forward  # back to the class's forward
     assert torch.equal(fused, eager)
-    assert all(s.kernel == "decode_attention" for s in report.sites), str(report)
+    assert all(s.kernel == KERNEL[layout] for s in report.sites), str(report)
 
 
-def _prefilled(model, ids, attn):
-    cache = SpectralCache(model, max_cache_len=24)
+def _prefilled(model, ids, attn, layout="planes"):
+    cache = SpectralCache(model, max_cache_len=24, layout=layout)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=attn, past_key_values=cache, use_cache=True)
     return cache
+
+
+@pytest.mark.slow
+def test_fast_layout_under_inductor_equals_eager_and_writes_the_same_codes():
+    """The default lowering (Inductor, C++ on CPU) of a fast-layout SpectralCache model: quantize_write_fast and
+    dequantize_fast decompose into ops Inductor fuses; logits equal eager and the packed bytes are identical."""
+    torch._dynamo.reset()
+    model = _model("llama")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    step = torch.compile(model.forward, backend="spectralquant")
+    eager_cache = SpectralCache(model, bits=3.25, max_cache_len=24, layout="fast")
+    compiled_cache = SpectralCache(model, bits=3.25, max_cache_len=24, layout="fast")
+    with torch.no_grad():
+        x = ids
+        for i in range(3):  # prefill + 2 decode steps
+            a = model(input_ids=x, past_key_values=eager_cache, use_cache=True).logits
+            b = step(input_ids=x, past_key_values=compiled_cache, use_cache=True).logits
+            assert _rel(b, a) < 1e-4, (i, _rel(b, a))
+            x = a[:, -1:].argmax(-1)
+    for le, lc in zip(eager_cache.layers, compiled_cache.layers):
+        assert torch.equal(le.keys, lc.keys) and torch.equal(le.values, lc.values)
+
+
+def test_one_compiled_forward_serves_caches_of_different_layouts():
+    """Caches of other layouts and budgets through one compiled forward: dynamo recompiles (the cache's
+    attributes differ) and may make changed int attributes symbolic; the fast layout's metadata travels
+    as a string constant, so its kernel still gets concrete groups."""
+    torch._dynamo.reset()
+    model = _model("llama")
+    step = torch.compile(model.forward, backend="spectralquant", options={"lower": "eager"})
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(6))
+    for layout, bits in (("planes", 3.25), ("fast", 3.25), ("fast", 4.25)):
+        eager_cache = SpectralCache(model, bits=bits, max_cache_len=16, layout=layout)
+        compiled_cache = SpectralCache(model, bits=bits, max_cache_len=16, layout=layout)
+        with torch.no_grad():
+            x = ids
+            for i in range(4):
+                a = model(input_ids=x, past_key_values=eager_cache, use_cache=True).logits
+                b = step(input_ids=x, past_key_values=compiled_cache, use_cache=True).logits
+                assert _rel(b, a) < 1e-4, (layout, bits, i, _rel(b, a))
+                x = a[:, -1:].argmax(-1)

@@ -73,7 +73,7 @@ def _make_asm(bits: int) -> str:
                 lines.append(f"and.b32 ${r}, {t}, {mask2:#010x};")
                 lines.append(f"sub.f16x2 ${r}, ${r}, k;")
     lines.append("}")
-    return "\n".join(lines)
+    return " ".join(lines)  # one line: Inductor copies this constant into generated Python source
 
 
 _ASM1 = tl.constexpr(_make_asm(1))
@@ -264,9 +264,10 @@ def _store_group_out(o_ptr, acc, sps, inv_l, fac_ptr, START: tl.constexpr, N: tl
 
 @triton.jit
 def _fast_split_kernel(
-    Q, KP, VP, LEN, KBASIS, KFAC, VFAC, OP, LSE,
+    Q, KP, VP, LEN, KBASIS, KFAC, VFAC, OP, LSE, KVM,
     qk_scale, max_tokens,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_mb,
+    HAS_MASK: tl.constexpr,  # KVM [B, max_tokens] uint8: 0 = this token is masked out (padding, window)
     HKV: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     K_BYTES: tl.constexpr, V_BYTES: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
     KNG: tl.constexpr,
@@ -326,6 +327,9 @@ def _fast_split_kernel(
     for start in range(lo, hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         mask_n = offs < hi
+        if HAS_MASK:  # masked tokens are not even loaded (codes and scales read as 0: p = 0 stays exact)
+            keep = tl.load(KVM + b.to(tl.int64) * stride_mb + offs, mask=mask_n, other=0)
+            mask_n = mask_n & (keep != 0)
         krow = k_base + offs * K_BYTES
         vrow = v_base + offs * V_BYTES
 
@@ -341,8 +345,12 @@ def _fast_split_kernel(
 
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        if HAS_MASK:  # a fully masked block before any valid token: m stays -inf, alpha = p = 0 (no NaN)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:  # every block has a valid token (start < hi): m_new is finite
+            m_safe = m_new
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha[:, None] + _lazy_sum(p, LAZY)
         m_i = m_new
 
@@ -459,12 +467,14 @@ def decode_attention_fast_triton(
     k_groups: list[int], v_groups: list[int], scale: float,
     num_splits: int = 0, block_n: int = 128, num_warps: int = 4, num_stages: int = 1,
     maxnreg: Optional[int] = None, mode: Optional[int] = None, per_sm: int = 0, trans_k: int = 0, lazy: int = 1,
-    poison: bool = False, _launch=None,
+    poison: bool = False, _launch=None, kv_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch split + reduce. Defaults = the fastest variant measured on an H100 (RESULTS.md):
     128-token blocks, 4 warps, no software pipelining (num_stages=1); ~4 programs per SM below 32K
     cache tokens, ~8 from 32K on (per_sm=0 picks). mode: 2 = inline PTX unpack (CUDA default), 0/1 =
-    plain Triton (interpreter default 0). poison=True fills every buffer with NaN first (tests)."""
+    plain Triton (interpreter default 0). poison=True fills every buffer with NaN first (tests).
+    kv_mask [B, T] or [1, T] (bool/int, nonzero = attend; T = cache capacity) further masks tokens below
+    the length (padding, sliding windows)."""
     B, Hq, D = q.shape
     Hkv, T = k_packed.shape[1], k_packed.shape[2]
     kl = FastLayout.from_flat(D, k_groups, [1.0] * (len(k_groups) // 4))
@@ -492,9 +502,13 @@ def decode_attention_fast_triton(
     if poison:
         op.fill_(float("nan")), lse.fill_(float("nan")), out.fill_(float("nan"))
     extra = {"maxnreg": maxnreg} if (maxnreg and q.is_cuda) else {}
+    if kv_mask is not None:
+        kv_mask = kv_mask.to(torch.uint8).expand(B, T).contiguous()
+    mask_arg = kv_mask if kv_mask is not None else lengths
     ck = launch(_fast_split_kernel)[(B * Hkv, nsplit)](
-        q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, op, lse, float(scale) * LOG2E, T,
+        q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, op, lse, mask_arg, float(scale) * LOG2E, T,
         q.stride(0), q.stride(1), k_packed.stride(0), k_packed.stride(1), v_packed.stride(0), v_packed.stride(1),
+        kv_mask.stride(0) if kv_mask is not None else 0, HAS_MASK=kv_mask is not None,
         HKV=Hkv, G=G, BG=_pow2(G), D=D, DP=_pow2(D), K_BYTES=kb, V_BYTES=vb, NSPLIT=nsplit, BLOCK_N=block_n,
         **group_constexprs(kl, "K"), **group_constexprs(vl, "V"), MODE=mode, DCH=min(32, _pow2(D)),
         PREC="tf32x3" if q.is_cuda else "ieee", TRANS_K=int(trans_k), LAZY=int(lazy),
@@ -510,9 +524,10 @@ def decode_attention_fast_triton(
 def decode_attention_fast_reference(
     q: torch.Tensor, k_packed: torch.Tensor, v_packed: torch.Tensor, lengths: torch.Tensor,
     k_basis: torch.Tensor, k_factor: torch.Tensor, v_factor: torch.Tensor,
-    k_groups: list[int], v_groups: list[int], scale: float,
+    k_groups: list[int], v_groups: list[int], scale: float, kv_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Plain torch: unpack codes with FastLayout, dequantize (factor = step [x channel scale]), softmax."""
+    """Plain torch: unpack codes with FastLayout, dequantize (factor = step [x channel scale]), softmax.
+    kv_mask [B, T] (nonzero = attend) further masks tokens below the length (padding, windows)."""
     B, Hq, D = q.shape
     Hkv, T = k_packed.shape[1], k_packed.shape[2]
     G = Hq // Hkv
@@ -535,6 +550,8 @@ def decode_attention_fast_reference(
     q_store = torch.einsum("bhgd,hed->bhge", q.float().reshape(B, Hkv, G, D), k_basis.float())
     scores = torch.einsum("bhgd,bhtd->bhgt", q_store, k) * scale
     valid = torch.arange(T, device=q.device)[None, :] < lengths.to(q.device)[:, None]
+    if kv_mask is not None:
+        valid = valid & (kv_mask.to(q.device).expand(B, T) != 0)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     p = torch.softmax(scores, -1).nan_to_num(0.0)
     out = torch.einsum("bhgt,bhtd->bhgd", p, v)
@@ -546,14 +563,17 @@ def decode_attention_fast(
     q: torch.Tensor, k_packed: torch.Tensor, v_packed: torch.Tensor, lengths: torch.Tensor,
     k_basis: torch.Tensor, k_factor: torch.Tensor, v_factor: torch.Tensor,
     k_groups: list[int], v_groups: list[int], scale: float, num_splits: int = 0,
+    kv_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Decode attention for q [B, Hq, d] over the fast packed cache; [B, Hq, d] in the value storage
     basis. k_groups / v_groups: (start, stop, bits, token) quadruples flattened
     (`FastLayout.flat_groups`); k_factor / v_factor [Hkv, d] float32 = `FastLayout.column_factor`
-    (step x channel scale); scale = the softmax scale. CUDA runs the Triton kernels; other devices
+    (step x channel scale); scale = the softmax scale; kv_mask [B, T] or [1, T] or None (nonzero = attend)
+    further masks tokens below the length. CUDA runs the Triton kernels; other devices
     run `decode_attention_fast_reference`."""
     if q.device.type != "cuda":
         return decode_attention_fast_reference(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor,
-                                               k_groups, v_groups, scale)
+                                               k_groups, v_groups, scale, kv_mask=kv_mask)
     return decode_attention_fast_triton(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
-                                        v_groups, scale, num_splits=num_splits, _launch=wrap_triton)
+                                        v_groups, scale, num_splits=num_splits, _launch=wrap_triton,
+                                        kv_mask=kv_mask)

@@ -26,16 +26,24 @@ import torch.fx as fx
 
 from .detect_attention import _find_o_proj, _strip_kv_read, _trace_value, _Unproven
 from .fold_value_rotation import fold_value_rotation
-from .fx_utils import arg, concrete_int, is_op, layer_from_name, meta_tensor, node_source_name, tensor_value
+from .fx_utils import add_constant, arg, concrete_int, is_op, layer_from_name, meta_tensor, node_source_name, tensor_value
 from .sites import Site
 
 
 def _ops():
     from ..kernels import decode_attention as _d  # noqa: F401  (registers the ops)
+    from ..kernels import decode_attention_fast as _f  # noqa: F401
     from ..kernels import dequantize as _q  # noqa: F401
+    from ..kernels import fast_cache as _c  # noqa: F401
 
     ops = torch.ops.sqcompile
-    return (ops.dequantize_packed, ops.dequantize_packed.default), (ops.quantize_write, ops.quantize_write.default)
+    return ((ops.dequantize_packed, ops.dequantize_packed.default, ops.dequantize_fast, ops.dequantize_fast.default),
+            (ops.quantize_write, ops.quantize_write.default, ops.quantize_write_fast, ops.quantize_write_fast.default))
+
+
+def _is_fast_write(qw: fx.Node) -> bool:
+    ops = torch.ops.sqcompile
+    return qw.target in (ops.quantize_write_fast, ops.quantize_write_fast.default)
 
 
 def _strip_to(n):
@@ -191,12 +199,28 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
         kv_mask = None
         if isinstance(mask, fx.Node):  # [B|1, 1, 1, T] bool -> [B, T]: padding and windows, read per token
             kv_mask = gm.graph.call_function(operator.getitem, (mask, (slice(None), 0, 0)))
-        out = gm.graph.call_function(torch.ops.sqcompile.decode_attention.default,
-                                     (q3, a[2], a[3], lengths, a[5], a[7], a[8], a[9], a[10], a[11], a[12], a[13],
-                                      a[14], a[15], float(scale)), {"kv_mask": kv_mask})
+        if _is_fast_write(qw):
+            # (key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout, v_layout): layouts are str
+            from ..quant.fast_layout import FastLayout
+
+            kl, vl = (FastLayout.from_spec(site.head_dim, spec) for spec in (a[7], a[8]))
+            k_fac, v_fac = (_column_factor(gm, site, lay, q, attn) for lay in (kl, vl))
+            out = gm.graph.call_function(torch.ops.sqcompile.decode_attention_fast.default,
+                                         (q3, a[2], a[3], lengths, a[5], k_fac, v_fac, kl.flat_groups(),
+                                          vl.flat_groups(), float(scale)), {"kv_mask": kv_mask})
+        else:
+            out = gm.graph.call_function(torch.ops.sqcompile.decode_attention.default,
+                                         (q3, a[2], a[3], lengths, a[5], a[7], a[8], a[9], a[10], a[11], a[12],
+                                          a[13], a[14], a[15], float(scale)), {"kv_mask": kv_mask})
         out4 = gm.graph.call_method("unsqueeze", (out, 2))
     old_inputs = list(attn.all_input_nodes)
     attn.replace_all_uses_with(out4)
     gm.graph.erase_node(attn)
     _erase_dead(old_inputs)
-    site.kernel = "decode_attention"
+    site.kernel = "decode_attention_fast" if _is_fast_write(qw) else "decode_attention"
+
+
+def _column_factor(gm: fx.GraphModule, site: Site, lay, q: fx.Node, before: fx.Node) -> fx.Node:
+    """The fast kernel's [Hkv, d] level step per column, a constant of the graph on q's device."""
+    return add_constant(gm, "sq_fast_factor", lay.column_factor(None, site.kv_heads, device=meta_tensor(q).device),
+                        before)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
@@ -49,6 +50,7 @@ class Plan:
     predicted: float = math.inf  # predicted (weighted) distortion, for comparing plans
     rotate_from: int = 0  # storage dims [rotate_from, d) get a random rotation (d = none)
     rotate_signal: bool = False  # the signal dims [0, rotate_from) get their own random rotation
+    rotate_groups: bool = False  # every group gets its own random rotation (the fast layout's plans)
 
     def bytes_per_token(self) -> int:
         return plan_bytes(self.groups, self.qjl_bits)
@@ -280,3 +282,63 @@ def plan_waterfill(eigvals: Tensor, budget_bytes: int, *, dist: str = "laplace",
             return Plan(groups, qjl_dims if m else 0, m, err, rotate_from=d)
         total -= 1
     return None
+
+
+def fast_candidates(d: int, max_groups: int = 2, min_group: int = 16) -> list[tuple[tuple[int, int, int], ...]]:
+    """Fast-layout group lists ((start, stop, bits), ...): up to `max_groups` groups on multiples of
+    `min_group` dims, bits non-increasing from the first group, bits in {8, 4, 2, 1} and, for a last group
+    of several, 0 (those dims are dropped: the PCA tail)."""
+    import itertools
+
+    cuts = list(range(min_group, d, min_group))
+    out = []
+    for k in range(1, max_groups + 1):
+        for inner in itertools.combinations(cuts, k - 1):
+            edges = (0,) + inner + (d,)
+            for bits in itertools.product((8, 4, 2, 1, 0), repeat=k):
+                if any(a < b for a, b in zip(bits, bits[1:])) or bits[0] == 0 or (k > 1 and bits[-2] == 0):
+                    continue
+                if k > 1 and len(set(bits)) == 1:
+                    continue  # equal bits in every group: the one-group layout, plus scales
+                out.append(tuple((edges[i], edges[i + 1], bits[i]) for i in range(k)))
+    return out
+
+
+def plan_fast(lam: Optional[Tensor], d: int, budget: int, max_groups: int = 2) -> Optional[Plan]:
+    """The fast layout (`fast_layout.py`): "token" groups at 0/1/2/4/8 bits (`fast_candidates`), uniform
+    levels, each group randomly rotated within itself. With eigenvalues `lam` (descending, PCA order) the
+    first group holds the high-variance dims, so bits go where the variance is; without (turboquant) all
+    dims are alike. Predicted relative error: sum over groups of (its variance) x (uniform Gaussian MSE at
+    its bits; 1 for 0 bits) / total variance. The lowest error within `budget` bytes (ties: fewer bytes)."""
+    front = _fast_front(None if lam is None else tuple(float(x) for x in lam.double().clamp_min(0)), d, max_groups)
+    best = None
+    for used, err, groups in front:
+        if used > budget:
+            break
+        best = (err, groups)
+    if best is None:
+        return None
+    specs = [GroupSpec(a, b, bits, "token", "uniform") for a, b, bits in best[1]]
+    return Plan(specs, predicted=best[0], rotate_from=d, rotate_groups=True)
+
+
+@lru_cache(maxsize=4096)
+def _fast_front(lam: Optional[tuple], d: int, max_groups: int) -> list:
+    """(bytes, predicted error, groups) of the fast candidates, Pareto front ordered by bytes."""
+    from .fast_layout import gaussian_mse
+
+    var = torch.ones(d, dtype=torch.float64) if lam is None else torch.tensor(lam, dtype=torch.float64)
+    csum = torch.cat([torch.zeros(1, dtype=torch.float64), var.cumsum(0)]).tolist()
+    total = csum[-1] or 1.0
+    rows = []
+    for groups in fast_candidates(d, max_groups):
+        used = sum((b - a) * bits // 8 + (2 if bits else 0) for a, b, bits in groups)
+        err = sum((csum[b] - csum[a]) * (gaussian_mse(bits) if bits else 1.0) for a, b, bits in groups) / total
+        rows.append((used, round(err, 12), groups))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    front, best = [], math.inf
+    for r in rows:
+        if r[1] < best:
+            front.append(r)
+            best = r[1]
+    return front

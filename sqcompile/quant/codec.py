@@ -44,10 +44,12 @@ from . import allocation as alloc
 from . import packing
 from . import qjl as qjl_mod
 from .codebooks import lloyd_max
-from .format import Group, TensorFormat
+from .fast_layout import gaussian_step
+from .format import Group, TensorFormat, uniform_levels
 from .hadamard import randomized_hadamard
 
 KINDS = ("key", "value")
+LAYOUTS = ("planes", "fast")
 METHODS = ("spectralquant", "turboquant")
 MAX_BITS_PER_ELEMENT = 16.0
 
@@ -69,6 +71,8 @@ RESEARCH_KNOBS = {
     "uniform_scale": "scale of the uniform_bits=True group: 'channel' (default) | 'token'",
     "rotate_rest": "bool (default True): randomly rotate the non-signal dims",
     "min_bits": "int (default 0): spectralquant rotated groups get at least this many bits (0 = may drop dims)",
+    "fast_groups": "int 1..3 (default 2): layout='fast' plans use up to this many groups (a last group may get 0 "
+                   "bits: the PCA tail dropped)",
     "layer_spread": "float (default 1.0): with layer_weights, no (layer, kind) more than this many bits per "
                     "element from the average",
     "center_keys": "bool or [num_layers] bools (default: profile.meta['kv_center'] if present, else True): with "
@@ -304,6 +308,10 @@ def _key_weights(knob: Any, layer: int, lam: Tensor) -> Optional[Tensor]:
 
 
 def _to_format(plan: alloc.Plan, d: int, channel_scale: Tensor) -> TensorFormat:
+    if plan.rotate_groups:  # the fast layout: uniform levels, codes packed inside bytes
+        groups = [Group(g.start, g.stop, g.bits, g.scale, uniform_levels(g.bits, gaussian_step(g.bits)))
+                  for g in plan.groups]
+        return TensorFormat(d, groups, channel_scale, packing="fast")
     groups = [Group(g.start, g.stop, g.bits, g.scale, lloyd_max(g.bits, g.dist, g.size)) for g in plan.groups]
     return TensorFormat(d, groups, channel_scale, plan.qjl_dims, plan.qjl_bits)
 
@@ -311,7 +319,7 @@ def _to_format(plan: alloc.Plan, d: int, channel_scale: Tensor) -> TensorFormat:
 def build_codec(profile: Any = None, *, bits: float, method: str = "spectralquant",
                 num_layers: Optional[int] = None, num_kv_heads: Optional[int] = None,
                 head_dim: Optional[int] = None, qjl: Union[bool, str] = False, center: bool = True,
-                uniform_bits: bool = False, seed: int = 0, layer_weights: Any = None,
+                uniform_bits: bool = False, seed: int = 0, layer_weights: Any = None, layout: str = "planes",
                 **research_knobs: Any) -> KVCodec:
     """Build a `KVCodec` that stores at most `bits` bits per element (K and V averaged, all metadata).
 
@@ -324,7 +332,11 @@ def build_codec(profile: Any = None, *, bits: float, method: str = "spectralquan
     basis, no rest rotation).
     `layer_weights`: sensitivity [L, 2] (key, value) or [L] for the layer-adaptive byte allocation; None =
     `profile.meta["kv_sensitivity"]` when present (spectralquant only), else equal bytes per layer;
-    False = equal bytes per layer. `codec.config["predicted"]` gives the predicted relative error of
+    False = equal bytes per layer. `layout`: "planes" (default: Lloyd-Max levels, any bits, bit-planes, QJL
+    possible; `sqcompile::decode_attention`) or "fast" (uniform levels at 1/2/4/8 bits, codes packed inside
+    bytes, no QJL; `sqcompile::decode_attention_fast`, 2-4x faster on a GPU; for spectralquant each group is
+    a block of PCA dims rotated within itself, so more bits go to the high-variance block).
+    `codec.config["predicted"]` gives the predicted relative error of
     every (layer, kind) format (a measured loss divided by it is a layer weight).
     Research knobs (see RESEARCH_KNOBS): allocation, signal_dims, signal_bits, signal_scale,
     key_weighting, key_weight, key_bytes, split_window, channel_codebook, token_codebook, qjl_ratio,
@@ -349,7 +361,15 @@ def build_codec(profile: Any = None, *, bits: float, method: str = "spectralquan
         L, H, d = int(num_layers), int(num_kv_heads), int(head_dim)
 
     knobs = dict(research_knobs)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     qjl_mode = _qjl_mode(qjl, method)
+    fast_groups = int(knobs.get("fast_groups", 2))
+    if not 1 <= fast_groups <= 3:
+        raise ValueError(f"fast_groups must be 1, 2 or 3 (the fast kernel's limit), got {fast_groups}")
+    if layout == "fast" and (qjl_mode != "none" or uniform_bits or knobs.get("allocation", "hybrid") != "hybrid"):
+        raise ValueError("layout='fast' has no QJL sketch, uniform_bits or waterfill allocation; "
+                         f"got qjl={qjl!r}, uniform_bits={uniform_bits}, allocation={knobs.get('allocation')!r}")
     qjl_ratio = float(knobs.get("qjl_ratio", 1.0))
     lo, hi = valid_bits_range(d, qjl_mode, qjl_ratio)
     if not (isinstance(bits, (int, float)) and math.isfinite(bits) and lo <= bits <= hi):
@@ -379,6 +399,12 @@ def build_codec(profile: Any = None, *, bits: float, method: str = "spectralquan
 
     def plan_for(layer: int, kind: str, budget: int) -> Optional[alloc.Plan]:
         mode = qjl_mode if kind == "key" else "none"
+        if layout == "fast":
+            key = (layer if method == "spectralquant" else -1, kind, budget)
+            if key not in plan_cache:
+                lam = stats_all[layer][kind][2].mean(0) if method == "spectralquant" else None
+                plan_cache[key] = alloc.plan_fast(lam, d, budget, max_groups=fast_groups)
+            return plan_cache[key]
         if method == "turboquant":
             key = (kind, budget)
             if key not in plan_cache:
@@ -461,7 +487,7 @@ def build_codec(profile: Any = None, *, bits: float, method: str = "spectralquan
                                  parts["key"][2], parts["value"][2], S))
 
     config = dict(bits=bits, method=method, qjl=qjl_mode, center=center, uniform_bits=uniform_bits,
-                  seed=seed, **{k: v for k, v in knobs.items() if not isinstance(v, Tensor)})
+                  seed=seed, layout=layout, **{k: v for k, v in knobs.items() if not isinstance(v, Tensor)})
     if method == "spectralquant":
         config["centered"] = [[center and centering[k][l] for k in KINDS] for l in range(L)]
     config["layer_adaptive"] = sens is not None and key_bytes is None
@@ -604,7 +630,13 @@ def _layer_part(method: str, stats, plan: alloc.Plan, d: int, H: int, layer: int
         return basis, torch.zeros(H, d), _to_format(plan, d, torch.ones(H, d))
     mu, U, lam = stats
     signal = plan.rotate_from
-    if (rotate_rest and signal < d) or plan.rotate_signal:
+    if plan.rotate_groups:  # each group: a block of PCA dims, randomly rotated within itself
+        bases = []
+        for h in range(H):
+            blocks = [randomized_hadamard(g.size, gen) for g in plan.groups]
+            bases.append(torch.block_diag(*blocks) @ U[h])
+        basis = torch.stack(bases)
+    elif (rotate_rest and signal < d) or plan.rotate_signal:
         bases = []
         for h in range(H):
             rot = torch.eye(d)

@@ -35,6 +35,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .format import uniform_codes
+
 BITS_ALLOWED = (0, 1, 2, 4, 8)
 SCALES = ("token", "channel")
 FP16_MAX = 65504.0
@@ -204,6 +206,21 @@ class FastLayout:
                         float(steps[i // 4])) for i in range(0, len(flat), 4)]
         return FastLayout(head_dim, tuple(gs))
 
+    def spec(self) -> str:
+        """A string that `from_spec` turns back into this layout exactly ("start:stop:bits:scale:step;...").
+        The cache ops take it: a str is a constant to dynamo, where int lists of a cache object would become
+        symbolic after a recompile (automatic dynamic) and could not feed the kernels' constexprs."""
+        return ";".join(f"{g.start}:{g.stop}:{g.bits}:{g.scale}:{float(g.step)!r}" for g in self.groups)
+
+    @staticmethod
+    def from_spec(head_dim: int, spec: str) -> "FastLayout":
+        try:
+            parts = [p.split(":") for p in spec.split(";")]
+            gs = [FastGroup(int(a), int(b), int(c), sc, float(st)) for a, b, c, sc, st in parts]
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"not a FastLayout spec ('start:stop:bits:scale:step;...'): {spec!r} ({e})") from None
+        return FastLayout(head_dim, tuple(gs))
+
     def column_factor(self, channel_scale: Optional[Tensor], kv_heads: int, device=None) -> Tensor:
         """float32 [kv_heads, d]: step_g (x channel_scale[h, j] for "channel" groups; 0 for 0-bit)."""
         f = torch.zeros(kv_heads, self.head_dim, dtype=torch.float32, device=device)
@@ -246,9 +263,7 @@ class FastLayout:
             else:
                 c = xg / self._channel(channel_scale, g)
                 scales.append(None)
-            code = torch.floor(c / g.step + (g.offset + 0.5))
-            code = torch.nan_to_num(code, nan=0.0).clamp(0, (1 << g.bits) - 1)
-            codes.append(code.to(torch.int64))
+            codes.append(uniform_codes(c, g.step, g.bits))
         return codes, scales
 
     def decode(self, codes, scales, channel_scale: Optional[Tensor] = None, like: Optional[Tensor] = None) -> Tensor:

@@ -76,6 +76,35 @@ class Group:
         return Group(self.start, self.stop, self.bits, self.scale, self.codebook.to(device))
 
 
+PACKINGS = ("planes", "fast")
+
+
+def uniform_levels(bits: int, step: float) -> Tensor:
+    """The 2**bits uniform symmetric levels (c - (2**bits - 1) / 2) * step (the fast layout's)."""
+    return (torch.arange(1 << bits, dtype=torch.float64) - ((1 << bits) - 1) / 2).mul(step).float()
+
+
+def uniform_step(codebook: Tensor) -> float:
+    """The level spacing of a uniform codebook (from its end points: exact to float32 at 8 bits too)."""
+    n = codebook.numel()
+    return (float(codebook[-1]) - float(codebook[0])) / (n - 1) if n > 1 else 0.0
+
+
+def _is_uniform(codebook: Tensor) -> bool:
+    if codebook.numel() < 2:
+        return True
+    step = uniform_step(codebook)
+    want = uniform_levels(int(codebook.numel()).bit_length() - 1, step)
+    return step > 0 and bool(((codebook - want).abs() <= 1e-3 * step).all())
+
+
+def uniform_codes(c: Tensor, step: float, bits: int) -> Tensor:
+    """Nearest uniform level (ties up): floor(c / step + (2**bits - 1) / 2 + 1/2), clamped, int64.
+    `FastLayout.encode` and `sqcompile::quantize_write_fast` compute exactly this."""
+    code = torch.floor(c * (1.0 / step) + (((1 << bits) - 1) / 2 + 0.5))
+    return torch.nan_to_num(code, nan=0.0).clamp(0, (1 << bits) - 1).to(torch.int64)
+
+
 @dataclass
 class TensorFormat:
     """The format of K (or of V) for one layer, shared by that layer's kv-heads."""
@@ -85,8 +114,13 @@ class TensorFormat:
     channel_scale: Tensor  # [kv_heads, head_dim] float32, used by "channel" groups
     qjl_dims: int = 0  # leading storage dims covered by the QJL sketch (0 = no QJL)
     qjl_bits: int = 0  # m sign bits of the sketch (plus an fp16 residual norm when > 0)
+    packing: str = "planes"  # "planes": bit-planes (FORMAT.md) | "fast": codes packed inside bytes (fast_layout.py)
 
     def __post_init__(self) -> None:
+        if self.packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {PACKINGS}, got {self.packing!r}")
+        if self.packing == "fast":
+            self._check_fast()
         at = 0
         for g in self.groups:
             if g.start != at:
@@ -101,6 +135,27 @@ class TensorFormat:
             raise ValueError(f"qjl_dims must be in 0..{self.head_dim}, got {self.qjl_dims}")
         if (self.qjl_dims == 0) != (self.qjl_bits == 0):
             raise ValueError("qjl_dims and qjl_bits must be both zero or both positive")
+
+    def _check_fast(self) -> None:
+        """The fast layout: bits in {0, 1, 2, 4, 8}, whole bytes per group, uniform levels, no QJL."""
+        if self.qjl_bits:
+            raise ValueError("the fast packing has no QJL sketch")
+        for g in self.groups:
+            if g.bits not in (0, 1, 2, 4, 8) or (g.size * g.bits) % 8:
+                raise ValueError(f"fast packing: group [{g.start}, {g.stop}) at {g.bits} bits is not 0/1/2/4/8 bits "
+                                 "in whole bytes")
+            if g.bits and not _is_uniform(g.codebook):
+                raise ValueError(f"fast packing: group [{g.start}, {g.stop}) needs uniform symmetric levels")
+
+    def fast_layout(self):
+        """The `FastLayout` of a packing="fast" format (same groups, steps from the codebooks)."""
+        from .fast_layout import FastGroup, FastLayout
+
+        if self.packing != "fast":
+            raise ValueError("fast_layout() needs packing='fast'")
+        return FastLayout(self.head_dim, tuple(
+            FastGroup(g.start, g.stop, g.bits, g.scale, uniform_step(g.codebook) if g.bits else -1.0)
+            for g in self.groups))
 
     # -- accounting -----------------------------------------------------------------------------
     @property
@@ -121,6 +176,11 @@ class TensorFormat:
         """(what, byte offset, byte count) of every segment of a packed token, in order."""
         out, at = [], 0
         for i, g in enumerate(self.groups):
+            if self.packing == "fast":  # codes packed inside bytes, little-endian (fast_layout.py)
+                if g.bits:
+                    out.append((f"group{i}[{g.start}:{g.stop}].codes{g.bits}b", at, g.code_bytes))
+                    at += g.code_bytes
+                continue
             for p in range(g.bits):
                 out.append((f"group{i}[{g.start}:{g.stop}].plane{p}", at, g.plane_bytes))
                 at += g.plane_bytes
@@ -144,7 +204,7 @@ class TensorFormat:
 
     def to(self, device=None) -> "TensorFormat":
         return TensorFormat(self.head_dim, [g.to(device) for g in self.groups],
-                            self.channel_scale.to(device), self.qjl_dims, self.qjl_bits)
+                            self.channel_scale.to(device), self.qjl_dims, self.qjl_bits, self.packing)
 
     # -- quantization ---------------------------------------------------------------------------
     def _channel(self, g: Group) -> Tensor:
@@ -170,7 +230,10 @@ class TensorFormat:
             else:
                 c = xg / self._channel(g)
                 scales.append(None)
-            code = torch.bucketize(c.contiguous(), g.boundaries.to(c.device))
+            if self.packing == "fast":  # uniform levels: the same arithmetic as the write op
+                code = uniform_codes(c, uniform_step(g.codebook), g.bits)
+            else:
+                code = torch.bucketize(c.contiguous(), g.boundaries.to(c.device))
             codes.append(code.clamp(0, (1 << g.bits) - 1))
         return codes, scales
 

@@ -63,6 +63,8 @@ def bytes_to_fp16(b: Tensor) -> Tensor:
 def pack(fmt: TensorFormat, codes: list[Optional[Tensor]], scales: list[Optional[Tensor]],
          qjl_signs: Optional[Tensor] = None, qjl_norm: Optional[Tensor] = None) -> Tensor:
     """Codes/scales from `TensorFormat.encode` (+ QJL signs {0,1} [..., m] and norm [...]) -> uint8."""
+    if fmt.packing == "fast":  # codes packed inside bytes (fast_layout.py); no QJL
+        return fmt.fast_layout().pack(codes, scales)
     segments = []
     for g, code in zip(fmt.groups, codes):
         for p in range(g.bits):
@@ -82,6 +84,9 @@ def unpack(fmt: TensorFormat, packed: Tensor):
     """uint8 [..., bytes_per_token] -> (codes, scales, qjl_signs {0,1} or None, qjl_norm or None)."""
     if packed.shape[-1] != fmt.bytes_per_token():
         raise ValueError(f"packed tokens have {packed.shape[-1]} bytes, the format has {fmt.bytes_per_token()}")
+    if fmt.packing == "fast":
+        codes, scales = fmt.fast_layout().unpack(packed)
+        return codes, scales, None, None
     at = 0
     codes: list[Optional[Tensor]] = []
     for g in fmt.groups:

@@ -1,0 +1,55 @@
+"""The write and read ops of a `SpectralCache` in the fast layout (`sqcompile.quant.fast_layout`).
+
+- `sqcompile::quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout,
+  v_layout)` (layouts as `FastLayout.spec()` strings): rotate the new keys ((k - mu) @ B^T; values arrive in their storage basis),
+  quantize to uniform levels, pack the codes inside bytes with the fp16 token scales, and write the rows at
+  `positions` [T_new] (shared by the batch) of k_packed / v_packed [B, Hkv, capacity, row_bytes].
+- `sqcompile::dequantize_fast(packed, layout, head_dim)`: rows -> float32 storage coordinates.
+
+Both are CompositeImplicitAutograd: plain torch ops that dynamo records as one call (so the backend's
+passes can find the cache's write and read), and that AOTAutograd decomposes, so Inductor fuses the
+rotation, quantization and packing into a few kernels (no hand-written Triton write kernel: the codes are
+elementwise arithmetic and shifts, which Inductor generates well). Decode attention over these rows is
+`sqcompile::decode_attention_fast` (Triton).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant.fast_layout import FastLayout
+
+_LIB = torch.library.Library("sqcompile", "FRAGMENT")  # noqa: TOR901  (defines into the shared namespace)
+_LIB.define("quantize_write_fast(Tensor key, Tensor v_store, Tensor(a!) k_packed, Tensor(b!) v_packed, "
+            "Tensor positions, Tensor k_basis, Tensor k_mean, str k_layout, str v_layout) -> ()")
+_LIB.define("dequantize_fast(Tensor packed, str layout, int head_dim) -> Tensor")
+
+
+def layout_spec(layout: FastLayout) -> str:
+    """How the ops take a layout (token-scaled groups only): `FastLayout.spec()`."""
+    if any(g.scale != "token" for g in layout.groups if g.bits):
+        raise ValueError("the fast cache ops take token-scaled groups only")
+    return layout.spec()
+
+
+def quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout: str,
+                        v_layout: str) -> None:
+    d = key.shape[-1]
+    if key.dim() != 4 or v_store.shape != key.shape:
+        raise ValueError(f"key/v_store must be [B, Hkv, T_new, d] of one shape, got {tuple(key.shape)} / "
+                         f"{tuple(v_store.shape)}")
+    if positions.dim() != 1 or positions.shape[0] != key.shape[2]:
+        raise ValueError(f"positions must be [T_new={key.shape[2]}] (shared by the batch), got {tuple(positions.shape)}")
+    kl, vl = FastLayout.from_spec(d, k_layout), FastLayout.from_spec(d, v_layout)
+    k_store = torch.matmul(key.to(torch.float32) - k_mean[None, :, None, :], k_basis.transpose(-1, -2))
+    k_rows = kl.quantize(k_store)
+    v_rows = vl.quantize(v_store.to(torch.float32))
+    k_packed.index_copy_(2, positions, k_rows)
+    v_packed.index_copy_(2, positions, v_rows)
+
+
+def dequantize_fast(packed, layout: str, head_dim: int):
+    return FastLayout.from_spec(head_dim, layout).dequantize(packed).to(torch.float32)
+
+
+_LIB.impl("quantize_write_fast", quantize_write_fast, "CompositeImplicitAutograd")
+_LIB.impl("dequantize_fast", dequantize_fast, "CompositeImplicitAutograd")
