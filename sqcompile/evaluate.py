@@ -432,5 +432,33 @@ def run_eval(calibration_text: str = "britannica", eval_text: str = "hamlet", ev
     return results, info
 
 
+# --- teacher-forced agreement on a batch of prompts -------------------------------------------------
+def left_padded(tokenizer, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask) [len(prompts), longest], padded on the left with id 0 / mask 0."""
+    enc = [tokenizer(p, return_tensors="pt")["input_ids"][0] for p in prompts]
+    width = max(len(e) for e in enc)
+    ids = torch.zeros(len(enc), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(enc):
+        ids[i, width - len(e):] = e
+        mask[i, width - len(e):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def teacher_forced_picks(step, ids: Tensor, mask: Tensor, continuation: Tensor, cache) -> Tensor:
+    """Greedy next-token picks [B, T] at each position of `continuation` [B, T], feeding the continuation itself
+    one token at a time after the prompt (`step` = a model or its compiled forward; `cache` its KV cache)."""
+    picks = []
+    logits = step(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+    picks.append(logits.argmax(-1))
+    for t in range(continuation.shape[1] - 1):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        logits = step(input_ids=continuation[:, t:t + 1], attention_mask=mask, past_key_values=cache,
+                      use_cache=True).logits[:, -1]
+        picks.append(logits.argmax(-1))
+    return torch.stack(picks, 1)
+
+
 __all__ = ["RowSpec", "RowResult", "default_rows", "evaluate", "run_row", "run_eval", "to_markdown",
-           "write_results"]
+           "write_results", "left_padded", "teacher_forced_picks"]
