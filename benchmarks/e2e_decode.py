@@ -124,7 +124,7 @@ def main():
     ap.add_argument("--bits", type=float, default=2.69)
     ap.add_argument("--budget-gb", type=float, default=40.0, help="KV memory budget for the max-context row")
     ap.add_argument("--rows", default="eager,inductor,sqcompile")
-    ap.add_argument("--layouts", nargs="+", default=["planes"], choices=["planes", "fast"],
+    ap.add_argument("--layouts", nargs="+", default=["planes", "fast"], choices=["planes", "fast"],
                     help="SpectralCache layouts timed as sqcompile rows (planes: decode_attention; fast: decode_attention_fast)")
     ap.add_argument("--out", default="e2e_decode.json")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run of the script itself (tiny model, no timing value)")
@@ -132,6 +132,7 @@ def main():
     global DEV, HIDDEN, FFN, HEADS, VOCAB
     if args.tiny:
         DEV, HIDDEN, FFN, HEADS, VOCAB = "cpu", 1024, 256, 8, 512
+        args.budget_gb = min(args.budget_gb, 0.05)  # the max-context row allocates its cache: keep it small on a CPU
 
     import sqcompile
     from sqcompile.cache import SpectralCache

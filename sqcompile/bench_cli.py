@@ -8,6 +8,7 @@ from pathlib import Path
 
 BENCHMARKS = {
     "decode_attention": "decode_attention.py",
+    "decode_attention_fast": "decode_attention_fast.py",
     "moe": "moe.py",
     "e2e": "e2e_decode.py",
 }
