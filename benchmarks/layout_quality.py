@@ -52,15 +52,17 @@ def main() -> None:
     cont = ref[:, ids.shape[1]:]
     text = tok(load_text("hamlet", prefer_shared=True)[:40_000], return_tensors="pt")["input_ids"][0]
     text = text[: args.eval_tokens]
-    nll0 = -_chunked_log_probs(model, text, None, chunk=text.numel())[:-1].gather(-1, text[1:, None]).mean().item()
+
+    def nll(codec) -> float:  # mean next-token NLL over `text` in one chunk (codec None: the FP16 cache)
+        return -_chunked_log_probs(model, text, codec, chunk=text.numel())[:-1].gather(-1, text[1:, None]).mean().item()
+
+    nll0 = nll(None)
 
     def row(name, bits, codec, fp16=False):
         cache = ev.simulated_cache(ev.EvalState(codec, [], fp16=fp16), model.config)
         agree = (ev.teacher_forced_picks(model, ids, mask, cont, cache) == cont).float().mean().item()
-        lp = _chunked_log_probs(model, text, codec, chunk=text.numel())
-        nll = -lp[:-1].gather(-1, text[1:, None]).mean().item()
         r = {"row": name, "bits": bits, "bits_per_element": None if codec is None else codec.bits_per_element,
-             "dppl_pct": (torch.exp(torch.tensor(nll - nll0)).item() - 1) * 100, "agreement": agree}
+             "dppl_pct": (torch.exp(torch.tensor(nll(codec) - nll0)).item() - 1) * 100, "agreement": agree}
         print(json.dumps(r), flush=True)
         return r
 

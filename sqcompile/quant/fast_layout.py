@@ -35,11 +35,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .format import uniform_codes
+from .format import token_normalize, uniform_codes
 
 BITS_ALLOWED = (0, 1, 2, 4, 8)
 SCALES = ("token", "channel")
-FP16_MAX = 65504.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,8 +256,7 @@ class FastLayout:
                 continue
             xg = x[..., g.start:g.stop]
             if g.scale == "token":
-                s = xg.pow(2).mean(-1).sqrt().clamp(max=FP16_MAX).to(torch.float16).float()
-                c = xg / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)
+                c, s = token_normalize(xg)
                 scales.append(s)
             else:
                 c = xg / self._channel(channel_scale, g)

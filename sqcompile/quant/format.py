@@ -18,7 +18,6 @@ make_fx / torch.compile. The byte layout of a packed token is in `sqcompile.quan
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -103,6 +102,13 @@ def uniform_codes(c: Tensor, step: float, bits: int) -> Tensor:
     `FastLayout.encode` and `sqcompile::quantize_write_fast` compute exactly this."""
     code = torch.floor(c * (1.0 / step) + (((1 << bits) - 1) / 2 + 0.5))
     return torch.nan_to_num(code, nan=0.0).clamp(0, (1 << bits) - 1).to(torch.int64)
+
+
+def token_normalize(xg: Tensor) -> tuple[Tensor, Tensor]:
+    """A "token" group's scale s = fp16(rms(x_g)) (returned as float32) and c = x_g / s (s == 0: c = x_g).
+    Both packings (`TensorFormat.encode`, `FastLayout.encode`) normalize with this."""
+    s = xg.pow(2).mean(-1).sqrt().clamp(max=FP16_MAX).to(torch.float16).float()
+    return xg / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1), s
 
 
 @dataclass
@@ -224,8 +230,7 @@ class TensorFormat:
                 continue
             xg = x[..., g.start:g.stop]
             if g.scale == "token":
-                s = xg.pow(2).mean(-1).sqrt().clamp(max=FP16_MAX).to(torch.float16).float()
-                c = xg / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)
+                c, s = token_normalize(xg)
                 scales.append(s)
             else:
                 c = xg / self._channel(g)
