@@ -40,6 +40,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from ..profile import _kind  # the one spelling of "key"/"value" the profile and the codec accept
 from . import allocation as alloc
 from . import packing
 from . import qjl as qjl_mod
@@ -235,14 +236,6 @@ class KVCodec:
     def __repr__(self) -> str:
         return (f"KVCodec(method={self.method!r}, layers={self.num_layers}, kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, bits_per_element={self.bits_per_element:.4f})")
-
-
-def _kind(kind: str) -> str:
-    if kind in ("key", "k", "keys"):
-        return "key"
-    if kind in ("value", "v", "values"):
-        return "value"
-    raise ValueError(f"kind must be 'key' or 'value', got {kind!r}")
 
 
 # -- building -------------------------------------------------------------------------------------
