@@ -1,6 +1,6 @@
 """GPU correctness check of the fast-layout SpectralCache path (run before timing it; not a CPU test).
 
-1. `decode_attention_fast` (Triton) with a padding kv_mask equals its torch reference on fresh random codes,
+1. `decode_attention_fast` (the op, the Triton and the CUDA kernel) with a padding kv_mask equals its torch reference on fresh random codes,
    output poisoned first (B=8, 32/8 heads, d=128, 4K tokens, ragged lengths).
 2. A small Llama (bf16, CUDA) compiled with backend="spectralquant" (Inductor) and a fast-layout SpectralCache:
    a left-padded batch, prefill + 8 decode steps, equals the eager SpectralCache run (logits relative error and
@@ -41,8 +41,11 @@ def check_kernel() -> float:
     ref = fa.decode_attention_fast_reference(*args, kv_mask=mask)
     out = fa.decode_attention_fast_triton(*args, poison=True, kv_mask=mask)
     op = torch.ops.sqcompile.decode_attention_fast(*args, kv_mask=mask)
+    from sqcompile.kernels import decode_attention_cuda as dc
+    cu = dc.decode_attention_fast_cuda(*args, kv_mask=mask, poison=True)
     torch.cuda.synchronize()
-    return max(rel(out, ref), rel(op, ref))
+    print(f"kernel vs reference: triton {rel(out, ref):.2e}, op {rel(op, ref):.2e}, cuda {rel(cu, ref):.2e}")
+    return max(rel(out, ref), rel(op, ref), rel(cu, ref))
 
 
 def check_model() -> dict:
@@ -62,6 +65,8 @@ def check_model() -> dict:
     ids[1, :9] = 0
     step = torch.compile(model.forward, backend=sqcompile.spectralquant)  # PYTHONPATH checkout: no entry point
     caches = [SpectralCache(model, bits=3.25, max_cache_len=64, layout="fast") for _ in range(2)]
+    from sqcompile.kernels import decode_attention_cuda as dc
+    calls0 = dc.STATS["calls"]
     worst, same, x, mask = 0.0, True, ids, attn
     with torch.no_grad():
         for i in range(9):  # prefill + 8 decode steps
@@ -75,7 +80,7 @@ def check_model() -> dict:
     written = sum(int((le.keys != lc.keys).sum() + (le.values != lc.values).sum())
                   for le, lc in zip(caches[0].layers, caches[1].layers))
     return {"worst_rel": worst, "same_tokens": same, "kernels": [s.kernel for s in report.sites],
-            "bytes_differing": written}
+            "bytes_differing": written, "cuda_kernel_calls": dc.STATS["calls"] - calls0}
 
 
 def main() -> int:
@@ -88,7 +93,8 @@ def main() -> int:
     ok = k < 2e-3 and m["worst_rel"] < 5e-2 and m["kernels"] == ["decode_attention_fast"] * 2
     print(f"{torch.cuda.get_device_name()}: kernel vs reference (kv_mask) rel {k:.2e}; model compiled vs eager "
           f"rel {m['worst_rel']:.2e}, same greedy tokens {m['same_tokens']}, sites {m['kernels']}, "
-          f"packed bytes differing {m['bytes_differing']} -> {'OK' if ok else 'FAIL'}")
+          f"packed bytes differing {m['bytes_differing']}, CUDA decode kernel launches {m['cuda_kernel_calls']} "
+          f"-> {'OK' if ok else 'FAIL'}")
     return 0 if ok else 1
 
 

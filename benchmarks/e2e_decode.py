@@ -90,6 +90,11 @@ def fill_spectral(model, batch, ctx, steps, bits, layout="planes"):
     return cache
 
 
+def _cuda_calls() -> int:
+    from sqcompile.kernels import decode_attention_cuda as dc
+    return dc.STATS["calls"]
+
+
 def time_decode(step_fn, cache, batch, steps, warmup=2):
     """Median time of one decode step (ms) and the time of the very first call (s, includes compilation)."""
     x = torch.randint(0, min(1000, VOCAB), (batch, 1), device=DEV)
@@ -167,7 +172,10 @@ def main():
                     name = "sqcompile" if lay == "planes" else f"sqcompile_{lay}"
                     names.append(name)
                     cache = fill_spectral(model, b, ctx, args.steps + 3, args.bits, lay)
+                    calls0 = _cuda_calls()
                     row[f"{name}_ms"], first = time_decode(sqs[lay], cache, b, args.steps)
+                    if lay == "fast":  # which decode kernel ran: the CUDA one counts its launches
+                        row[f"{name}_cuda_kernel_launches"] = _cuda_calls() - calls0
                     compile_times.setdefault(name, first)
                     del cache
             torch.cuda.empty_cache() if DEV == "cuda" else None

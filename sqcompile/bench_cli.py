@@ -9,6 +9,7 @@ from pathlib import Path
 BENCHMARKS = {
     "decode_attention": "decode_attention.py",
     "decode_attention_fast": "decode_attention_fast.py",
+    "decode_attention_cuda": "decode_attention_cuda.py",
     "moe": "moe.py",
     "e2e": "e2e_decode.py",
 }

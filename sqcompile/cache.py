@@ -134,7 +134,8 @@ class SpectralLayer(StaticLayer):
 class SpectralCache(Cache):
     """A compressed KV cache: `SpectralCache(model_or_config, profile=None, bits=4.25, max_cache_len=...)`.
 
-    `profile` None gives the data-oblivious TurboQuant format. Pass it to `model(...)`/`model.generate(...)` as
+    `profile` None gives the data-oblivious TurboQuant format. With `layout="fast"` the capacity is rounded
+    up to a multiple of 8 tokens (the CUDA decode kernel copies whole 16-byte chunks). Pass it to `model(...)`/`model.generate(...)` as
     `past_key_values`. `nbytes` is the memory the packed layers hold.
     """
 
@@ -157,6 +158,9 @@ class SpectralCache(Cache):
                                                   head_dim=fp["head_dim"])
         self.codec = build_codec(profile, bits=float(bits), method=method, seed=seed, **kw, **codec_kwargs)
         self.bits = bits
+        if self.codec.config.get("layout") == "fast":
+            # whole 16-byte chunks per (batch, kv-head) plane for the CUDA decode kernel's copies
+            max_cache_len = -(-max_cache_len // 8) * 8
         layers = [SpectralLayer(max_cache_len, self.codec, i, max_batch_size) for i in range(fp["num_layers"])]
         super().__init__(layers=layers)
 

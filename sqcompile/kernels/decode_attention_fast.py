@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from sqcompile.kernels import decode_attention_cuda as _cuda
 from sqcompile.quant.fast_layout import FastLayout
 
 LOG2E = 1.4426950408889634
@@ -569,11 +570,15 @@ def decode_attention_fast(
     basis. k_groups / v_groups: (start, stop, bits, token) quadruples flattened
     (`FastLayout.flat_groups`); k_factor / v_factor [Hkv, d] float32 = `FastLayout.column_factor`
     (step x channel scale); scale = the softmax scale; kv_mask [B, T] or [1, T] or None (nonzero = attend)
-    further masks tokens below the length. CUDA runs the Triton kernels; other devices
-    run `decode_attention_fast_reference`."""
+    further masks tokens below the length. CUDA runs the hand-written CUDA kernel
+    (`sqcompile.kernels.decode_attention_cuda`, 3-4x faster) where it supports the layout, else the Triton
+    kernels; other devices run `decode_attention_fast_reference`."""
     if q.device.type != "cuda":
         return decode_attention_fast_reference(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor,
                                                k_groups, v_groups, scale, kv_mask=kv_mask)
+    if num_splits == 0 and _cuda.available(q, k_packed, k_groups, v_groups) is None:
+        return torch.ops.sqcompile.decode_attention_fast_cuda(q, k_packed, v_packed, lengths, k_basis, k_factor,
+                                                              v_factor, k_groups, v_groups, scale, kv_mask)
     return decode_attention_fast_triton(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
                                         v_groups, scale, num_splits=num_splits, _launch=wrap_triton,
                                         kv_mask=kv_mask)

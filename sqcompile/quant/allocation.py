@@ -284,11 +284,17 @@ def plan_waterfill(eigvals: Tensor, budget_bytes: int, *, dist: str = "laplace",
     return None
 
 
-def fast_candidates(d: int, max_groups: int = 2, min_group: int = 16) -> list[tuple[tuple[int, int, int], ...]]:
+CUDA_SLACK = 1.10  # fast layouts: take CUDA-decodable groups at up to 10% more predicted error
+
+
+def fast_candidates(d: int, max_groups: int = 2, min_group: int = 16,
+                    cuda_only: bool = False) -> list[tuple[tuple[int, int, int], ...]]:
     """Fast-layout group lists ((start, stop, bits), ...): up to `max_groups` groups on multiples of
     `min_group` dims, bits non-increasing from the first group, bits in {8, 4, 2, 1} and, for a last group
-    of several, 0 (those dims are dropped: the PCA tail)."""
+    of several, 0 (those dims are dropped: the PCA tail). cuda_only: every coded group `cuda_decodable`."""
     import itertools
+
+    from .fast_layout import cuda_decodable
 
     cuts = list(range(min_group, d, min_group))
     out = []
@@ -300,6 +306,8 @@ def fast_candidates(d: int, max_groups: int = 2, min_group: int = 16) -> list[tu
                     continue
                 if k > 1 and len(set(bits)) == 1:
                     continue  # equal bits in every group: the one-group layout, plus scales
+                if cuda_only and not all(cuda_decodable(edges[i + 1] - edges[i], bits[i]) for i in range(k)):
+                    continue  # whole bytes per thread of the CUDA decode kernel
                 out.append(tuple((edges[i], edges[i + 1], bits[i]) for i in range(k)))
     return out
 
@@ -308,14 +316,19 @@ def plan_fast(lam: Optional[Tensor], d: int, budget: int, max_groups: int = 2) -
     """The fast layout (`fast_layout.py`): "token" groups at 0/1/2/4/8 bits (`fast_candidates`), uniform
     levels, each group randomly rotated within itself. With eigenvalues `lam` (descending, PCA order) the
     first group holds the high-variance dims, so bits go where the variance is; without (turboquant) all
-    dims are alike. Predicted relative error: sum over groups of (its variance) x (uniform Gaussian MSE at
+    dims are alike. Groups the CUDA decode kernel reads (`fast_layout.cuda_decodable`) are preferred when
+    their predicted error is within CUDA_SLACK of the best layout's. Predicted relative error: sum over groups of (its variance) x (uniform Gaussian MSE at
     its bits; 1 for 0 bits) / total variance. The lowest error within `budget` bytes (ties: fewer bytes)."""
-    front = _fast_front(None if lam is None else tuple(float(x) for x in lam.double().clamp_min(0)), d, max_groups)
-    best = None
-    for used, err, groups in front:
-        if used > budget:
-            break
-        best = (err, groups)
+    key = None if lam is None else tuple(float(x) for x in lam.double().clamp_min(0))
+    found = {}
+    for cuda_only in (True, False):
+        for used, err, groups in _fast_front(key, d, max_groups, cuda_only):
+            if used > budget:
+                break
+            found[cuda_only] = (err, groups)
+    best = found.get(False)
+    if found.get(True) is not None and found[True][0] <= CUDA_SLACK * best[0] + 1e-12:
+        best = found[True]  # the CUDA decode kernel reads it (3-4x the Triton kernel's speed)
     if best is None:
         return None
     specs = [GroupSpec(a, b, bits, "token", "uniform") for a, b, bits in best[1]]
@@ -323,7 +336,7 @@ def plan_fast(lam: Optional[Tensor], d: int, budget: int, max_groups: int = 2) -
 
 
 @lru_cache(maxsize=4096)
-def _fast_front(lam: Optional[tuple], d: int, max_groups: int) -> list:
+def _fast_front(lam: Optional[tuple], d: int, max_groups: int, cuda_only: bool = False) -> list:
     """(bytes, predicted error, groups) of the fast candidates, Pareto front ordered by bytes."""
     from .fast_layout import gaussian_mse
 
@@ -331,7 +344,7 @@ def _fast_front(lam: Optional[tuple], d: int, max_groups: int) -> list:
     csum = torch.cat([torch.zeros(1, dtype=torch.float64), var.cumsum(0)]).tolist()
     total = csum[-1] or 1.0
     rows = []
-    for groups in fast_candidates(d, max_groups):
+    for groups in fast_candidates(d, max_groups, cuda_only=cuda_only):
         used = sum((b - a) * bits // 8 + (2 if bits else 0) for a, b, bits in groups)
         err = sum((csum[b] - csum[a]) * (gaussian_mse(bits) if bits else 1.0) for a, b, bits in groups) / total
         rows.append((used, round(err, 12), groups))

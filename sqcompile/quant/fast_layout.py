@@ -38,6 +38,7 @@ from torch import Tensor
 from .format import token_normalize, uniform_codes
 
 BITS_ALLOWED = (0, 1, 2, 4, 8)
+CUDA_SLACK = 1.10  # prefer layouts the CUDA decode kernel reads at up to 10% more Gaussian MSE
 SCALES = ("token", "channel")
 
 
@@ -332,6 +333,13 @@ class FastLayout:
 # a layout for a budget
 # ---------------------------------------------------------------------------------------------
 
+def cuda_decodable(n: int, bits: int) -> bool:
+    """Whether a coded group of n dims at `bits` splits into whole bytes per thread of the CUDA decode kernel
+    (`sqcompile.kernels.decode_attention_cuda`: n * bits % 64 == 0; 0-bit groups store nothing). The
+    planners keep to such groups (16-dim boundaries at 4/8 bits, 32 at 2 bits, 64 at 1 bit)."""
+    return bits == 0 or (n * bits) % 64 == 0
+
+
 def _candidates(d: int, min_group: int = 16) -> list[FastLayout]:
     """One token group at b bits, or [0:n_hi] at b_hi + [n_hi:d] at b_lo (n_hi a multiple of min_group,
     b_hi >= b_lo: equal bits = two token scales)."""
@@ -359,13 +367,26 @@ def layout_for_budget(budget_bits: float, head_dim: int, objective: str = "mse",
     objective "mse" (default): the lowest total Gaussian MSE (sum over coordinates of the optimal
     uniform quantizer's MSE), then the most bytes; "bytes": the most bytes, then the lowest MSE.
     ("bytes" can pick a worse layout: at d=128, 4.25 bits it takes 136 B with 2-bit key dims and
-    twice the MSE of 4 bits everywhere in 132 B.) Remaining ties: fewer padded bytes in the kernel's tiles, K and V
+    twice the MSE of 4 bits everywhere in 132 B.) The best pair of `cuda_decodable` layouts wins when its
+    error is within CUDA_SLACK of the best pair's. Remaining ties: fewer padded bytes in the kernel's tiles, K and V
     bytes closer, then V the larger."""
     if objective not in ("mse", "bytes"):
         raise ValueError(f"objective must be 'mse' or 'bytes', got {objective!r}")
     cap = math.floor(2 * budget_bits * head_dim / 8 + 1e-9)
     cands = [c for c in _candidates(head_dim) if c.bytes_per_token() % align == 0]
     mse = {id(c): sum(g.n * gaussian_mse(g.bits) for g in c.groups) for c in cands}
+    best = _best_pair(cands, cap, mse, objective)
+    friendly = [c for c in cands if all(cuda_decodable(g.n, g.bits) for g in c.groups)]
+    best_f = _best_pair(friendly, cap, mse, objective) if friendly else None
+    if best is None:
+        raise ValueError(f"no layout fits {budget_bits} bits per element at head_dim {head_dim}")
+    err = lambda pair: mse[id(pair[0])] + mse[id(pair[1])]  # noqa: E731
+    if best_f is not None and err(best_f) <= CUDA_SLACK * err(best) + 1e-9:
+        return best_f  # the CUDA decode kernel reads it
+    return best
+
+
+def _best_pair(cands, cap, mse, objective):
     best, best_key = None, None
     for k, v in itertools.product(cands, cands):
         tot = k.bytes_per_token() + v.bytes_per_token()
@@ -377,8 +398,6 @@ def layout_for_budget(budget_bits: float, head_dim: int, objective: str = "mse",
                len(k.groups) + len(v.groups))
         if best_key is None or key < best_key:
             best, best_key = (k, v), key
-    if best is None:
-        raise ValueError(f"no layout fits {budget_bits} bits per element at head_dim {head_dim}")
     return best
 
 

@@ -1,0 +1,201 @@
+"""The CUDA fast-layout decode kernel (sqcompile/kernels/decode_attention_cuda.py) vs FP16 SDPA and the
+Triton fast-layout kernel. GPU script (not a test).
+
+Correctness first (fresh random inputs, outputs poisoned with NaN, against the torch reference: full,
+ragged, length-1 and masked lengths, a capacity that is not a multiple of the tile, G = 1/4/8, d = 64),
+then medians of CUDA-graph replays (caches smaller than 3x L2 are copied and read in turn). A short
+table last; JSON to --out.
+
+    PYTHONPATH=$PWD python3 benchmarks/decode_attention_cuda.py --out $OUT/cuda.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from datetime import datetime, timezone
+
+import torch
+import triton
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from decode_attention_fast import FastSetup, copy_bandwidth, graph_us, log, rel_err  # noqa: E402
+
+from sqcompile.kernels import decode_attention_cuda as dc  # noqa: E402
+from sqcompile.kernels import decode_attention_fast as fa  # noqa: E402
+
+VARIANTS = {"w4s4": dict(warps=4, stages=4, per_sm=4), "w4s4_sm8": dict(warps=4, stages=4, per_sm=8),
+            "w4s3": dict(warps=4, stages=3, per_sm=4), "w4s6": dict(warps=4, stages=6, per_sm=4),
+            "w2s4_sm8": dict(warps=2, stages=4, per_sm=8), "w8s3_sm2": dict(warps=8, stages=3, per_sm=2),
+            "w4s2_sm8": dict(warps=4, stages=2, per_sm=8), "w4s4_sm2": dict(warps=4, stages=4, per_sm=2)}
+
+
+def checks(dev, gen, out):
+    ok_all = True
+    cases = [  # (bits, B, Hq, Hkv, d, S (capacity), lengths kind, mask)
+        (2.69, 4, 32, 8, 128, 1000, "full", False), (2.69, 4, 32, 8, 128, 1000, "ragged", False),
+        (3.25, 3, 32, 8, 128, 4104, "ragged", False), (4.25, 2, 32, 8, 128, 520, "one", False),
+        (2.69, 3, 32, 8, 128, 776, "ragged", True), (4.25, 2, 8, 8, 128, 512, "ragged", False),
+        (3.25, 2, 64, 8, 128, 512, "full", True), (4.25, 2, 12, 4, 64, 264, "ragged", False),
+    ]
+    for bits, B, Hq, H, d, S, lk, masked in cases:
+        st = FastSetup(bits, H, d, dev, gen, align=2)
+        kp, vp = st.fill(B, H, S, d, dev, gen)
+        q = torch.randn(B, Hq, d, device=dev, generator=gen).half()
+        L = {"full": torch.full((B,), S), "one": torch.ones(B),
+             "ragged": torch.randint(1, S + 1, (B,), generator=torch.Generator().manual_seed(S))}[lk]
+        L = L.to(dev, torch.int32)
+        m = (torch.rand(B, S, device=dev, generator=gen) > 0.3) if masked else None
+        if m is not None:
+            m[:, 0] = True
+        ref = fa.decode_attention_fast_reference(q, kp, vp, L, scale=1 / math.sqrt(d), kv_mask=m, **st.args)
+        why = dc.supports(st.kl, st.vl, d, Hq // H, S)
+        for vname, kw in (("w4s4", VARIANTS["w4s4"]), ("w2s4_sm8", VARIANTS["w2s4_sm8"])):
+            try:
+                o = dc.decode_attention_fast_cuda(q, kp, vp, L, scale=1 / math.sqrt(d), kv_mask=m, poison=True,
+                                                  **st.args, **kw)
+                torch.cuda.synchronize()
+                e = rel_err(o, ref)
+                ok = bool(torch.isfinite(o).all()) and e < 5e-3
+            except Exception as exc:
+                e, ok = float("nan"), False
+                log(f"  {type(exc).__name__}: {str(exc)[:1500]}")
+            ok_all &= ok
+            out.append(dict(bits=bits, B=B, Hq=Hq, Hkv=H, d=d, S=S, lengths=lk, mask=masked, variant=vname,
+                            rel_err=e, ok=ok, supported=why))
+            log(f"check {bits} B{B} Hq{Hq}/{H} d{d} S{S} {lk}{' mask' if masked else ''} {vname}: rel err {e:.2e} "
+                f"{'ok' if ok else 'FAIL'}{'' if why is None else ' (unsupported: ' + why + ')'}")
+    return ok_all
+
+
+def time_write(st, dev, gen, B=8, H=8, d=128, S=4096):
+    """P3: one decode step's quantize-on-write of one layer (B tokens, K and V) through Inductor."""
+    from sqcompile.kernels import fast_cache
+
+    kp = torch.zeros(B, H, S + 8, st.kb, dtype=torch.uint8, device=dev)
+    vp = torch.zeros(B, H, S + 8, st.vb, dtype=torch.uint8, device=dev)
+    key = torch.randn(B, H, 1, d, device=dev, generator=gen, dtype=torch.bfloat16)
+    val = torch.randn(B, H, 1, d, device=dev, generator=gen, dtype=torch.bfloat16)
+    pos = torch.tensor([S - 1], device=dev)
+    basis, mean = st.args["k_basis"], torch.zeros(H, d, device=dev)
+    ks, vs = st.kl.spec(), st.vl.spec()
+
+    def write(key, val, kp, vp, pos):
+        fast_cache.quantize_write_fast(key, val, kp, vp, pos, basis, mean, ks, vs)
+
+    ref_k, ref_v = kp.clone(), vp.clone()
+    write(key, val, ref_k, ref_v, pos)
+    comp = torch.compile(write)
+    comp(key, val, kp, vp, pos)
+    same = bool(torch.equal(kp, ref_k) and torch.equal(vp, ref_v))
+    return graph_us([lambda: comp(key, val, kp, vp, pos)]), graph_us([lambda: write(key, val, kp, vp, pos)]), same
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="decode_attention_cuda.json")
+    ap.add_argument("--seq", type=int, nargs="+", default=[4096, 16384, 65536])
+    ap.add_argument("--bits", type=float, nargs="+", default=[2.69, 3.25, 4.25])
+    ap.add_argument("--tune", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--dump", default=None, help="write the generated CUDA source of the 2.69 plan here")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    props = torch.cuda.get_device_properties(dev)
+    meta = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
+                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=" ".join(sys.argv))
+    meta["copy_TBps"] = copy_bandwidth(dev)
+    log(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, copy {meta['copy_TBps']:.2f} TB/s")
+    res = dict(meta=meta, checks=[], rows=[], tuning=[])
+    ok = checks(dev, gen, res["checks"])
+    log(f"correctness: {'all ok' if ok else 'FAILURES'}")
+    if not ok:
+        json.dump(res, open(args.out, "w"), indent=1)
+        sys.exit(1)
+    B, Hq, H, d = 8, 32, 8, 128
+    scale = 1 / math.sqrt(d)
+    for bi, bits in enumerate(args.bits):
+        st = FastSetup(bits, H, d, dev, gen, align=2)
+        log(f"\n## {bits}: K {st.kl.describe()} | V {st.vl.describe()}")
+        for S in args.seq:
+            kp, vp = st.fill(B, H, S, d, dev, gen)
+            q = torch.randn(B, Hq, d, device=dev, generator=gen).half()
+            lens = torch.full((B,), S, dtype=torch.int32, device=dev)
+            n_c = max(1, min(8, math.ceil(3 * props.L2_cache_size / (B * H * S * (st.kb + st.vb)))))
+            copies = [(kp, vp)] + [(kp.clone(), vp.clone()) for _ in range(n_c - 1)]
+            t = {}
+            names = args.tune if bi == 0 else [min((r for r in res["tuning"] if r["S"] == S),
+                                                   key=lambda r: r["us"])["variant"]]
+            for vname in names:
+                kw = VARIANTS[vname]
+                try:
+                    dc.decode_attention_fast_cuda(q, kp, vp, lens, scale=scale, **st.args, **kw)
+                    t[vname] = graph_us([lambda a=a, b_=b_, kw=kw: dc.decode_attention_fast_cuda(
+                        q, a, b_, lens, scale=scale, **st.args, **kw) for a, b_ in copies])
+                except Exception as exc:
+                    log(f"variant {vname}: {type(exc).__name__}: {str(exc)[:300]}")
+                    continue
+                if bi == 0:
+                    res["tuning"].append(dict(S=S, variant=vname, us=t[vname]))
+                log(f"S={S:6d} cuda {vname:10s} {t[vname]:8.1f} us")
+            best = min(t, key=t.get)
+            if bi == 0:  # host time per call, no CUDA graph (what an eager or Inductor caller pays)
+                import time
+                fns = {"op (cuda)": lambda kp=kp, vp=vp: torch.ops.sqcompile.decode_attention_fast(
+                           q, kp, vp, lens, scale=scale, **st.args),
+                       "triton": lambda kp=kp, vp=vp: fa.decode_attention_fast_triton(q, kp, vp, lens, scale=scale,
+                                                                                      **st.args)}
+                for name, f in fns.items():
+                    f()
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(100):
+                        f()
+                    torch.cuda.synchronize()
+                    us = (time.perf_counter() - t0) * 1e4
+                    res.setdefault("eager_loop", []).append(dict(S=S, what=name, us=us))
+                    log(f"S={S:6d} eager loop {name}: {us:.1f} us per call (host + device, no graph)")
+            t_tri = graph_us([lambda a=a, b_=b_: fa.decode_attention_fast_triton(q, a, b_, lens, scale=scale, **st.args)
+                              for a, b_ in copies])
+            del copies
+            k16 = torch.randn(B, H, S, d, device=dev, generator=gen, dtype=torch.float16)
+            v16 = torch.randn(B, H, S, d, device=dev, generator=gen, dtype=torch.float16)
+            t_sdpa = graph_us([lambda k16=k16, v16=v16: torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, None], k16, v16, scale=scale, enable_gqa=True)])
+            del k16, v16
+            for impl, us, nbytes in (("fp16_sdpa", t_sdpa, 2 * B * H * S * d * 2),
+                                     ("triton_fast", t_tri, B * H * S * (st.kb + st.vb)),
+                                     ("cuda_fast", t[best], B * H * S * (st.kb + st.vb))):
+                tb = nbytes / (us * 1e-6) / 1e12
+                row = dict(bits=bits, bpe=8 * (st.kb + st.vb) / (2 * d), S=S, impl=impl, us=us,
+                           x_sdpa=t_sdpa / us, TBps=tb, pct_copy=100 * tb / meta["copy_TBps"],
+                           variant=best if impl == "cuda_fast" else None)
+                res["rows"].append(row)
+                log(f"S={S:6d} {impl:12s} {us:8.1f} us x{t_sdpa / us:5.2f} {tb:5.2f} TB/s ({row['pct_copy']:.0f}%)")
+            del kp, vp
+            torch.cuda.empty_cache()
+            json.dump(res, open(args.out, "w"), indent=1)
+    for bits in args.bits:
+        st = FastSetup(bits, H, d, dev, gen, align=2)
+        try:
+            w_ind, w_eager, same = time_write(st, dev, gen)
+        except Exception as exc:
+            log(f"write timing failed: {type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        att = [r for r in res["rows"] if r["bits"] == bits and r["S"] == 4096 and r["impl"] == "cuda_fast"]
+        a_us = att[0]["us"] if att else float("nan")
+        res.setdefault("write", []).append(dict(bits=bits, inductor_us=w_ind, eager_us=w_eager, same_bytes=same,
+                                                decode_4k_us=a_us, ratio=w_ind / a_us))
+        log(f"P3 {bits}: quantize_write_fast one step, one layer (B=8): Inductor {w_ind:.1f} us (eager {w_eager:.1f}),"
+            f" same bytes as eager {same}; decode attention at 4K {a_us:.1f} us -> {100 * w_ind / a_us:.0f}%")
+    json.dump(res, open(args.out, "w"), indent=1)
+    log(f"\n# {meta['device']}, copy {meta['copy_TBps']:.2f} TB/s, B={B} Hq={Hq} Hkv={H} d={d}")
+    log(f"{'bits':>5} {'b/elem':>6} {'S':>6} {'impl':>12} {'us':>8} {'x sdpa':>7} {'TB/s':>6} {'%copy':>6} variant")
+    for r in res["rows"]:
+        log(f"{r['bits']:>5} {r['bpe']:6.3f} {r['S']:>6} {r['impl']:>12} {r['us']:8.1f} {r['x_sdpa']:7.2f} "
+            f"{r['TBps']:6.2f} {r['pct_copy']:5.0f}% {r['variant'] or ''}")
+
+
+if __name__ == "__main__":
+    main()

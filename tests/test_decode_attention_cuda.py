@@ -1,0 +1,128 @@
+"""The CUDA decode kernel (sqcompile/kernels/decode_attention_cuda.py).
+
+On CPU: its register-fragment permutations, checked against an independent byte-level decode of the packed
+rows (what each thread reads, per the kernel's rule), and the layouts it accepts. On a CUDA machine: the
+kernel itself against the torch reference (fresh random inputs, outputs poisoned first). CI has no GPU;
+the same checks run on the lent GPU in benchmarks/decode_attention_cuda.py.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sqcompile.kernels import decode_attention_cuda as dc
+from sqcompile.quant.fast_layout import FastGroup, FastLayout, layout_for_budget
+
+LAYOUTS = [  # (d, K groups, V groups): (start, stop, bits)
+    (128, [(0, 128, 2)], [(0, 64, 4), (64, 128, 2)]),
+    (128, [(0, 16, 4), (16, 128, 2)], [(0, 32, 4), (32, 128, 2)]),  # odd bytes per thread for K
+    (128, [(0, 64, 4), (64, 128, 4)], [(0, 16, 8), (16, 128, 4)]),
+    (64, [(0, 16, 4), (16, 64, 2)], [(0, 32, 4), (32, 64, 2)]),
+    (64, [(0, 64, 1)], [(0, 16, 4), (16, 64, 0)]),  # 1-bit keys, a dropped value tail
+]
+
+
+def _lay(d, groups):
+    return FastLayout(d, tuple(FastGroup(a, b, bits) for a, b, bits in groups))
+
+
+def _code(row: torch.Tensor, lay: FastLayout, gi: int, byte: int, e: int) -> torch.Tensor:
+    g = lay.groups[gi]
+    x = row[..., lay.code_offsets()[gi] + byte].to(torch.int64)
+    return (x >> (g.bits * e)) & ((1 << g.bits) - 1)
+
+
+@pytest.mark.parametrize("d,kg,vg", LAYOUTS)
+def test_fragment_permutations_match_a_byte_level_decode(d, kg, vg):
+    kl, vl = _lay(d, kg), _lay(d, vg)
+    assert dc.supports(kl, vl, d, 4, 64) is None
+    pl = dc._Plan(d, 4, kl, vl, 4, 4)
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 5, d)
+    kp, vp = kl.quantize(x), vl.quantize(x)
+    kc = torch.cat([c for c, g in zip(kl.unpack(kp)[0], kl.groups) if g.bits], -1)  # codes by coordinate
+    vc = torch.cat([c for c, g in zip(vl.unpack(vp)[0], vl.groups) if g.bits], -1)
+    kcol = {j: i for i, j in enumerate(j for g in kl.groups if g.bits for j in range(g.start, g.stop))}
+    vcol = {j: i for i, j in enumerate(j for g in vl.groups if g.bits for j in range(g.start, g.stop))}
+    # K: thread tig's bytes [tig L, (tig + 1) L); pair p of a 16-dim chunk -> columns 2 tig + 8 hh + lane
+    for gi, g in enumerate(kl.groups):
+        if not g.bits:
+            continue
+        E, L = 8 // g.bits, g.n * g.bits // 32
+        for tig in range(4):
+            for p in range(g.n // 8):
+                kk, hh = divmod(p, 2)
+                for lane in range(2):
+                    if L % 2:
+                        i, k = divmod(p, E // 2)
+                        got = _code(kp, kl, gi, tig * L + i, 2 * k + lane)
+                        e = 2 * k + lane
+                    else:
+                        m, e = divmod(p, E)
+                        got = _code(kp, kl, gi, tig * L + 2 * m + lane, e)
+                    fc = g.start + 16 * kk + 2 * tig + 8 * hh + lane
+                    assert torch.equal(got, kc[..., kcol[pl.kmap[fc]]]), (gi, tig, p, lane)
+                    assert pl.kpow[fc] == 2.0 ** (-g.bits * e)
+    # V: thread gid's bytes [gid L', (gid + 1) L'); slot e of byte i -> output row 16 kk + gid + 8 hh
+    for gi, g in enumerate(vl.groups):
+        if not g.bits:
+            continue
+        E, Lp = 8 // g.bits, g.n * g.bits // 64
+        for gid in range(8):
+            for i in range(Lp):
+                for e in range(E):
+                    kk, hh = divmod(i * E + e, 2)
+                    r = g.start + 16 * kk + gid + 8 * hh
+                    assert torch.equal(_code(vp, vl, gi, gid * Lp + i, e), vc[..., vcol[pl.vmap[r]]])
+                    assert pl.vpow[r] == 2.0 ** (-g.bits * e) and pl.vgrp[r] == gi
+    assert sorted(pl.kmap) == list(range(d)) and sorted(pl.vmap) == list(range(d))
+
+
+def test_supports_names_what_it_cannot_read():
+    kl, vl = layout_for_budget(3.25, 128)
+    assert dc.supports(kl, vl, 128, 4, 4096) is None
+    assert "query heads" in dc.supports(kl, vl, 128, 16, 4096)
+    assert "capacity" in dc.supports(kl, vl, 128, 4, 4100)
+    bad = _lay(64, [(0, 16, 4), (16, 64, 2)])  # V [16:64]@2: 12 bytes over 8 threads
+    assert "V group [16:64]@2" in dc.supports(bad, bad, 64, 4, 64)  # as keys it is fine (4 threads)
+
+
+def test_selection_env(monkeypatch):
+    kl, vl = layout_for_budget(3.25, 128)
+    q = torch.zeros(1, 4, 128)
+    kp = torch.zeros(1, 1, 64, kl.bytes_per_token(), dtype=torch.uint8)
+    monkeypatch.setenv(dc.ENV, "triton")
+    assert dc.available(q, kp, kl.flat_groups(), vl.flat_groups()) == f"{dc.ENV}=triton"
+    monkeypatch.setenv(dc.ENV, "cuda")
+    with pytest.raises(ValueError, match="CUDA decode kernel cannot run"):
+        dc.available(q, kp, kl.flat_groups(), vl.flat_groups())  # a CPU tensor
+    monkeypatch.setenv(dc.ENV, "bogus")
+    with pytest.raises(ValueError, match="auto, cuda or triton"):
+        dc.available(q, kp, kl.flat_groups(), vl.flat_groups())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the lent GPU)")
+@pytest.mark.parametrize("d,kg,vg", LAYOUTS)
+@pytest.mark.parametrize("G", [1, 4, 8])
+def test_cuda_kernel_equals_reference(d, kg, vg, G):
+    from sqcompile.kernels.decode_attention_fast import decode_attention_fast_reference
+
+    kl, vl = _lay(d, kg), _lay(d, vg)
+    gen = torch.Generator(device="cuda").manual_seed(G)
+    B, H, T = 3, 2, 328
+    kp = kl.quantize(torch.randn(B, H, T, d, device="cuda", generator=gen))
+    vp = vl.quantize(torch.randn(B, H, T, d, device="cuda", generator=gen))
+    q = torch.randn(B, H * G, d, device="cuda", generator=gen).half()
+    basis = torch.linalg.qr(torch.randn(H, d, d, device="cuda", generator=gen))[0]
+    args = (q, kp, vp, torch.tensor([1, 200, T], device="cuda", dtype=torch.int32), basis,
+            kl.column_factor(None, H, "cuda"), vl.column_factor(None, H, "cuda"), kl.flat_groups(), vl.flat_groups(),
+            1 / math.sqrt(d))
+    mask = torch.rand(B, T, device="cuda", generator=gen) > 0.3
+    mask[:, 0] = True
+    for m in (None, mask):
+        ref = decode_attention_fast_reference(*args, kv_mask=m)
+        out = dc.decode_attention_fast_cuda(*args, kv_mask=m, poison=True)
+        assert torch.isfinite(out).all()
+        assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < 5e-3
