@@ -126,3 +126,15 @@ def test_cuda_kernel_equals_reference(d, kg, vg, G):
         out = dc.decode_attention_fast_cuda(*args, kv_mask=m, poison=True)
         assert torch.isfinite(out).all()
         assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < 5e-3
+
+
+def test_parameter_block_points_at_the_values_it_was_given():
+    """`_Args` (the cuLaunchKernel parameter block, reused across calls): entry i points at parameter i."""
+    import ctypes
+
+    a = dc._Args("ppi")
+    for x, n in ((torch.zeros(3), 7), (torch.ones(5), -2)):  # a second call overwrites in place
+        a.set((x, x[1:], n))
+        got = [ctypes.cast(a.arr[i], ctypes.POINTER(t)).contents.value
+               for i, t in enumerate((ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int))]
+        assert got == [x.data_ptr(), x[1:].data_ptr(), n]

@@ -780,8 +780,8 @@ def decode_attention_fast_cuda_op(q, k_packed, v_packed, lengths, k_basis, k_fac
                                   scale, kv_mask=None):
     """`decode_attention_fast_cuda` as an opaque op (the kernel launches through ctypes, which tracing cannot
     see into); `decode_attention_fast` calls it when `available` returns None. Registered with
-    torch.library.Library rather than `custom_op`: the latter's Python wrappers cost ~0.3 ms of host time per
-    call on the lent H200 (benchmarks/profile_host.py)."""
+    torch.library.Library rather than `custom_op`: the latter's Python wrappers cost ~0.2 ms of host time per
+    call under cProfile on the lent H200 (benchmarks/profile_host.py)."""
     try:
         return decode_attention_fast_cuda(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
                                           v_groups, scale, kv_mask=kv_mask)
