@@ -132,6 +132,9 @@ def main():
     ap.add_argument("--layouts", nargs="+", default=["planes", "fast"], choices=["planes", "fast"],
                     help="SpectralCache layouts timed as sqcompile rows (planes: decode_attention; fast: decode_attention_fast)")
     ap.add_argument("--out", default="e2e_decode.json")
+    ap.add_argument("--cudagraphs", action="store_true",
+                    help="both compiled rows as CUDA graphs (Inductor mode='reduce-overhead'; sqcompile "
+                         "options={'cudagraphs': True}): no per-kernel host time")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run of the script itself (tiny model, no timing value)")
     args = ap.parse_args()
     global DEV, HIDDEN, FFN, HEADS, VOCAB
@@ -149,8 +152,9 @@ def main():
     for knob in ("cache_size_limit", "recompile_limit"):  # one graph per (context, batch, layout): no eager fallback
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 64)
-    inductor = torch.compile(fwd)
-    sqs = {lay: torch.compile(fwd, backend=sqcompile.spectralquant, options={"bits": args.bits, "moe": False})
+    inductor = torch.compile(fwd, mode="reduce-overhead") if args.cudagraphs else torch.compile(fwd)
+    sqs = {lay: torch.compile(fwd, backend=sqcompile.spectralquant, options={"bits": args.bits, "moe": False,
+                                                                             "cudagraphs": args.cudagraphs})
            for lay in args.layouts}
     compile_times = {}
     rows = args.rows.split(",")

@@ -12,6 +12,7 @@ The pipeline, in order (each step a function over the FX graph, testable alone):
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 from typing import Any, Callable, Optional
 
@@ -153,9 +154,13 @@ def _inline_fast_cache_ops(gm: fx.GraphModule) -> None:
 
 def spectralquant(gm: fx.GraphModule, example_inputs: list, options: Any = None, **kwargs: Any) -> Callable:
     """torch.compile backend: `torch.compile(model, backend="spectralquant", options={...})`."""
-    if kwargs.get("mode") is not None:
-        _log_once(f"sqcompile: mode={kwargs['mode']!r} is ignored by the spectralquant backend")
     opts = Options.from_dict(options)
+    mode = kwargs.get("mode")
+    if mode == "reduce-overhead":  # torch.compile passes mode only when no options are given
+        opts = dataclasses.replace(opts, cudagraphs=True)
+    elif mode not in (None, "default"):
+        _log_once(f"sqcompile: mode={mode!r} is ignored by the spectralquant backend (only 'reduce-overhead', "
+                  f"= options={{'cudagraphs': True}}, has a meaning here)")
     sites = run_passes(gm, example_inputs, opts, scope=options if isinstance(options, dict) else None)
     sink = _REPORT_SINK.get()
     if sink is not None:
@@ -172,7 +177,7 @@ def spectralquant(gm: fx.GraphModule, example_inputs: list, options: Any = None,
     from torch._inductor.compile_fx import compile_fx
 
     register_constants(gm)
-    return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True} if opts.cudagraphs else None)
 
 
 def register_constants(gm: fx.GraphModule) -> None:

@@ -29,6 +29,10 @@ class Options:
               at 1/2/4/8 bits packed inside bytes, `decode_attention_fast`: faster decode, a little more
               error at 4 bits). Used by the simulated quantization and by `sqcompile.optimize`'s cache; a
               `SpectralCache` passed by the user carries its own layout (`SpectralCache(..., layout=...)`).
+    cudagraphs: run each compiled graph as a CUDA graph (Inductor's cudagraph trees, what
+              mode="reduce-overhead" turns on for Inductor; torch.compile takes `mode` or `options`, not both,
+              so this is the way with a profile). Removes the per-kernel host time that bounds small-batch
+              decode; the caches' tensors are marked static (SpectralCache does it). No effect on CPU.
     """
 
     profile: Any = None
@@ -40,6 +44,7 @@ class Options:
     method: Optional[str] = None
     seed: int = 0
     layout: str = "planes"
+    cudagraphs: bool = False
 
     @classmethod
     def from_dict(cls, options: Union[None, dict, "Options"]) -> "Options":
@@ -66,7 +71,7 @@ class Options:
             raise TypeError(f"option 'bits' must be a number of bits per element, got {self.bits!r}")
         if not 0 < float(self.bits) <= 16:
             raise ValueError(f"option 'bits' must be in (0, 16] bits per element, got {self.bits}")
-        for name in ("quantize", "moe"):
+        for name in ("quantize", "moe", "cudagraphs"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"option '{name}' must be True or False, got {getattr(self, name)!r}")
         if self.kernels not in KERNEL_CHOICES:

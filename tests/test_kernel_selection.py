@@ -55,3 +55,28 @@ def test_tensorrt_path_on_hardware():  # pragma: no cover - not run anywhere yet
     x = torch.randn(4, device="cuda")
     fn = torch.compile(lambda t: t + 1, backend="spectralquant", options={"kernels": "tensorrt"})
     assert torch.equal(fn(x), x + 1)
+
+
+@pytest.mark.parametrize("how", ["options", "mode"])
+def test_cudagraphs_reach_inductor(how, monkeypatch):
+    """options={"cudagraphs": True} (or mode="reduce-overhead", which torch.compile passes only without
+    options) compiles with Inductor's cudagraph trees on; the default does not."""
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kw):
+        seen.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
+    for on in (True, False):
+        torch._dynamo.reset()
+        if how == "options":
+            fn = torch.compile(lambda x: x * 2, backend=sqcompile.spectralquant,
+                               options={"quantize": False, "cudagraphs": on})
+        else:
+            fn = torch.compile(lambda x: x * 2, backend=sqcompile.spectralquant,
+                               mode="reduce-overhead" if on else "default")
+        assert torch.equal(fn(torch.ones(3)), torch.full((3,), 2.0))
+    assert seen == [{"triton.cudagraphs": True}, None]
