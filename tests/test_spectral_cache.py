@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import StaticCache
 
 import sqcompile
 from sqcompile.backend import spectralquant
@@ -15,6 +14,18 @@ from test_hf_models import _model, _rel
 
 KERNEL = {"planes": "decode_attention", "fast": "decode_attention_fast"}
 DEQUANT = {"planes": "dequantize_packed", "fast": "dequantize_fast"}
+
+
+def _lockstep(model, step, eager_cache, compiled_cache, ids, steps, tag=()):
+    """Prefill + `steps` greedy decode steps of eager `model` and compiled `step`, each on its own cache;
+    the logits agree to 1e-4 relative at every step. Returns the last input (the next token)."""
+    x = ids
+    for i in range(steps + 1):
+        a = model(input_ids=x, past_key_values=eager_cache, use_cache=True).logits
+        b = step(input_ids=x, past_key_values=compiled_cache, use_cache=True).logits
+        assert _rel(b, a) < 1e-4, (*tag, i, _rel(b, a))
+        x = a[:, -1:].argmax(-1)
+    return x
 
 
 @pytest.mark.parametrize("arch,layout", [("llama", "planes"), ("qwen2", "planes"), ("llama", "fast"), ("qwen2", "fast")])
@@ -33,12 +44,7 @@ def test_compiled_fused_decode_equals_eager_spectral_cache(arch, layout):
     eager_cache = SpectralCache(model, bits=3.25, max_cache_len=40, layout=layout)
     compiled_cache = SpectralCache(model, bits=3.25, max_cache_len=40, layout=layout)
     with torch.no_grad():
-        x = ids
-        for i in range(17):  # prefill + 16 decode steps
-            a = model(input_ids=x, past_key_values=eager_cache, use_cache=True).logits
-            b = step(input_ids=x, past_key_values=compiled_cache, use_cache=True).logits
-            assert _rel(b, a) < 1e-4, (i, _rel(b, a))
-            x = a[:, -1:].argmax(-1)
+        x = _lockstep(model, step, eager_cache, compiled_cache, ids, 16)
     # The decode graph reads the codes: decode_attention, and no dequantized cache anywhere.
     decode = decode_graphs[-1]
     targets = [str(n.target) for n in decode.graph.nodes if n.op == "call_function"]
@@ -134,12 +140,7 @@ def test_fast_layout_under_inductor_equals_eager_and_writes_the_same_codes():
     eager_cache = SpectralCache(model, bits=3.25, max_cache_len=24, layout="fast")
     compiled_cache = SpectralCache(model, bits=3.25, max_cache_len=24, layout="fast")
     with torch.no_grad():
-        x = ids
-        for i in range(3):  # prefill + 2 decode steps
-            a = model(input_ids=x, past_key_values=eager_cache, use_cache=True).logits
-            b = step(input_ids=x, past_key_values=compiled_cache, use_cache=True).logits
-            assert _rel(b, a) < 1e-4, (i, _rel(b, a))
-            x = a[:, -1:].argmax(-1)
+        _lockstep(model, step, eager_cache, compiled_cache, ids, 2)
     for le, lc in zip(eager_cache.layers, compiled_cache.layers):
         assert torch.equal(le.keys, lc.keys) and torch.equal(le.values, lc.values)
 
@@ -156,9 +157,4 @@ def test_one_compiled_forward_serves_caches_of_different_layouts():
         eager_cache = SpectralCache(model, bits=bits, max_cache_len=16, layout=layout)
         compiled_cache = SpectralCache(model, bits=bits, max_cache_len=16, layout=layout)
         with torch.no_grad():
-            x = ids
-            for i in range(4):
-                a = model(input_ids=x, past_key_values=eager_cache, use_cache=True).logits
-                b = step(input_ids=x, past_key_values=compiled_cache, use_cache=True).logits
-                assert _rel(b, a) < 1e-4, (layout, bits, i, _rel(b, a))
-                x = a[:, -1:].argmax(-1)
+            _lockstep(model, step, eager_cache, compiled_cache, ids, 3, tag=(layout, bits))

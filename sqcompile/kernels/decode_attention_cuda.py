@@ -141,7 +141,7 @@ class _Plan:
         assert sorted(kmap) == list(range(D)) and sorted(vmap) == list(range(D))
         self.kmap, self.kpow, self.vmap, self.vpow, self.vgrp = kmap, kpow, vmap, vpow, vgrp
         self.source = self._source()
-        self._kernel = None
+        self._kernels: dict = {}
         self._dev: dict = {}
 
     # -- code generation ----------------------------------------------------------------------
@@ -259,28 +259,21 @@ class _Plan:
             HQ=self._hq(), KSCORES=self._k_scores(), VACC=self._v_accumulate())
 
     # -- launch -------------------------------------------------------------------------------
-    def merge_kernel(self):
-        if getattr(self, "_mkernel", None) is None:
-            self._mkernel = torch.cuda._compile_kernel(self.source, "sq_fast_merge")
-        return self._mkernel
-
-    def query_kernel(self):
-        if getattr(self, "_qkernel", None) is None:
-            self._qkernel = torch.cuda._compile_kernel(self.source, "sq_fast_query")
-        return self._qkernel
-
-    def kernel(self):
-        if self._kernel is None:
-            k = torch.cuda._compile_kernel(self.source, "sq_fast_decode")
-            if self.smem >= 48 * 1024:
+    def compiled(self, name: str):
+        """The NVRTC-compiled kernel `name` of this plan's source (sq_fast_query / sq_fast_decode /
+        sq_fast_merge), compiled on first use."""
+        k = self._kernels.get(name)
+        if k is None:
+            k = torch.cuda._compile_kernel(self.source, name)
+            if name == "sq_fast_decode" and self.smem >= 48 * 1024:
                 if hasattr(k, "set_shared_memory_config"):
                     k.set_shared_memory_config(self.smem)
                 else:  # older torch: raise the dynamic shared-memory limit through the driver API
                     lib = torch.cuda._utils._get_gpu_runtime_library()
                     if lib.cuFuncSetAttribute(k.func, 8, self.smem) != 0:  # MAX_DYNAMIC_SHARED_SIZE_BYTES
                         raise RuntimeError(f"cannot give the decode kernel {self.smem} bytes of shared memory")
-            self._kernel = k
-        return self._kernel
+            self._kernels[name] = k
+        return k
 
     def tables(self, device):
         key = str(device)
@@ -377,7 +370,8 @@ class _Launch:
         self.qf = torch.empty(B, Hq, D, device=dev, dtype=torch.float16)  # scratch, reused by every call
         self.op = torch.empty(B, Hq, self.nsplit, D, device=dev, dtype=torch.float32)
         self.lse = torch.empty(B, Hq, self.nsplit, device=dev, dtype=torch.float32)
-        self.qkernel, self.kernel, self.mkernel = pl.query_kernel(), pl.kernel(), pl.merge_kernel()
+        self.qkernel, self.kernel, self.mkernel = (pl.compiled(n) for n in ("sq_fast_query", "sq_fast_decode",
+                                                                            "sq_fast_merge"))
         self.qargs, self.args, self.margs = _Args("pppii"), _Args("pppppppppp" + "iiiii"), _Args("pppii")
 
 

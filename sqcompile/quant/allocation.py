@@ -284,9 +284,6 @@ def plan_waterfill(eigvals: Tensor, budget_bytes: int, *, dist: str = "laplace",
     return None
 
 
-CUDA_SLACK = 1.10  # fast layouts: take CUDA-decodable groups at up to 10% more predicted error
-
-
 def fast_candidates(d: int, max_groups: int = 2, min_group: int = 16,
                     cuda_only: bool = False) -> list[tuple[tuple[int, int, int], ...]]:
     """Fast-layout group lists ((start, stop, bits), ...): up to `max_groups` groups on multiples of
@@ -319,6 +316,8 @@ def plan_fast(lam: Optional[Tensor], d: int, budget: int, max_groups: int = 2) -
     dims are alike. Groups the CUDA decode kernel reads (`fast_layout.cuda_decodable`) are preferred when
     their predicted error is within CUDA_SLACK of the best layout's. Predicted relative error: sum over groups of (its variance) x (uniform Gaussian MSE at
     its bits; 1 for 0 bits) / total variance. The lowest error within `budget` bytes (ties: fewer bytes)."""
+    from .fast_layout import CUDA_SLACK
+
     key = None if lam is None else tuple(float(x) for x in lam.double().clamp_min(0))
     found = {}
     for cuda_only in (True, False):

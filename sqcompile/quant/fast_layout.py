@@ -38,7 +38,7 @@ from torch import Tensor
 from .format import token_normalize, uniform_codes
 
 BITS_ALLOWED = (0, 1, 2, 4, 8)
-CUDA_SLACK = 1.10  # prefer layouts the CUDA decode kernel reads at up to 10% more Gaussian MSE
+CUDA_SLACK = 1.10  # fast planners: prefer layouts the CUDA decode kernel reads at up to 10% more predicted error
 SCALES = ("token", "channel")
 
 
