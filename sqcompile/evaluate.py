@@ -445,6 +445,23 @@ def left_padded(tokenizer, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
+def generated_positions(continuation: Tensor, eos_token_id: Optional[int]) -> Tensor:
+    """bool [B, T]: the positions of a greedy `generate()` continuation that the model picked, i.e. up to and
+    including the first EOS. After it, generate() writes the pad token (here EOS) without asking the model,
+    so a teacher-forced pick there is compared against filler, not against the model's own choice (on the 8
+    prompts of tests/test_smollm2_e2e.py, 17 of the 256 positions; FP32 itself "disagrees" at 7 of them)."""
+    if eos_token_id is None:
+        return torch.ones_like(continuation, dtype=torch.bool)
+    eos = (continuation == eos_token_id).to(torch.int64)
+    return (eos.cumsum(1) - eos) == 0
+
+
+def agreement(picks: Tensor, continuation: Tensor, eos_token_id: Optional[int]) -> float:
+    """Top-1 agreement of teacher-forced `picks` with a greedy `continuation` over its `generated_positions`."""
+    valid = generated_positions(continuation, eos_token_id)
+    return ((picks == continuation) & valid).sum().item() / max(1, int(valid.sum()))
+
+
 @torch.no_grad()
 def teacher_forced_picks(step, ids: Tensor, mask: Tensor, continuation: Tensor, cache) -> Tensor:
     """Greedy next-token picks [B, T] at each position of `continuation` [B, T], feeding the continuation itself
@@ -461,4 +478,4 @@ def teacher_forced_picks(step, ids: Tensor, mask: Tensor, continuation: Tensor, 
 
 
 __all__ = ["RowSpec", "RowResult", "default_rows", "evaluate", "run_row", "run_eval", "to_markdown",
-           "write_results", "left_padded", "teacher_forced_picks"]
+           "write_results", "left_padded", "teacher_forced_picks", "generated_positions", "agreement"]

@@ -8,7 +8,7 @@ import torch
 
 import sqcompile
 from sqcompile.cache import SpectralCache
-from sqcompile.evaluate import left_padded, teacher_forced_picks
+from sqcompile.evaluate import agreement, generated_positions, left_padded, teacher_forced_picks
 
 PROMPTS = [
     "The capital of France is",
@@ -45,12 +45,12 @@ def runs(smollm2, shared_texts):
                                                                           "lower": "eager"})
     compiled = teacher_forced_picks(step, ids, mask, continuation,
                                SpectralCache(model, profile=profile, bits=BITS, max_cache_len=capacity))
-    return continuation, eager, compiled
+    return continuation, eager, compiled, tok.eos_token_id
 
 
 @pytest.mark.slow
 def test_compiled_spectral_cache_equals_eager(runs):
-    _, eager, compiled = runs
+    _, eager, compiled, _ = runs
     # Compiled and eager compute the same function in a different float order (o_proj absorbs the value basis,
     # decode_attention rotates q instead of un-rotating K/V); a last-bit difference can move a value across a
     # quantization boundary in a later layer. Allow at most 5 of the 256 picks (2%) to differ (3 measured on CPU).
@@ -60,9 +60,20 @@ def test_compiled_spectral_cache_equals_eager(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue #6 open: 79-86% measured at 3.76x, target 90%; FP16 K/V alone gives 97.3% and 6.25 bits 92% on these prompts (BENCHMARKS.md)")
+@pytest.mark.xfail(strict=True, reason="issue #6 open: 82.8% measured at 3.76x over the 239 generated positions, target 90%; exact keys alone would give 94% (BENCHMARKS.md)")
 def test_teacher_forced_agreement_at_3_76x(runs):
-    continuation, _, compiled = runs
-    agreement = (compiled == continuation).float().mean().item()
-    print(f"teacher-forced top-1 agreement with FP32 at {16 / BITS:.2f}x: {agreement:.1%}")
-    assert agreement >= 0.90, f"top-1 agreement {agreement:.1%} < 90%"
+    continuation, _, compiled, eos = runs
+    # over the positions generate() asked the model for (up to and including the first EOS; after it,
+    # generate() writes the pad token without asking): 239 of the 256 here
+    agree = agreement(compiled, continuation, eos)
+    print(f"teacher-forced top-1 agreement with FP32 at {16 / BITS:.2f}x: {agree:.1%}")
+    assert agree >= 0.90, f"top-1 agreement {agree:.1%} < 90%"
+
+
+def test_generated_positions_stop_after_first_eos():
+    cont = torch.tensor([[5, 7, 2, 2, 2], [5, 6, 7, 8, 9], [2, 2, 3, 4, 2]])
+    valid = generated_positions(cont, eos_token_id=2)
+    assert valid.tolist() == [[True, True, True, False, False], [True] * 5, [True, False, False, False, False]]
+    picks = torch.tensor([[5, 0, 2, 9, 9], [5, 6, 7, 8, 0], [2, 0, 0, 0, 0]])
+    assert agreement(picks, cont, eos_token_id=2) == 7 / 9
+    assert generated_positions(cont, None).all()

@@ -36,6 +36,7 @@ import ctypes
 import logging
 import os
 import struct
+import threading
 from functools import lru_cache
 from typing import Optional
 
@@ -99,6 +100,8 @@ class _Plan:
         self.kbytes, self.vbytes = _r16(TN * self.krb), _r16(TN * self.vrb)
         self.stage_bytes = self.kbytes + self.vbytes
         self.ngv = len(vl.groups)
+        # query transform: D x qs threads, qs the largest divisor of D with D * qs <= 512
+        self.qs = max(q for q in range(1, max(1, 512 // D) + 1) if D % q == 0)
         comb = warps * (D * 8 + 8 * (2 + self.ngv)) * 4
         self.smem = max(warps * stages * self.stage_bytes, comb)
         # K: fragment column fc = 16 kk + c -> storage coordinate, and 2^(-b e)
@@ -254,7 +257,7 @@ class _Plan:
         zero = " ".join(f"*(unsigned short*)(row + {so}) = 0;" for g, so in zip(self.vl.groups, self.vl.scale_offsets())
                         if g.stores_scale)
         return _TEMPLATE.format(ZEROV=zero or "(void)row;",
-            W=self.W, STAGES=self.S, D=D, G=G, KRB=self.krb, VRB=self.vrb, NCH=D // 16, NGK=ngk, NGV=self.ngv,
+            W=self.W, STAGES=self.S, D=D, G=G, QS=self.qs, KRB=self.krb, VRB=self.vrb, NCH=D // 16, NGK=ngk, NGV=self.ngv,
             KBYTES=self.kbytes, VBYTES=self.vbytes, STAGE_BYTES=self.stage_bytes, TN=TN,
             HQ=self._hq(), KSCORES=self._k_scores(), VACC=self._v_accumulate())
 
@@ -277,15 +280,17 @@ class _Plan:
 
     def tables(self, device):
         key = str(device)
-        if key not in self._dev:
+
+        def make():
             i32 = dict(dtype=torch.int32, device=device)
-            self._dev[key] = dict(
+            return dict(
                 kmap=torch.tensor(self.kmap, dtype=torch.long, device=device),
                 kpow=torch.tensor(self.kpow, dtype=torch.float32, device=device),
                 vmap=torch.tensor(self.vmap, dtype=torch.long, device=device),
                 vmeta=torch.tensor([j + 65536 * gi for j, gi in zip(self.vmap, self.vgrp)], **i32),
                 vpow=torch.tensor(self.vpow, dtype=torch.float32, device=device))
-        return self._dev[key]
+
+        return _cached(self._dev, key, make)
 
 
 @lru_cache(maxsize=64)
@@ -296,19 +301,60 @@ def plan(D: int, G: int, kspec: str, vspec: str, warps: int, stages: int) -> _Pl
 _QCACHE: dict = {}
 
 
+def _cached(cache: dict, key, make):
+    """cache[key], made by `_persistent(make)` on a miss. A miss inside a stream capture (a graph recorded
+    before any eager call with these constants, or cudagraph trees copying a non-static input into the pool)
+    returns make() uncached: a graph-owned temporary, recomputed at every replay."""
+    v = cache.get(key)
+    if v is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return make()
+        if len(cache) > 256:
+            cache.clear()
+        v = cache[key] = _persistent(make)
+    return v
+
+
+def _persistent(make):
+    """make() -> tensor(s) that this module keeps across calls, allocated from the default CUDA pool even
+    while Inductor's cudagraph trees warm up a graph: that routes every allocation of the calling thread to
+    the graph's private pool and then fails on live pool tensors that are not graph outputs ("Detected N
+    tensor(s) in the cudagraph pool not tracked as outputs"). So make() runs on a helper thread (one-time
+    cost per cache entry), ordered after and before the caller's stream by two synchronizations."""
+    if not torch.cuda.is_available():
+        return make()
+    dev = torch.cuda.current_device()
+    torch.cuda.current_stream().synchronize()
+    out: list = []
+
+    def run():
+        with torch.cuda.device(dev):
+            try:
+                out.append(("ok", make()))
+            except BaseException as exc:  # re-raised on the caller's thread
+                out.append(("err", exc))
+            torch.cuda.synchronize()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    kind, val = out[0]
+    if kind == "err":
+        raise val
+    return val
+
+
 def _query_matrix(pl: _Plan, k_basis, k_factor, scale: float):
     """M [Hkv, d, d] with q'' = q @ M: storage basis, fragment column order, step x channel scale, the
     softmax scale, log2(e) and 2^(-b e) folded in (cached per constant tensors and scale)."""
     key = (id(pl), k_basis.data_ptr(), k_basis._version, k_factor.data_ptr(), k_factor._version, float(scale))
-    m = _QCACHE.get(key)
-    if m is None:
+
+    def make():
         t = pl.tables(k_basis.device)
         fac = k_factor.float()[:, t["kmap"]] * t["kpow"] * (float(scale) * LOG2E)  # [Hkv, d]
-        m = (k_basis.float()[:, t["kmap"], :].transpose(1, 2) * fac[:, None, :]).contiguous()  # [Hkv, d_in, d]
-        if len(_QCACHE) > 256:
-            _QCACHE.clear()
-        _QCACHE[key] = m
-    return m
+        return (k_basis.float()[:, t["kmap"], :].transpose(1, 2) * fac[:, None, :]).contiguous()  # [Hkv, d_in, d]
+
+    return _cached(_QCACHE, key, make)
 
 
 _LIBCUDA: list = []
@@ -391,11 +437,7 @@ def decode_attention_fast_cuda(
     was 10-25% slower on an H200: 64 CTAs do all the merging at the end)."""
     key = (tuple(q.shape), q.dtype, q.device, tuple(k_packed.shape), tuple(k_groups), tuple(v_groups), num_splits,
            warps, stages, per_sm)
-    st = _LAUNCHES.get(key)
-    if st is None:
-        if len(_LAUNCHES) > 256:
-            _LAUNCHES.clear()
-        st = _LAUNCHES[key] = _Launch(q, k_packed, k_groups, v_groups, num_splits, warps, stages, per_sm)
+    st = _cached(_LAUNCHES, key, lambda: _Launch(q, k_packed, k_groups, v_groups, num_splits, warps, stages, per_sm))
     pl, t = st.pl, st.t
     if not k_packed.is_contiguous():
         k_packed = k_packed.contiguous()
@@ -405,12 +447,10 @@ def decode_attention_fast_cuda(
         raise ValueError("packed caches must be 16-byte aligned and of one [B, kv_heads, capacity] shape")
     if not q.is_contiguous():
         q = q.contiguous()
-    _launch(st.qkernel, (st.B * st.Hkv, 1, 1), (st.D, 1, 1), 0,
+    _launch(st.qkernel, (st.B * st.Hkv, 1, 1), (st.D, pl.qs, 1), 0,
             st.qargs.set((q, _query_matrix(pl, k_basis, k_factor, scale), st.qf, st.Hkv, st.qdt)))
     vkey = ("v", id(pl), v_factor.data_ptr(), v_factor._version)
-    vf = _QCACHE.get(vkey)
-    if vf is None:
-        vf = _QCACHE[vkey] = v_factor.float()[:, t["vmap"]].contiguous()  # [Hkv, d] factor per kernel row
+    vf = _cached(_QCACHE, vkey, lambda: v_factor.float()[:, t["vmap"]].contiguous())  # [Hkv, d] factor per kernel row
     out = torch.empty(st.B, st.Hq, st.D, device=q.device, dtype=q.dtype)
     if poison:
         st.op.fill_(float("nan")), st.lse.fill_(float("nan")), out.fill_(float("nan"))
@@ -432,6 +472,7 @@ _TEMPLATE = r"""
 #define STAGES {STAGES}
 #define D {D}
 #define G {G}
+#define QS {QS}
 #define KRB {KRB}
 #define VRB {VRB}
 #define NCH {NCH}
@@ -499,12 +540,20 @@ __device__ __forceinline__ void issue_tile(u32 dst, const unsigned char* ks, con
 }}
 
 // q'' = q @ M (the storage basis, fragment column order and every scale folded into M), fp16 out.
-// One CTA per (batch, kv-head), D threads: thread c computes column c for the G heads.
-extern "C" __global__ void sq_fast_query(const void* __restrict__ Q, const float* __restrict__ M,
-                                         unsigned short* __restrict__ QF, int Hkv, int qdtype) {{
+// One CTA per (batch, kv-head), D x QS threads: thread (c, s) sums rows [s D/QS, (s+1) D/QS) of column c for
+// the G heads with all its loads of M in flight at once (one column per thread over all D rows was a chain of
+// D dependent-latency loads: 7-13 us on an H100), then slice s = 0 adds the QS partial sums.
+extern "C" __global__ void __launch_bounds__(D * QS) sq_fast_query(const void* __restrict__ Q,
+    const float* __restrict__ M, unsigned short* __restrict__ QF, int Hkv, int qdtype) {{
   __shared__ float qs[G * D];
-  const int bh = blockIdx.x, h = bh % Hkv, c = threadIdx.x;
-  for (int i = c; i < G * D; i += D) {{
+  __shared__ float part[QS * G * D];
+  const int bh = blockIdx.x, h = bh % Hkv, c = threadIdx.x, s = threadIdx.y, tid = s * D + c;
+  constexpr int R = D / QS;
+  float m[R];
+  const float* mh = M + (long long)h * D * D + (long long)(s * R) * D + c;
+#pragma unroll
+  for (int k = 0; k < R; ++k) m[k] = __ldg(mh + (long long)k * D);
+  for (int i = tid; i < G * D; i += D * QS) {{
     const long long at = (long long)bh * G * D + i;
     float v;
     if (qdtype == 0) {{ unsigned short x = ((const unsigned short*)Q)[at]; asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(x)); }}
@@ -513,19 +562,23 @@ extern "C" __global__ void sq_fast_query(const void* __restrict__ Q, const float
     qs[i] = v;
   }}
   __syncthreads();
-  float acc[G];
-#pragma unroll
-  for (int g = 0; g < G; ++g) acc[g] = 0.f;
-  const float* mh = M + (long long)h * D * D + c;
-  for (int d = 0; d < D; ++d) {{
-    const float m = mh[(long long)d * D];
-#pragma unroll
-    for (int g = 0; g < G; ++g) acc[g] += qs[g * D + d] * m;
-  }}
 #pragma unroll
   for (int g = 0; g < G; ++g) {{
-    unsigned short r; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(acc[g]));
-    QF[((long long)bh * G + g) * D + c] = r;
+    float acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < R; ++k) acc += qs[g * D + s * R + k] * m[k];
+    part[(s * G + g) * D + c] = acc;
+  }}
+  __syncthreads();
+  if (s == 0) {{
+#pragma unroll
+    for (int g = 0; g < G; ++g) {{
+      float acc = 0.f;
+#pragma unroll
+      for (int t = 0; t < QS; ++t) acc += part[(t * G + g) * D + c];
+      unsigned short r; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(acc));
+      QF[((long long)bh * G + g) * D + c] = r;
+    }}
   }}
 }}
 

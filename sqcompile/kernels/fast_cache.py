@@ -7,12 +7,15 @@
 - `sqcompile::dequantize_fast(packed, layout, head_dim)`: rows -> float32 storage coordinates.
 
 Both are CompositeImplicitAutograd: plain torch ops that dynamo records as one call (so the backend's
-passes can find the cache's write and read), and that AOTAutograd decomposes, so Inductor fuses the
-rotation, quantization and packing into a few kernels (no hand-written Triton write kernel: the codes are
-elementwise arithmetic and shifts, which Inductor generates well). Decode attention over these rows is
-`sqcompile::decode_attention_fast` (Triton).
+passes can find the cache's write and read), and that AOTAutograd decomposes. On CUDA tensors the write
+decomposes into one Triton launch, `sqcompile::quantize_write_fast_triton` (a `triton_op` Inductor traces):
+Inductor made the torch form below several kernels, ~20 us per decode step of one layer on an H100/H200.
+`SQCOMPILE_WRITE_KERNEL=torch` keeps the torch form everywhere (it is also the reference the tests compare
+the kernel with). Decode attention over these rows is `sqcompile::decode_attention_fast`.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -39,6 +42,13 @@ def quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_
                          f"{tuple(v_store.shape)}")
     if positions.dim() != 1 or positions.shape[0] != key.shape[2]:
         raise ValueError(f"positions must be [T_new={key.shape[2]}] (shared by the batch), got {tuple(positions.shape)}")
+    if key.is_cuda and os.environ.get("SQCOMPILE_WRITE_KERNEL", "auto") != "torch":
+        from . import quantize_write_fast_triton as one_launch  # registers the op
+
+        if one_launch.supports(d, k_layout, v_layout) is None:  # else (e.g. head_dim 80) the torch form below
+            torch.ops.sqcompile.quantize_write_fast_triton(key, v_store, k_packed, v_packed, positions, k_basis,
+                                                           k_mean, k_layout, v_layout)
+            return
     kl, vl = FastLayout.from_spec(d, k_layout), FastLayout.from_spec(d, v_layout)
     k_store = torch.matmul(key.to(torch.float32) - k_mean[None, :, None, :], k_basis.transpose(-1, -2))
     k_rows = kl.quantize(k_store)

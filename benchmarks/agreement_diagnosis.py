@@ -1,0 +1,95 @@
+"""Where the teacher-forced agreement of tests/test_smollm2_e2e.py is lost (CPU, the real SmolLM2-135M).
+
+The eager `SpectralCache` at --bits, with parts of what attention reads replaced by the exact K/V: nothing
+("base"), all keys, all values, or only the key of each prompt's first token (the attention sink). Prints the
+top-1 agreement with the FP32 greedy continuation over the positions generate() asked the model for
+(`sqcompile.evaluate.generated_positions`) and the mean KL(FP32 || quantized) of the next-token distribution
+there. The profile is calibrated as in the test (8192 britannica tokens).
+
+    python benchmarks/agreement_diagnosis.py --bits 4.25 3.25      # ~2 min on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import sqcompile  # noqa: E402
+from sqcompile.cache import SpectralCache, SpectralLayer  # noqa: E402
+from sqcompile.evaluate import agreement, generated_positions, left_padded  # noqa: E402
+from sqcompile.hf import load_smollm2, load_text  # noqa: E402
+
+MODES = ("base", "keys exact", "values exact", "first-token key exact")
+
+
+def logits_teacher_forced(model, ids, mask, cont, cache):
+    out = [model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]]
+    for t in range(cont.shape[1] - 1):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out.append(model(input_ids=cont[:, t:t + 1], attention_mask=mask, past_key_values=cache,
+                         use_cache=True).logits[:, -1])
+    return torch.stack(out, 1).float()
+
+
+def main():
+    from test_smollm2_e2e import NEW_TOKENS, PROMPTS
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", type=float, nargs="+", default=[4.25])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = load_smollm2()
+    calib = tok(load_text("britannica", prefer_shared=True)[:120_000], return_tensors="pt")["input_ids"][0]
+    profile = sqcompile.calibrate(model, calib, seconds=600, max_tokens=8192, tokenizer=tok, progress=False)
+    ids, mask = left_padded(tok, PROMPTS)
+    first = [int(mask[b].nonzero()[0]) for b in range(mask.shape[0])]
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                             pad_token_id=tok.eos_token_id or 0)
+        cont = ref[:, ids.shape[1]:]
+        from transformers import DynamicCache
+        ref_lp = logits_teacher_forced(model, ids, mask, cont, DynamicCache()).log_softmax(-1)
+    valid = generated_positions(cont, tok.eos_token_id)
+    mode = {"m": "base"}
+    update = SpectralLayer.update
+
+    def patched(self, k, v, *a, **kw):  # the dequantized cache, with the chosen parts exact
+        kh, vh = update(self, k, v, *a, **kw)
+        n, end = k.shape[-2], int(self.cumulative_length)
+        if end == n:
+            self._exact_k, self._exact_v = torch.zeros_like(kh), torch.zeros_like(vh)
+        self._exact_k[:, :, end - n:end], self._exact_v[:, :, end - n:end] = k.to(kh.dtype), v.to(vh.dtype)
+        if mode["m"] == "keys exact":
+            kh = self._exact_k
+        elif mode["m"] == "values exact":
+            vh = self._exact_v
+        elif mode["m"] == "first-token key exact":
+            kh = kh.clone()
+            for b, f in enumerate(first):
+                kh[b, :, f] = self._exact_k[b, :, f]
+        return kh, vh
+
+    SpectralLayer.update = patched
+    print(f"FP32 teacher-forced vs its own greedy continuation: {agreement(ref_lp.argmax(-1), cont, tok.eos_token_id):.1%}"
+          f" over {int(valid.sum())} of {valid.numel()} positions")
+    print("| bits | row | agreement | KL |\n|---|---|---|---|")
+    cap = ids.shape[1] + NEW_TOKENS + 1
+    for bits in args.bits:
+        for m in MODES:
+            mode["m"] = m
+            with torch.no_grad():
+                lp = logits_teacher_forced(model, ids, mask, cont, SpectralCache(model, profile=profile, bits=bits,
+                                                                                 max_cache_len=cap)).log_softmax(-1)
+            kl = ((ref_lp.exp() * (ref_lp - lp)).sum(-1) * valid).sum() / valid.sum()
+            print(f"| {bits} | {m} | {agreement(lp.argmax(-1), cont, tok.eos_token_id):.1%} | {kl.item():.4f} |",
+                  flush=True)
+    SpectralLayer.update = update
+
+
+if __name__ == "__main__":
+    main()
