@@ -145,6 +145,7 @@ class _Plan:
         self.kmap, self.kpow, self.vmap, self.vpow, self.vgrp = kmap, kpow, vmap, vpow, vgrp
         self.source = self._source()
         self._kernels: dict = {}
+        self._smem_set: set = set()  # kernels whose dynamic shared-memory limit was raised
         self._dev: dict = {}
 
     # -- code generation ----------------------------------------------------------------------
@@ -263,19 +264,22 @@ class _Plan:
 
     # -- launch -------------------------------------------------------------------------------
     def compiled(self, name: str):
-        """The NVRTC-compiled kernel `name` of this plan's source (sq_fast_query / sq_fast_decode /
-        sq_fast_merge), compiled on first use."""
+        """The NVRTC-compiled kernel `name` of this plan's source (one of KERNELS), compiled on first use: one
+        NVRTC compile and one module load for all three (`_compile_all`), else one `torch.cuda._compile_kernel`
+        per kernel where torch's private NVRTC helpers differ from what `_compile_all` expects."""
+        if not self._kernels:
+            self._kernels.update(_compile_all(self.source))
         k = self._kernels.get(name)
         if k is None:
-            k = torch.cuda._compile_kernel(self.source, name)
-            if name == "sq_fast_decode" and self.smem >= 48 * 1024:
-                if hasattr(k, "set_shared_memory_config"):
-                    k.set_shared_memory_config(self.smem)
-                else:  # older torch: raise the dynamic shared-memory limit through the driver API
-                    lib = torch.cuda._utils._get_gpu_runtime_library()
-                    if lib.cuFuncSetAttribute(k.func, 8, self.smem) != 0:  # MAX_DYNAMIC_SHARED_SIZE_BYTES
-                        raise RuntimeError(f"cannot give the decode kernel {self.smem} bytes of shared memory")
-            self._kernels[name] = k
+            k = self._kernels[name] = torch.cuda._compile_kernel(self.source, name)
+        if name == "sq_fast_decode" and self.smem >= 48 * 1024 and name not in self._smem_set:
+            if hasattr(k, "set_shared_memory_config"):
+                k.set_shared_memory_config(self.smem)
+            else:  # older torch: raise the dynamic shared-memory limit through the driver API
+                lib = torch.cuda._utils._get_gpu_runtime_library()
+                if lib.cuFuncSetAttribute(k.func, 8, self.smem) != 0:  # MAX_DYNAMIC_SHARED_SIZE_BYTES
+                    raise RuntimeError(f"cannot give the decode kernel {self.smem} bytes of shared memory")
+            self._smem_set.add(name)
         return k
 
     def tables(self, device):
@@ -291,6 +295,30 @@ class _Plan:
                 vpow=torch.tensor(self.vpow, dtype=torch.float32, device=device))
 
         return _cached(self._dev, key, make)
+
+
+KERNELS = ("sq_fast_query", "sq_fast_decode", "sq_fast_merge")
+STATS_COMPILE = {"one_nvrtc_compile": 0, "per_kernel_compiles": 0}
+
+
+def _compile_all(source: str) -> dict:
+    """{name: kernel} for KERNELS from one NVRTC compile of `source` and one module load (they are extern "C",
+    so the PTX holds all three under their own names), through torch's private `_nvrtc_compile` and
+    `_cuda_load_module`. {} when those helpers do not take these arguments (they are private and have changed
+    between torch versions): `_Plan.compiled` then compiles each kernel on its own."""
+    try:
+        from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
+
+        ptx = _nvrtc_compile(source, KERNELS[1])[0]
+        mods = _cuda_load_module(ptx, list(KERNELS))
+        if not isinstance(mods, dict) or any(n not in mods for n in KERNELS):
+            raise TypeError(f"_cuda_load_module returned {type(mods).__name__}")
+    except (ImportError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        log.info("one-compile NVRTC path unavailable (%s: %s); compiling each kernel", type(exc).__name__, exc)
+        STATS_COMPILE["per_kernel_compiles"] += 1
+        return {}
+    STATS_COMPILE["one_nvrtc_compile"] += 1
+    return {n: mods[n] for n in KERNELS}
 
 
 @lru_cache(maxsize=64)
@@ -416,8 +444,7 @@ class _Launch:
         self.qf = torch.empty(B, Hq, D, device=dev, dtype=torch.float16)  # scratch, reused by every call
         self.op = torch.empty(B, Hq, self.nsplit, D, device=dev, dtype=torch.float32)
         self.lse = torch.empty(B, Hq, self.nsplit, device=dev, dtype=torch.float32)
-        self.qkernel, self.kernel, self.mkernel = (pl.compiled(n) for n in ("sq_fast_query", "sq_fast_decode",
-                                                                            "sq_fast_merge"))
+        self.qkernel, self.kernel, self.mkernel = (pl.compiled(n) for n in KERNELS)
         self.qargs, self.args, self.margs = _Args("pppii"), _Args("pppppppppp" + "iiiii"), _Args("pppii")
 
 
@@ -490,6 +517,7 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {{
 __device__ __forceinline__ void cp16(u32 dst, const void* src, int n) {{
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(n)); }}
 __device__ __forceinline__ void cp_commit() {{ asm volatile("cp.async.commit_group;"); }}
+
 template <int N> __device__ __forceinline__ void cp_wait() {{ asm volatile("cp.async.wait_group %0;" :: "n"(N)); }}
 __device__ __forceinline__ u32 lds16(const unsigned char* p) {{ return *(const unsigned short*)p; }}
 __device__ __forceinline__ u32 lds8(const unsigned char* p) {{ return *p; }}
@@ -600,6 +628,17 @@ extern "C" __global__ void __launch_bounds__(W * 32) sq_fast_decode(
   const unsigned char* vplane = VP + (long long)bh * T * VRB;
   const long long kcap = (long long)T * KRB, vcap = (long long)T * VRB;
 
+  // this lane's first 16-byte chunk of the warp's first tile; a warp's tiles are W * TN tokens apart
+  const unsigned char* ksrc = kplane + (long long)(t_lo + warp * TN) * KRB + 16 * lane;
+  const unsigned char* vsrc = vplane + (long long)(t_lo + warp * TN) * VRB + 16 * lane;
+  const u32 wdst = smem_u32(wsm) + 16 * lane;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {{
+    if (s < my_n) issue_tile(wdst + s * STAGE_BYTES, ksrc + (long long)s * (W * TN * KRB), vsrc + (long long)s * (W * TN * VRB),
+                             lane, t_lo + (warp + s * W) * TN, T, kplane, vplane);
+    cp_commit();
+  }}
+
   // q'' B fragments (head gid; rows >= G are zero)
   u32 bq[NCH][2];
   {{
@@ -620,17 +659,6 @@ extern "C" __global__ void __launch_bounds__(W * 32) sq_fast_decode(
   float spv[NGV][2];
 #pragma unroll
   for (int g = 0; g < NGV; ++g) {{ spv[g][0] = 0.f; spv[g][1] = 0.f; }}
-
-  // this lane's first 16-byte chunk of the warp's first tile; a warp's tiles are W * TN tokens apart
-  const unsigned char* ksrc = kplane + (long long)(t_lo + warp * TN) * KRB + 16 * lane;
-  const unsigned char* vsrc = vplane + (long long)(t_lo + warp * TN) * VRB + 16 * lane;
-  const u32 wdst = smem_u32(wsm) + 16 * lane;
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {{
-    if (s < my_n) issue_tile(wdst + s * STAGE_BYTES, ksrc + (long long)s * (W * TN * KRB), vsrc + (long long)s * (W * TN * VRB),
-                             lane, t_lo + (warp + s * W) * TN, T, kplane, vplane);
-    cp_commit();
-  }}
 
   for (int i = 0; i < my_n; ++i) {{
     {{
