@@ -1,7 +1,10 @@
 """Where the teacher-forced agreement of tests/test_smollm2_e2e.py is lost (CPU, the real SmolLM2-135M).
 
 The eager `SpectralCache` at --bits, with parts of what attention reads replaced by the exact K/V: nothing
-("base"), all keys, all values, or only the key of each prompt's first token (the attention sink). Prints the
+("base"), all keys, all values, or only the key of each prompt's first token (the attention sink); and a
+simulated format change, "two key means": each key is coded relative to the calibrated mean or to a second,
+calibrated "sink" mean (the mean first-token key of 8 calibration windows), whichever is nearer, with the
+same bytes (the choice would fit in the sign bit of the fp16 token scale). Prints the
 top-1 agreement with the FP32 greedy continuation over the positions generate() asked the model for
 (`sqcompile.evaluate.generated_positions`) and the mean KL(FP32 || quantized) of the next-token distribution
 there. The profile is calibrated as in the test (8192 britannica tokens).
@@ -23,7 +26,7 @@ from sqcompile.cache import SpectralCache, SpectralLayer  # noqa: E402
 from sqcompile.evaluate import agreement, generated_positions, left_padded  # noqa: E402
 from sqcompile.hf import load_smollm2, load_text  # noqa: E402
 
-MODES = ("base", "keys exact", "values exact", "first-token key exact")
+MODES = ("base", "keys exact", "values exact", "first-token key exact", "two key means (simulated)")
 
 
 def logits_teacher_forced(model, ids, mask, cont, cache):
@@ -55,7 +58,15 @@ def main():
         from transformers import DynamicCache
         ref_lp = logits_teacher_forced(model, ids, mask, cont, DynamicCache()).log_softmax(-1)
     valid = generated_positions(cont, tok.eos_token_id)
-    mode = {"m": "base"}
+    firsts = []  # first-token keys [L, Hkv, d] of 8 calibration windows of 16 tokens
+    with torch.no_grad():
+        from transformers import DynamicCache
+        for i in range(0, 8 * 256, 256):
+            c = DynamicCache()
+            model(input_ids=calib[None, i:i + 16], past_key_values=c, use_cache=True)
+            firsts.append(torch.stack([lay.keys[0, :, 0] for lay in c.layers]))
+    sink_mean = torch.stack(firsts).float().mean(0)
+    mode = {"m": "base", "codec": None}
     update = SpectralLayer.update
 
     def patched(self, k, v, *a, **kw):  # the dequantized cache, with the chosen parts exact
@@ -72,6 +83,15 @@ def main():
             kh = kh.clone()
             for b, f in enumerate(first):
                 kh[b, :, f] = self._exact_k[b, :, f]
+        elif mode["m"] == "two key means (simulated)":
+            if end == n:
+                self._two = kh.clone()
+            kf, mu, sm = k.float(), self.k_mean[None, :, None, :], sink_mean[self.layer_idx][None, :, None, :]
+            near_sink = ((kf - sm).norm(dim=-1) < (kf - mu).norm(dim=-1))[..., None]
+            x = torch.matmul(kf - sm, self.k_basis.transpose(-1, -2))
+            k_sink = torch.matmul(mode["codec"].fake_quant("key", self.layer_idx, x), self.k_basis) + sm
+            self._two[:, :, end - n:end] = torch.where(near_sink, k_sink.to(kh.dtype), kh[:, :, end - n:end])
+            kh = self._two
         return kh, vh
 
     SpectralLayer.update = patched
@@ -82,9 +102,10 @@ def main():
     for bits in args.bits:
         for m in MODES:
             mode["m"] = m
+            cache = SpectralCache(model, profile=profile, bits=bits, max_cache_len=cap)
+            mode["codec"] = cache.codec
             with torch.no_grad():
-                lp = logits_teacher_forced(model, ids, mask, cont, SpectralCache(model, profile=profile, bits=bits,
-                                                                                 max_cache_len=cap)).log_softmax(-1)
+                lp = logits_teacher_forced(model, ids, mask, cont, cache).log_softmax(-1)
             kl = ((ref_lp.exp() * (ref_lp - lp)).sum(-1) * valid).sum() / valid.sum()
             print(f"| {bits} | {m} | {agreement(lp.argmax(-1), cont, tok.eos_token_id):.1%} | {kl.item():.4f} |",
                   flush=True)
