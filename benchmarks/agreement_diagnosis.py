@@ -23,19 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import sqcompile  # noqa: E402
 from sqcompile.cache import SpectralCache, SpectralLayer  # noqa: E402
-from sqcompile.evaluate import agreement, generated_positions, left_padded  # noqa: E402
+from sqcompile.evaluate import agreement, generated_positions, left_padded, teacher_forced_logits  # noqa: E402
 from sqcompile.hf import load_smollm2, load_text  # noqa: E402
 
 MODES = ("base", "keys exact", "values exact", "first-token key exact", "two key means (simulated)")
-
-
-def logits_teacher_forced(model, ids, mask, cont, cache):
-    out = [model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]]
-    for t in range(cont.shape[1] - 1):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out.append(model(input_ids=cont[:, t:t + 1], attention_mask=mask, past_key_values=cache,
-                         use_cache=True).logits[:, -1])
-    return torch.stack(out, 1).float()
 
 
 def main():
@@ -56,7 +47,7 @@ def main():
                              pad_token_id=tok.eos_token_id or 0)
         cont = ref[:, ids.shape[1]:]
         from transformers import DynamicCache
-        ref_lp = logits_teacher_forced(model, ids, mask, cont, DynamicCache()).log_softmax(-1)
+        ref_lp = teacher_forced_logits(model, ids, mask, cont, DynamicCache()).log_softmax(-1)
     valid = generated_positions(cont, tok.eos_token_id)
     firsts = []  # first-token keys [L, Hkv, d] of 8 calibration windows of 16 tokens
     with torch.no_grad():
@@ -105,7 +96,7 @@ def main():
             cache = SpectralCache(model, profile=profile, bits=bits, max_cache_len=cap)
             mode["codec"] = cache.codec
             with torch.no_grad():
-                lp = logits_teacher_forced(model, ids, mask, cont, cache).log_softmax(-1)
+                lp = teacher_forced_logits(model, ids, mask, cont, cache).log_softmax(-1)
             kl = ((ref_lp.exp() * (ref_lp - lp)).sum(-1) * valid).sum() / valid.sum()
             print(f"| {bits} | {m} | {agreement(lp.argmax(-1), cont, tok.eos_token_id):.1%} | {kl.item():.4f} |",
                   flush=True)

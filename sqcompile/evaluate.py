@@ -463,19 +463,23 @@ def agreement(picks: Tensor, continuation: Tensor, eos_token_id: Optional[int]) 
 
 
 @torch.no_grad()
-def teacher_forced_picks(step, ids: Tensor, mask: Tensor, continuation: Tensor, cache) -> Tensor:
-    """Greedy next-token picks [B, T] at each position of `continuation` [B, T], feeding the continuation itself
-    one token at a time after the prompt (`step` = a model or its compiled forward; `cache` its KV cache)."""
-    picks = []
-    logits = step(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
-    picks.append(logits.argmax(-1))
+def teacher_forced_logits(step, ids: Tensor, mask: Tensor, continuation: Tensor, cache) -> Tensor:
+    """Next-token logits [B, T, vocab] (float32) at each position of `continuation` [B, T], feeding the
+    continuation itself one token at a time after the prompt (`step` = a model or its compiled forward; `cache`
+    its KV cache)."""
+    out = [step(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1].float()]
     for t in range(continuation.shape[1] - 1):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        logits = step(input_ids=continuation[:, t:t + 1], attention_mask=mask, past_key_values=cache,
-                      use_cache=True).logits[:, -1]
-        picks.append(logits.argmax(-1))
-    return torch.stack(picks, 1)
+        out.append(step(input_ids=continuation[:, t:t + 1], attention_mask=mask, past_key_values=cache,
+                        use_cache=True).logits[:, -1].float())
+    return torch.stack(out, 1)
+
+
+def teacher_forced_picks(step, ids: Tensor, mask: Tensor, continuation: Tensor, cache) -> Tensor:
+    """Greedy next-token picks [B, T] of `teacher_forced_logits`."""
+    return teacher_forced_logits(step, ids, mask, continuation, cache).argmax(-1)
 
 
 __all__ = ["RowSpec", "RowResult", "default_rows", "evaluate", "run_row", "run_eval", "to_markdown",
-           "write_results", "left_padded", "teacher_forced_picks", "generated_positions", "agreement"]
+           "write_results", "left_padded", "teacher_forced_logits", "teacher_forced_picks", "generated_positions",
+           "agreement"]

@@ -170,3 +170,25 @@ def test_cuda_kernel_under_cudagraph_trees():
                                                   vl.flat_groups(), 1 / math.sqrt(d))
         assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < 5e-3, i
     torch._dynamo.reset()
+
+
+def test_plan_compiles_its_three_kernels_once(monkeypatch):
+    """`_Plan.compiled`: one compile for the three kernels (here the per-kernel fallback, NVRTC faked), and the
+    split kernel's shared-memory limit raised once when the plan needs >= 48 KB."""
+    calls, configured = [], []
+
+    class FakeKernel:
+        def __init__(self, name):
+            self.name = name
+
+        def set_shared_memory_config(self, n):
+            configured.append((self.name, n))
+
+    monkeypatch.setattr(dc, "_compile_all", lambda source: {})
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", lambda source, name: calls.append(name) or FakeKernel(name))
+    kl, vl = layout_for_budget(4.25, 128)
+    pl = dc._Plan(128, 8, kl, vl, 4, 8)
+    assert pl.smem >= 48 * 1024
+    got = [pl.compiled(n) for n in dc.KERNELS + dc.KERNELS]
+    assert [k.name for k in got] == list(dc.KERNELS) * 2
+    assert calls == list(dc.KERNELS) and configured == [("sq_fast_decode", pl.smem)]

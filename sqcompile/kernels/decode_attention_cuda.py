@@ -145,7 +145,6 @@ class _Plan:
         self.kmap, self.kpow, self.vmap, self.vpow, self.vgrp = kmap, kpow, vmap, vpow, vgrp
         self.source = self._source()
         self._kernels: dict = {}
-        self._smem_set: set = set()  # kernels whose dynamic shared-memory limit was raised
         self._dev: dict = {}
 
     # -- code generation ----------------------------------------------------------------------
@@ -264,23 +263,21 @@ class _Plan:
 
     # -- launch -------------------------------------------------------------------------------
     def compiled(self, name: str):
-        """The NVRTC-compiled kernel `name` of this plan's source (one of KERNELS), compiled on first use: one
-        NVRTC compile and one module load for all three (`_compile_all`), else one `torch.cuda._compile_kernel`
+        """The NVRTC-compiled kernel `name` of this plan's source (one of KERNELS). The first call compiles all
+        three: one NVRTC compile and one module load (`_compile_all`), else one `torch.cuda._compile_kernel`
         per kernel where torch's private NVRTC helpers differ from what `_compile_all` expects."""
         if not self._kernels:
-            self._kernels.update(_compile_all(self.source))
-        k = self._kernels.get(name)
-        if k is None:
-            k = self._kernels[name] = torch.cuda._compile_kernel(self.source, name)
-        if name == "sq_fast_decode" and self.smem >= 48 * 1024 and name not in self._smem_set:
-            if hasattr(k, "set_shared_memory_config"):
-                k.set_shared_memory_config(self.smem)
-            else:  # older torch: raise the dynamic shared-memory limit through the driver API
-                lib = torch.cuda._utils._get_gpu_runtime_library()
-                if lib.cuFuncSetAttribute(k.func, 8, self.smem) != 0:  # MAX_DYNAMIC_SHARED_SIZE_BYTES
-                    raise RuntimeError(f"cannot give the decode kernel {self.smem} bytes of shared memory")
-            self._smem_set.add(name)
-        return k
+            ks = _compile_all(self.source) or {n: torch.cuda._compile_kernel(self.source, n) for n in KERNELS}
+            if self.smem >= 48 * 1024:
+                k = ks["sq_fast_decode"]
+                if hasattr(k, "set_shared_memory_config"):
+                    k.set_shared_memory_config(self.smem)
+                else:  # older torch: raise the dynamic shared-memory limit through the driver API
+                    lib = torch.cuda._utils._get_gpu_runtime_library()
+                    if lib.cuFuncSetAttribute(k.func, 8, self.smem) != 0:  # MAX_DYNAMIC_SHARED_SIZE_BYTES
+                        raise RuntimeError(f"cannot give the decode kernel {self.smem} bytes of shared memory")
+            self._kernels = ks
+        return self._kernels[name]
 
     def tables(self, device):
         key = str(device)
@@ -298,7 +295,6 @@ class _Plan:
 
 
 KERNELS = ("sq_fast_query", "sq_fast_decode", "sq_fast_merge")
-STATS_COMPILE = {"one_nvrtc_compile": 0, "per_kernel_compiles": 0}
 
 
 def _compile_all(source: str) -> dict:
@@ -315,9 +311,7 @@ def _compile_all(source: str) -> dict:
             raise TypeError(f"_cuda_load_module returned {type(mods).__name__}")
     except (ImportError, TypeError, AttributeError, KeyError, IndexError) as exc:
         log.info("one-compile NVRTC path unavailable (%s: %s); compiling each kernel", type(exc).__name__, exc)
-        STATS_COMPILE["per_kernel_compiles"] += 1
         return {}
-    STATS_COMPILE["one_nvrtc_compile"] += 1
     return {n: mods[n] for n in KERNELS}
 
 
