@@ -198,6 +198,9 @@ def run_triton_checks() -> None:
     finally:
         fm._interpreting = interpreting
     assert gpu_configs[0]["SPLIT_K"] > 1
+    # program orders with a partial last group of row blocks (GROUP_M 3) and one block per group
+    gpu_configs += [dict(gpu_configs[1], GROUP_M=3, DOWN_GROUP_M=1), dict(gpu_configs[0], GROUP_M=1, DOWN_GROUP_M=3),
+                    dict(gpu_configs[2], H_SORTED=True)]
     gen = torch.Generator().manual_seed(8)
     for cfg in gpu_configs:
         fm._config_override = cfg

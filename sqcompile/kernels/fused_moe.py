@@ -30,9 +30,14 @@ Kernels, in launch order: `_route_kernel` (scores, top-k, renormalise; one progr
 `align_pairs_to_blocks`), `_gate_up_kernel` (grouped GEMM over all experts, SiLU(gate) * up in the
 epilogue), `_down_kernel` (grouped GEMM, routing weight in the epilogue; split-K with atomic adds in
 decode so that enough programs stream the few used experts), then the [T, k, H] -> [T, H] sum.
-Block sizes: `_config`. No Python loop over experts and no host sync anywhere.
+Both GEMMs run a 1-D grid in `_grouped_tile` order: GROUP_M blocks of rows at a time, so the programs resident
+together share a few row blocks and a run of weight tiles (prefill: fewer L2 misses); decode keeps every block
+in one group (row blocks vary fastest). Block sizes, stages and order: `_config`, tuned on an H100 and an H200 with
+`benchmarks/moe_tune.py`. No Python loop over experts and no host sync anywhere.
 """
 from __future__ import annotations
+
+import functools
 
 import os
 
@@ -230,17 +235,29 @@ if HAS_TRITON:
         tl.store(block_expert_ptr + b, expert, mask=first_row < P)
 
     @triton.jit
+    def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        """(pid_m, pid_n) for a 1-D program id, GROUP_M row blocks at a time (the L2-friendly order of
+        Triton's matmul tutorial): the programs resident together share GROUP_M blocks of rows and a run of
+        weight tiles instead of every block of rows and one or two weight tiles."""
+        in_group = GROUP_M * num_n
+        first_m = (pid // in_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % in_group) % size_m
+        pid_n = (pid % in_group) // size_m
+        return pid_m, pid_n
+
+    @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
-                        S, H, INTER, stride_xt, stride_we, stride_wn, stride_hs,
+                        S, H, INTER, NUM_BLOCKS, stride_xt, stride_we, stride_wn, stride_hs,
                         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, H_SORTED: tl.constexpr,
+                        PRECISION: tl.constexpr):
         """h[p, n] = silu(x[t] . Wg[e, n]) * (x[t] . Wu[e, n]) for the BLOCK_M pairs p of one block.
 
-        Grid (num_blocks, cdiv(I, BLOCK_N)). Gate rows are w[e, n], up rows w[e, I + n]; both tiles
-        share the x tile, and the SiLU-and-multiply runs on the fp32 accumulators.
+        Grid (num_blocks * cdiv(I, BLOCK_N),), ordered by `_grouped_tile`. Gate rows are w[e, n], up rows
+        w[e, I + n]; both tiles share the x tile, and the SiLU-and-multiply runs on the fp32 accumulators.
         """
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), NUM_BLOCKS, tl.cdiv(INTER, BLOCK_N), GROUP_M)
         expert = tl.load(block_expert_ptr + pid_m)
         if expert < 0:
             return
@@ -267,23 +284,24 @@ if HAS_TRITON:
             acc_gate = tl.dot(x, wg, acc_gate, input_precision=PRECISION)
             acc_up = tl.dot(x, wu, acc_up, input_precision=PRECISION)
         h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
-        tl.store(h_ptr + pair[:, None] * stride_hs + offs_n[None, :],
+        h_row = offs_m if H_SORTED else pair  # H_SORTED: h in block order (contiguous rows for the down kernel)
+        tl.store(h_ptr + h_row[:, None] * stride_hs + offs_n[None, :],
                  h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _down_kernel(h_ptr, w_ptr, out_ptr, topk_weights_ptr, sorted_pair_ids_ptr, block_expert_ptr,
-                     S, H, INTER, stride_hs, stride_we, stride_wn, stride_os, K_PER_SPLIT,
+                     S, H, INTER, NUM_BLOCKS, stride_hs, stride_we, stride_wn, stride_os, K_PER_SPLIT,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, PRECISION: tl.constexpr):
+                     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, H_SORTED: tl.constexpr,
+                     PRECISION: tl.constexpr):
         """out[p, n] = w[p] * (h[p] . Wd[e, n]) in fp32, for the BLOCK_M pairs p of one block.
 
-        Grid (num_blocks, cdiv(H, BLOCK_N), SPLIT_K). With SPLIT_K > 1 (decode: few blocks, long K)
-        each program sums K_PER_SPLIT of the I inputs and adds its share atomically into a zeroed
-        output. The top-k sum over j is a [T, k, H] reduction after it.
+        Grid (num_blocks * cdiv(H, BLOCK_N), SPLIT_K), ordered by `_grouped_tile`. With SPLIT_K > 1
+        (decode: few blocks, long K) each program sums K_PER_SPLIT of the I inputs and adds its share
+        atomically into a zeroed output. The top-k sum over j is a [T, k, H] reduction after it.
         """
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), NUM_BLOCKS, tl.cdiv(H, BLOCK_N), GROUP_M)
+        pid_k = tl.program_id(1)
         expert = tl.load(block_expert_ptr + pid_m)
         if expert < 0:
             return
@@ -293,7 +311,7 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < H
         offs_k = tl.arange(0, BLOCK_K)
-        h_rows = h_ptr + pair[:, None] * stride_hs
+        h_rows = h_ptr + (offs_m if H_SORTED else pair)[:, None] * stride_hs
         w_rows = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         k_start = pid_k * K_PER_SPLIT
@@ -317,10 +335,14 @@ if HAS_TRITON:
 _empty = torch.empty
 
 
-def _config(num_pairs, num_experts: int, hidden: int, inter: int) -> dict:
-    """Block sizes. Decode (<= 16 pairs per expert): one 16-row block per used expert, narrow gate/up
-    tiles and split-K down projection so enough programs stream the used experts' weights. Prefill:
-    larger square-ish tiles. `_config_override` (tests) replaces the choice."""
+def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: int = 0) -> dict:
+    """Block sizes, warps, stages and program order (GROUP_M) of the two grouped GEMMs.
+
+    Decode (<= 16 pairs per expert): one 16-row block per used expert, narrow gate/up tiles and a split-K
+    down projection so enough programs stream the used experts' weights. Larger counts: the tiles
+    `benchmarks/moe_tune.py` picked on an H100 and an H200 (BENCHMARKS.md), which need about 192 KB of shared
+    memory per program; `smem_bytes` (the device's opt-in limit, 0 = unknown) below that takes 2 stages.
+    `_config_override` (tests, the tuner) replaces the choice."""
     if _config_override is not None:
         return dict(_config_override)
     if _interpreting():
@@ -333,15 +355,23 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int) -> dict:
         tiles = used * triton.cdiv(hidden, 64)
         split_k = max(1, min(8, 528 // max(tiles, 1), inter // 512))
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, DOWN_BLOCK_N=64, DOWN_BLOCK_K=128, SPLIT_K=split_k,
-                    num_warps=4, num_stages=4)
+                    num_warps=4, num_stages=4, GROUP_M=NO_GROUPING)
+    stages = 4 if smem_bytes == 0 or smem_bytes >= 200 * 1024 else 2
     if rows_per_expert <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, DOWN_BLOCK_N=64, DOWN_BLOCK_K=64, SPLIT_K=1,
-                    num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, DOWN_BLOCK_N=128, DOWN_BLOCK_K=64, SPLIT_K=1,
-                num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=stages, GROUP_M=8,
+                    DOWN_BLOCK_N=128, DOWN_BLOCK_K=64, DOWN_WARPS=4, DOWN_STAGES=stages, DOWN_GROUP_M=8, SPLIT_K=1)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, GROUP_M=8,
+                DOWN_BLOCK_N=256, DOWN_BLOCK_K=64, DOWN_WARPS=8, DOWN_STAGES=stages, DOWN_GROUP_M=32, SPLIT_K=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_bytes(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
 
 
 _config_override = None
+NO_GROUPING = 1 << 16  # GROUP_M that keeps every block of rows in one group: row blocks vary fastest
 
 
 def _use_align_kernel(num_pairs, num_experts: int, block_m: int) -> bool:
@@ -359,9 +389,11 @@ def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, reno
     inter = two_i // 2
     S = T * top_k
     device = hidden.device
-    cfg = _config(S, E, H, inter)
+    cfg = _config(S, E, H, inter, _smem_bytes(device.index if device.index is not None else torch.cuda.current_device())
+                  if device.type == "cuda" else 0)
     bm, bn, bk, warps, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"]
     down_bn, down_bk, split_k = cfg["DOWN_BLOCK_N"], cfg["DOWN_BLOCK_K"], cfg["SPLIT_K"]
+    down_warps, down_stages = cfg.get("DOWN_WARPS", warps), cfg.get("DOWN_STAGES", stages)
     # each split covers a whole number of DOWN_BLOCK_K steps
     k_per_split = triton.cdiv(triton.cdiv(inter, split_k), down_bk) * down_bk
     precision = "ieee" if w_gate_up.dtype == torch.float32 else "tf32"
@@ -389,21 +421,25 @@ def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, reno
     x = hidden.contiguous()
     w1 = w_gate_up.contiguous()
     w2 = w_down.contiguous()
-    h = _empty(S, inter, dtype=w1.dtype, device=device)
-    launch(_gate_up_kernel)[(num_blocks, triton.cdiv(inter, bn))](
-        x, w1, h, sorted_pair_ids, block_expert, S, H, inter,
+    h_sorted = bool(cfg.get("H_SORTED", False))
+    h = _empty(num_blocks * bm if h_sorted else S, inter, dtype=w1.dtype, device=device)
+    group_m = cfg.get("GROUP_M", 8)
+    launch(_gate_up_kernel)[(num_blocks * triton.cdiv(inter, bn),)](
+        x, w1, h, sorted_pair_ids, block_expert, S, H, inter, num_blocks,
         x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
-        TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, num_warps=warps,
+        TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, H_SORTED=h_sorted, PRECISION=precision,
+        num_warps=warps,
         num_stages=stages)
     if split_k == 1:
         pair_out = _empty(S, H, dtype=torch.float32, device=device)
     else:  # split-K adds partial sums atomically
         pair_out = torch.zeros(S, H, dtype=torch.float32, device=device)
-    launch(_down_kernel)[(num_blocks, triton.cdiv(H, down_bn), split_k)](
-        h, w2, pair_out, topk_weights, sorted_pair_ids, block_expert, S, H, inter,
+    launch(_down_kernel)[(num_blocks * triton.cdiv(H, down_bn), split_k)](
+        h, w2, pair_out, topk_weights, sorted_pair_ids, block_expert, S, H, inter, num_blocks,
         h.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0), k_per_split,
-        BLOCK_M=bm, BLOCK_N=down_bn, BLOCK_K=down_bk, SPLIT_K=split_k, PRECISION=precision,
-        num_warps=warps, num_stages=stages)
+        BLOCK_M=bm, BLOCK_N=down_bn, BLOCK_K=down_bk, SPLIT_K=split_k, GROUP_M=cfg.get("DOWN_GROUP_M", group_m),
+        H_SORTED=h_sorted, PRECISION=precision,
+        num_warps=down_warps, num_stages=down_stages)
     return pair_out.view(T, top_k, H).sum(dim=1).to(hidden.dtype)
 
 
