@@ -407,6 +407,15 @@ def _interpreted(kernel):
     return kernel
 
 
+def wrap_interpreted(kernel):
+    """`wrap_triton` for a triton_op's body on CPU tensors (TRITON_INTERPRET=1): torch 2.13 wraps interpreted
+    kernels (so tracing works), torch 2.11 rejects them; there they are launched directly."""
+    try:
+        return wrap_triton(kernel)
+    except RuntimeError:
+        return kernel
+
+
 def _check_args(q, k_packed, v_packed, lengths, kl: PackedLayout, vl: PackedLayout):
     B, Hq, D = q.shape
     if k_packed.dim() != 4 or v_packed.dim() != 4:

@@ -452,8 +452,11 @@ if HAS_TRITON:
                          routing: str = "softmax") -> torch.Tensor:
         """Fused MoE, Triton implementation (same contract as `fused_moe`)."""
         _check(hidden, router_logits, w_gate_up, w_down, top_k, routing)
+        from .decode_attention import wrap_interpreted
+
+        launch = wrap_triton if hidden.is_cuda else wrap_interpreted
         return _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, renormalize,
-                                      routing, wrap_triton)
+                                      routing, launch)
 else:  # pragma: no cover
     fused_moe_triton = None
 

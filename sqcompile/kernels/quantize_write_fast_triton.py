@@ -50,6 +50,8 @@ from torch.library import triton_op, wrap_triton
 
 from sqcompile.quant.fast_layout import FastLayout
 
+from .decode_attention import wrap_interpreted
+
 MAX_CODED = 4  # coded (bits > 0) groups per layout the kernel unrolls
 BLOCK_M = 16  # rows (b, t) per program on the tl.dot path (tl.dot's minimum M)
 GEMV_MAX_ROWS = 64  # up to this many rows (B * T_new) per kv-head: one row a program (GEMV), else tl.dot
@@ -351,4 +353,5 @@ def quantize_write_fast_triton(key: torch.Tensor, v_store: torch.Tensor, k_packe
 
         quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout, v_layout)
         return
-    _launch_kernel(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, consts, wrap_triton)
+    _launch_kernel(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, consts,
+                   wrap_triton if key.is_cuda else wrap_interpreted)
