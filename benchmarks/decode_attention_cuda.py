@@ -25,10 +25,15 @@ from decode_attention_fast import FastSetup, copy_bandwidth, graph_us, log, rel_
 from sqcompile.kernels import decode_attention_cuda as dc  # noqa: E402
 from sqcompile.kernels import decode_attention_fast as fa  # noqa: E402
 
-VARIANTS = {"w4s4": dict(warps=4, stages=4, per_sm=4), "w4s4_sm8": dict(warps=4, stages=4, per_sm=8),
+VARIANTS = {"default": {}, "w4s4": dict(warps=4, stages=4, per_sm=4), "w4s4_sm8": dict(warps=4, stages=4, per_sm=8),
             "w4s3": dict(warps=4, stages=3, per_sm=4), "w4s6": dict(warps=4, stages=6, per_sm=4),
             "w2s4_sm8": dict(warps=2, stages=4, per_sm=8), "w8s3_sm2": dict(warps=8, stages=3, per_sm=2),
-            "w4s2_sm8": dict(warps=4, stages=2, per_sm=8), "w4s4_sm2": dict(warps=4, stages=4, per_sm=2)}
+            "w4s2_sm8": dict(warps=4, stages=2, per_sm=8), "w4s4_sm2": dict(warps=4, stages=4, per_sm=2),
+            # a fixed split count (B * kv-heads * splits CTAs): 2 and 4 fill 132 SMs evenly at B=8, 8 kv-heads
+            "w4s4_n2": dict(warps=4, stages=4, num_splits=2), "w4s4_n4": dict(warps=4, stages=4, num_splits=4),
+            "w8s4_n2": dict(warps=8, stages=4, num_splits=2), "w8s2_n4": dict(warps=8, stages=2, num_splits=4),
+            "w4s4_n16": dict(warps=4, stages=4, num_splits=16), "w4s2_n16": dict(warps=4, stages=2, num_splits=16),
+            "w4s4_n32": dict(warps=4, stages=4, num_splits=32)}
 
 
 def checks(dev, gen, out):
@@ -51,7 +56,7 @@ def checks(dev, gen, out):
             m[:, 0] = True
         ref = fa.decode_attention_fast_reference(q, kp, vp, L, scale=1 / math.sqrt(d), kv_mask=m, **st.args)
         why = dc.supports(st.kl, st.vl, d, Hq // H, S)
-        for vname, kw in (("w4s4", VARIANTS["w4s4"]), ("w2s4_sm8", VARIANTS["w2s4_sm8"])):
+        for vname, kw in (("default", {}), ("w4s4", VARIANTS["w4s4"]), ("w2s4_sm8", VARIANTS["w2s4_sm8"])):
             try:
                 o = dc.decode_attention_fast_cuda(q, kp, vp, L, scale=1 / math.sqrt(d), kv_mask=m, poison=True,
                                                   **st.args, **kw)

@@ -192,3 +192,14 @@ def test_plan_compiles_its_three_kernels_once(monkeypatch):
     got = [pl.compiled(n) for n in dc.KERNELS + dc.KERNELS]
     assert [k.name for k in got] == list(dc.KERNELS) * 2
     assert calls == list(dc.KERNELS) and configured == [("sq_fast_decode", pl.smem)]
+
+
+def test_default_splits_fill_whole_waves():
+    # B=8 x 8 kv-heads on 132 SMs, at most 2 CTAs per SM: 4 splits (256 CTAs), not 5 (320: a third CTA on 56 SMs)
+    assert dc.default_splits(64, 4096 // dc.TN, 8, 2, 132) == 4
+    for rows in (1, 8, 64, 100, 264, 1000):
+        for tokens in (32, 1000, 4096, 65536, 1 << 20):
+            n = dc.default_splits(rows, -(-tokens // dc.TN), 8, 2, 132)
+            assert 1 <= n <= 256
+            assert rows * n <= 2 * 132 or n == 1  # whole waves unless one split is already more than a wave
+            assert n == 1 or -(-tokens // dc.TN) >= 2 * 8 * (n - 1)  # >= 2 tiles per warp, but for the last split

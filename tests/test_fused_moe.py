@@ -195,6 +195,8 @@ def run_triton_checks() -> None:
     fm._interpreting = lambda: False
     try:
         gpu_configs = [fm._config(pairs, 8, 64, 1024) for pairs in (2, 256, 1024)]
+        # fewer pipeline stages where the device's shared memory cannot hold four (e.g. 100 KB, 164 KB)
+        assert [fm._config(1024, 8, 64, 1024, kb * 1024)["num_stages"] for kb in (100, 164, 227)] == [2, 3, 4]
     finally:
         fm._interpreting = interpreting
     assert gpu_configs[0]["SPLIT_K"] > 1

@@ -408,6 +408,13 @@ def _launch(kernel, grid, block, smem: int, params: _Args) -> None:
         raise RuntimeError(f"cuLaunchKernel failed with CUDA error {rc}")
 
 
+def default_splits(rows: int, tiles: int, warps: int, per_sm: int, sms: int) -> int:
+    """Splits of the token axis for `rows` (batch, kv-head) pairs: whole waves (at most per_sm CTAs on every SM,
+    rounded down: rounding up left a third CTA on some SMs, 12-14% slower on an H100), >= 2 tiles per warp,
+    1..256."""
+    return max(1, min(max(per_sm, 1) * sms // rows, -(-tiles // (2 * warps)), 256))
+
+
 class _Launch:
     """Everything about a call that depends only on shapes, layouts and options (cached per such key)."""
 
@@ -426,11 +433,9 @@ class _Launch:
         self.pl = pl = plan(D, G, kl.spec(), vl.spec(), warps, stages)
         self.t = pl.tables(q.device)
         tiles = -(-T // TN)
-        if per_sm <= 0:
-            per_sm = 2 if T < 8192 else 8
         if num_splits <= 0:
             sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-            num_splits = max(1, min(-(-per_sm * sms // (B * Hkv)), -(-tiles // (2 * warps)), 256))
+            num_splits = default_splits(B * Hkv, tiles, warps, per_sm, sms)
         self.tps = -(-tiles // num_splits)
         self.nsplit = -(-tiles // self.tps)
         self.B, self.Hq, self.D, self.Hkv, self.T, self.warps = B, Hq, D, Hkv, T, warps
@@ -449,11 +454,13 @@ def decode_attention_fast_cuda(
     q: torch.Tensor, k_packed: torch.Tensor, v_packed: torch.Tensor, lengths: torch.Tensor,
     k_basis: torch.Tensor, k_factor: torch.Tensor, v_factor: torch.Tensor,
     k_groups: list[int], v_groups: list[int], scale: float, kv_mask: Optional[torch.Tensor] = None,
-    num_splits: int = 0, warps: int = 4, stages: int = 4, per_sm: int = 0, poison: bool = False,
+    num_splits: int = 0, warps: int = 8, stages: int = 2, per_sm: int = 2, poison: bool = False,
 ) -> torch.Tensor:
     """Same arguments and result as `decode_attention_fast_reference`; CUDA tensors only. Defaults from
-    benchmarks/decode_attention_cuda.py on an H200 (all tried variants were within ~10%): 4 warps, 4
-    stages, about 2 CTAs per SM below 8K cache tokens and 8 from 8K on. Three launches: the query
+    benchmarks/decode_attention_cuda.py on an H100 (fifth session): 8 warps, 2 stages, and at most `per_sm` = 2
+    CTAs per SM, rounded down so that B * kv-heads * splits CTAs fill the SMs evenly (B=8, 8 kv-heads on 132 SMs:
+    4 splits, 256 CTAs; rounding up to 5 left a third CTA on some SMs: 4 warps, 4 stages, 5 splits was 14% slower
+    at 4K and 12% at 64K). `num_splits` > 0 fixes the count. Three launches: the query
     transform, the split kernel, the merge (merging in the split kernel's last CTA per (batch, kv-head)
     was 10-25% slower on an H200: 64 CTAs do all the merging at the end)."""
     key = (tuple(q.shape), q.dtype, q.device, tuple(k_packed.shape), tuple(k_groups), tuple(v_groups), num_splits,

@@ -38,7 +38,6 @@ in one group (row blocks vary fastest). Block sizes, stages and order: `_config`
 from __future__ import annotations
 
 import functools
-
 import os
 
 import torch
@@ -341,7 +340,7 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
     Decode (<= 16 pairs per expert): one 16-row block per used expert, narrow gate/up tiles and a split-K
     down projection so enough programs stream the used experts' weights. Larger counts: the tiles
     `benchmarks/moe_tune.py` picked on an H100 and an H200 (BENCHMARKS.md), which need about 192 KB of shared
-    memory per program; `smem_bytes` (the device's opt-in limit, 0 = unknown) below that takes 2 stages.
+    memory per program; `smem_bytes` (the device's opt-in limit, 0 = unknown) below that takes 3 or 2 stages.
     `_config_override` (tests, the tuner) replaces the choice."""
     if _config_override is not None:
         return dict(_config_override)
@@ -356,7 +355,8 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
         split_k = max(1, min(8, 528 // max(tiles, 1), inter // 512))
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, DOWN_BLOCK_N=64, DOWN_BLOCK_K=128, SPLIT_K=split_k,
                     num_warps=4, num_stages=4, GROUP_M=NO_GROUPING)
-    stages = 4 if smem_bytes == 0 or smem_bytes >= 200 * 1024 else 2
+    # 48 KB of operand tiles per stage at the prefill tiles below (24 KB at the middle ones)
+    stages = 4 if smem_bytes == 0 or smem_bytes >= 200 * 1024 else (3 if smem_bytes >= 150 * 1024 else 2)
     if rows_per_expert <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=stages, GROUP_M=8,
                     DOWN_BLOCK_N=128, DOWN_BLOCK_K=64, DOWN_WARPS=4, DOWN_STAGES=stages, DOWN_GROUP_M=8, SPLIT_K=1)
