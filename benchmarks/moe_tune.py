@@ -18,17 +18,13 @@ import argparse
 import json
 import math
 import sys
-import time
 
 import torch
 
+from moe import SHAPES, bench  # benchmarks/moe.py: the same shapes and timer
+
 from sqcompile.kernels import fused_moe as fm
 
-SHAPES = {
-    "mixtral": dict(experts=8, top_k=2, hidden=4096, ffn=14336, renormalize=True),
-    "qwen_moe": dict(experts=64, top_k=8, hidden=2048, ffn=1408, renormalize=False),
-    "tiny": dict(experts=4, top_k=2, hidden=32, ffn=64, renormalize=True),
-}
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for gate/up
 GATE_UP = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
            (64, 256, 64, 8, 3)]
@@ -39,16 +35,6 @@ GROUPS = [fm.NO_GROUPING, 4, 8, 16, 32]
 SMOKE_GATE_UP = [(16, 32, 32, 4, 2), (32, 32, 32, 4, 2)]
 SMOKE_DOWN = [(32, 32, 4, 2), (64, 32, 4, 2)]
 SMOKE_GROUPS = [fm.NO_GROUPING, 1]
-
-
-def bench(fn) -> float:
-    if not torch.cuda.is_available():
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e6
-    import triton.testing as tt
-
-    return tt.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
 
 
 def case(shape: dict, tokens: int, dtype, device, gate_up, down, groups) -> dict:

@@ -518,7 +518,6 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {{
 __device__ __forceinline__ void cp16(u32 dst, const void* src, int n) {{
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(n)); }}
 __device__ __forceinline__ void cp_commit() {{ asm volatile("cp.async.commit_group;"); }}
-
 template <int N> __device__ __forceinline__ void cp_wait() {{ asm volatile("cp.async.wait_group %0;" :: "n"(N)); }}
 __device__ __forceinline__ u32 lds16(const unsigned char* p) {{ return *(const unsigned short*)p; }}
 __device__ __forceinline__ u32 lds8(const unsigned char* p) {{ return *p; }}
