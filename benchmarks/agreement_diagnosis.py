@@ -11,8 +11,20 @@ top-1 agreement with the FP32 greedy continuation over the positions generate() 
 there. The profile is calibrated as in the test (8192 britannica tokens), optionally with the per-layer
 sensitivity pass. First it prints the measure's noise floor: the same model in bf16 and fp16 with an exact cache.
 
+The "first-token" rows keep each row's first REAL token exact (found from the attention mask, which a cache
+never sees when it writes). The "position-0" rows are the rule a cache can implement: cache position 0 of
+every row is kept exact, which under left padding is a pad token for all but the longest prompts; "newest
+token" keeps the K/V a decode step writes exact for that step only (attention reads the fresh K/V, later steps
+the compressed one). `--unpadded` also runs every prompt alone (batch 1, no padding; position 0 is then the
+first token) against the same FP32 continuation of the padded batch, over the same positions; the KL there is
+against the unpadded FP32 run. It first checks the unpadded FP32 greedy continuations against the padded ones.
+Every run passes RoPE positions counted from each row's first real token, as generate() does
+(`sqcompile.evaluate.teacher_forced_logits`; before the sixth session the harness passed none, so a padded row's
+keys were rotated `pad` positions later than in generate(): the rows measured then differ from these).
+
     python benchmarks/agreement_diagnosis.py --bits 4.25 3.25      # ~2 min on 2 cores
     python benchmarks/agreement_diagnosis.py --sensitivity-tokens 512   # + ~1.5 min
+    python benchmarks/agreement_diagnosis.py --unpadded   # + the batch-1 rows
 """
 from __future__ import annotations
 
@@ -31,8 +43,33 @@ from sqcompile.cache import SpectralCache, SpectralLayer  # noqa: E402
 from sqcompile.evaluate import agreement, generated_positions, left_padded, teacher_forced_logits  # noqa: E402
 from sqcompile.hf import load_smollm2, load_text  # noqa: E402
 
-MODES = ("base", "keys exact", "values exact", "first-token key exact", "first-token key and value exact",
-         "prefill K/V exact", "prefill K/V and first-token K/V exact", "two key means (simulated)")
+# mode -> what attention reads exactly: all_k / all_v (every key / value), first_k / first_v (each row's first
+# real token), pos0 (cache position 0 of every row, K and V), prefill (the prompt's K/V while it is prefilled),
+# newest (a decode step's own K/V in that step), two (the simulated two-key-means format)
+FEATURES = {
+    "base": set(),
+    "keys exact": {"all_k"},
+    "values exact": {"all_v"},
+    "first-token key exact": {"first_k"},
+    "first-token key and value exact": {"first_k", "first_v"},
+    "prefill K/V exact": {"prefill"},
+    "prefill K/V and first-token K/V exact": {"prefill", "first_k", "first_v"},
+    "two key means (simulated)": {"two"},
+    "newest token K/V exact": {"newest"},
+    "position-0 K/V exact": {"pos0"},
+    "position-0 K/V + newest token K/V exact": {"pos0", "newest"},
+    "position-0 K/V + prefill K/V exact": {"pos0", "prefill"},
+    "position-0 K/V + prefill K/V + newest token K/V exact": {"pos0", "prefill", "newest"},
+}
+MODES = tuple(FEATURES)
+# unpadded, the first real token is position 0: the first-token rows would repeat the position-0 rows
+UNPADDED_MODES = ("base", "prefill K/V exact", "newest token K/V exact", "position-0 K/V exact",
+                  "position-0 K/V + newest token K/V exact", "position-0 K/V + prefill K/V exact",
+                  "position-0 K/V + prefill K/V + newest token K/V exact")
+
+
+def mean_kl(ref_lp, lp, valid):
+    return (((ref_lp.exp() * (ref_lp - lp)).sum(-1) * valid).sum() / valid.sum()).item()
 
 
 def main():
@@ -43,6 +80,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sensitivity-tokens", type=int, default=0,
                     help="calibrate with the per-layer K/V sensitivity pass on this many tokens (0: as the test)")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, metavar="MODE",
+                    help="rows of the padded batch (default: all)")
+    ap.add_argument("--unpadded", action="store_true",
+                    help="also run each prompt alone (batch 1, no padding) in --unpadded-modes")
+    ap.add_argument("--unpadded-modes", nargs="+", default=list(UNPADDED_MODES), choices=MODES, metavar="MODE")
+    ap.add_argument("--no-noise-floor", action="store_true", help="skip the bf16/fp16 rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
@@ -51,12 +94,28 @@ def main():
                                   sensitivity_tokens=args.sensitivity_tokens)
     ids, mask = left_padded(tok, PROMPTS)
     first = [int(mask[b].nonzero()[0]) for b in range(mask.shape[0])]
+    eos, pad = tok.eos_token_id, tok.eos_token_id or 0
     with torch.no_grad():
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                             pad_token_id=tok.eos_token_id or 0)
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad)
         cont = ref[:, ids.shape[1]:]
         ref_lp = teacher_forced_logits(model, ids, mask, cont, DynamicCache()).log_softmax(-1)
-    valid = generated_positions(cont, tok.eos_token_id)
+    valid = generated_positions(cont, eos)
+    # each prompt alone: (ids [1, n], mask [1, n]) without padding; the same continuation, row by row
+    alone = [(ids[b:b + 1, f:], mask[b:b + 1, f:]) for b, f in enumerate(first)]
+    if args.unpadded:
+        with torch.no_grad():
+            alone_lp = torch.cat([teacher_forced_logits(model, i, m, cont[b:b + 1], DynamicCache())
+                                  for b, (i, m) in enumerate(alone)]).log_softmax(-1)
+            for b, (i, m) in enumerate(alone):  # generate() stops at EOS in batch 1: compare the picked positions
+                own = model.generate(i, attention_mask=m, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                     pad_token_id=pad)[0, i.shape[1]:]
+                n = int(valid[b].sum())
+                same = own.shape[0] >= n and torch.equal(own[:n], cont[b, :n])
+                print(f"prompt {b} ({first[b]} pad tokens): unpadded FP32 greedy continuation "
+                      f"{'equals' if same else 'DIFFERS FROM'} the padded one over its {n} generated positions"
+                      + ("" if same else f"\n  padded:   {tok.decode(cont[b, :n])!r}\n  unpadded: {tok.decode(own)!r}"))
+        print(f"FP32 unpadded (batch 1) teacher-forced vs the padded greedy continuation: "
+              f"{agreement(alone_lp.argmax(-1), cont, eos):.1%}, KL(padded || unpadded) {mean_kl(ref_lp, alone_lp, valid):.6f}")
     firsts = []  # first-token keys [L, Hkv, d] of 8 calibration windows of 16 tokens
     with torch.no_grad():
         for i in range(0, 8 * 256, 256):
@@ -64,7 +123,7 @@ def main():
             model(input_ids=calib[None, i:i + 16], past_key_values=c, use_cache=True)
             firsts.append(torch.stack([lay.keys[0, :, 0] for lay in c.layers]))
     sink_mean = torch.stack(firsts).float().mean(0)
-    mode = {"m": "base", "codec": None}
+    mode = {"m": "base", "codec": None, "first": first}
     update = SpectralLayer.update
 
     def patched(self, k, v, *a, **kw):  # the dequantized cache, with the chosen parts exact
@@ -73,20 +132,25 @@ def main():
         if end == n:
             self._exact_k, self._exact_v = torch.zeros_like(kh), torch.zeros_like(vh)
         self._exact_k[:, :, end - n:end], self._exact_v[:, :, end - n:end] = k.to(kh.dtype), v.to(vh.dtype)
-        if mode["m"] == "keys exact":
+        f = FEATURES[mode["m"]]
+        if "all_k" in f:
             kh = self._exact_k
-        elif mode["m"] == "values exact":
+        if "all_v" in f:
             vh = self._exact_v
-        elif mode["m"].startswith("first-token key") or mode["m"].startswith("prefill"):
+        if f & {"first_k", "first_v", "pos0", "prefill", "newest"}:
             kh, vh = kh.clone(), vh.clone()
-            if mode["m"].startswith("prefill") and n > 1:  # the prompt attends to its own fresh K/V
+            if "prefill" in f and n > 1:  # the prompt attends to its own fresh K/V
                 kh[:, :, end - n:end], vh[:, :, end - n:end] = self._exact_k[:, :, end - n:end], self._exact_v[:, :, end - n:end]
-            if "first-token" in mode["m"]:
-                for b, f in enumerate(first):
-                    kh[b, :, f] = self._exact_k[b, :, f]
-                    if "value" in mode["m"] or "K/V" in mode["m"]:
-                        vh[b, :, f] = self._exact_v[b, :, f]
-        elif mode["m"] == "two key means (simulated)":
+            if "newest" in f and n == 1:  # a decode step attends to its own fresh K/V
+                kh[:, :, end - 1], vh[:, :, end - 1] = self._exact_k[:, :, end - 1], self._exact_v[:, :, end - 1]
+            if "pos0" in f:  # what a cache can do without the mask: position 0 of every row
+                kh[:, :, 0], vh[:, :, 0] = self._exact_k[:, :, 0], self._exact_v[:, :, 0]
+            for b, p in enumerate(mode["first"]):  # each row's first real token (needs the mask)
+                if "first_k" in f:
+                    kh[b, :, p] = self._exact_k[b, :, p]
+                if "first_v" in f:
+                    vh[b, :, p] = self._exact_v[b, :, p]
+        if "two" in f:
             if end == n:
                 self._two = kh.clone()
             kf, mu, sm = k.float(), self.k_mean[None, :, None, :], sink_mean[self.layer_idx][None, :, None, :]
@@ -98,27 +162,40 @@ def main():
         return kh, vh
 
     SpectralLayer.update = patched
-    with torch.no_grad():  # the noise floor of the measure: the same model in half precision, no KV compression
-        for dt in (torch.bfloat16, torch.float16):
-            half = copy.deepcopy(model).to(dt)  # a copy: casting the model back would round its weights
-            lp = teacher_forced_logits(half, ids, mask, cont, DynamicCache()).float().log_softmax(-1)
-            del half
-            kl = ((ref_lp.exp() * (ref_lp - lp)).sum(-1) * valid).sum() / valid.sum()
-            print(f"model in {dt}, FP cache: agreement {agreement(lp.argmax(-1), cont, tok.eos_token_id):.1%}, "
-                  f"KL {kl.item():.4f}")
-    print(f"FP32 teacher-forced vs its own greedy continuation: {agreement(ref_lp.argmax(-1), cont, tok.eos_token_id):.1%}"
+    if not args.no_noise_floor:
+        with torch.no_grad():  # the noise floor of the measure: the same model in half precision, no KV compression
+            for dt in (torch.bfloat16, torch.float16):
+                half = copy.deepcopy(model).to(dt)  # a copy: casting the model back would round its weights
+                lp = teacher_forced_logits(half, ids, mask, cont, DynamicCache()).float().log_softmax(-1)
+                print(f"model in {dt}, FP cache: agreement {agreement(lp.argmax(-1), cont, eos):.1%}, "
+                      f"KL {mean_kl(ref_lp, lp, valid):.4f}")
+                if args.unpadded:
+                    lp = torch.cat([teacher_forced_logits(half, i, m, cont[b:b + 1], DynamicCache())
+                                    for b, (i, m) in enumerate(alone)]).float().log_softmax(-1)
+                    print(f"model in {dt}, FP cache, unpadded: agreement {agreement(lp.argmax(-1), cont, eos):.1%}, "
+                          f"KL {mean_kl(alone_lp, lp, valid):.4f}")
+                del half
+    print(f"FP32 teacher-forced vs its own greedy continuation: {agreement(ref_lp.argmax(-1), cont, eos):.1%}"
           f" over {int(valid.sum())} of {valid.numel()} positions")
     print("| bits | row | agreement | KL |\n|---|---|---|---|")
-    cap = ids.shape[1] + NEW_TOKENS + 1
+    runs = [("", m) for m in args.modes] + ([("unpadded: ", m) for m in args.unpadded_modes] if args.unpadded else [])
     for bits in args.bits:
-        for m in MODES:
+        for label, m in runs:
             mode["m"] = m
-            cache = SpectralCache(model, profile=profile, bits=bits, max_cache_len=cap)
-            mode["codec"] = cache.codec
             with torch.no_grad():
-                lp = teacher_forced_logits(model, ids, mask, cont, cache).log_softmax(-1)
-            kl = ((ref_lp.exp() * (ref_lp - lp)).sum(-1) * valid).sum() / valid.sum()
-            print(f"| {bits} | {m} | {agreement(lp.argmax(-1), cont, tok.eos_token_id):.1%} | {kl.item():.4f} |",
+                if not label.startswith("unpadded"):  # the padded batch of the test
+                    mode["first"] = first
+                    cache = SpectralCache(model, profile=profile, bits=bits, max_cache_len=ids.shape[1] + NEW_TOKENS + 1)
+                    mode["codec"] = cache.codec
+                    lp, rlp = teacher_forced_logits(model, ids, mask, cont, cache).log_softmax(-1), ref_lp
+                else:  # each prompt alone, its first token at position 0
+                    mode["first"], out = [0], []
+                    for b, (i, msk) in enumerate(alone):
+                        cache = SpectralCache(model, profile=profile, bits=bits, max_cache_len=i.shape[1] + NEW_TOKENS + 1)
+                        mode["codec"] = cache.codec
+                        out.append(teacher_forced_logits(model, i, msk, cont[b:b + 1], cache))
+                    lp, rlp = torch.cat(out).log_softmax(-1), alone_lp
+            print(f"| {bits} | {label}{m} | {agreement(lp.argmax(-1), cont, eos):.1%} | {mean_kl(rlp, lp, valid):.4f} |",
                   flush=True)
     SpectralLayer.update = update
 

@@ -33,7 +33,12 @@ VARIANTS = {"default": {}, "w4s4": dict(warps=4, stages=4, per_sm=4), "w4s4_sm8"
             "w4s4_n2": dict(warps=4, stages=4, num_splits=2), "w4s4_n4": dict(warps=4, stages=4, num_splits=4),
             "w8s4_n2": dict(warps=8, stages=4, num_splits=2), "w8s2_n4": dict(warps=8, stages=2, num_splits=4),
             "w4s4_n16": dict(warps=4, stages=4, num_splits=16), "w4s2_n16": dict(warps=4, stages=2, num_splits=16),
-            "w4s4_n32": dict(warps=4, stages=4, num_splits=32)}
+            "w4s4_n32": dict(warps=4, stages=4, num_splits=32), "w8s3_n4": dict(warps=8, stages=3, num_splits=4),
+            "w8s4_n4": dict(warps=8, stages=4, num_splits=4), "w8s2_n8": dict(warps=8, stages=2, num_splits=8),
+            "w8s3_n8": dict(warps=8, stages=3, num_splits=8),
+            # 64 rows x 33 splits = 2112 CTAs = 8 whole waves of 2 CTAs on each of 132 SMs (66: 16 waves)
+            "w8s2_n33": dict(warps=8, stages=2, num_splits=33), "w8s2_n66": dict(warps=8, stages=2, num_splits=66),
+            "w4s2_n33": dict(warps=4, stages=2, num_splits=33)}
 
 
 def checks(dev, gen, out):
@@ -83,8 +88,7 @@ def time_write(st, dev, gen, B=8, H=8, d=128, S=4096):
 
     from sqcompile.kernels import fast_cache, quantize_write_fast_triton  # noqa: F401  (registers the op)
 
-    kp = torch.zeros(B, H, S + 8, st.kb, dtype=torch.uint8, device=dev)
-    vp = torch.zeros(B, H, S + 8, st.vb, dtype=torch.uint8, device=dev)
+    kp, vp = st.fill(B, H, S + 8, d, dev, gen)  # random codes, so the attention checks below mean something
     key = torch.randn(B, H, 1, d, device=dev, generator=gen, dtype=torch.bfloat16)
     val = torch.randn(B, H, 1, d, device=dev, generator=gen, dtype=torch.bfloat16)
     pos = torch.tensor([S - 1], device=dev)
@@ -98,6 +102,7 @@ def time_write(st, dev, gen, B=8, H=8, d=128, S=4096):
         torch.ops.sqcompile.quantize_write_fast_triton(key, val, kp, vp, pos, basis, mean, ks, vs)
 
     os.environ["SQCOMPILE_WRITE_KERNEL"] = "torch"
+    ref0_k, ref0_v = kp.clone(), vp.clone()
     try:
         ref_k, ref_v = kp.clone(), vp.clone()
         write(key, val, ref_k, ref_v, pos)  # the torch form, eager
@@ -108,13 +113,13 @@ def time_write(st, dev, gen, B=8, H=8, d=128, S=4096):
     finally:
         del os.environ["SQCOMPILE_WRITE_KERNEL"]
     torch._dynamo.reset()
-    kp.zero_(), vp.zero_()
+    kp.copy_(ref0_k), vp.copy_(ref0_v)
     triton_op(key, val, kp, vp, pos)
     same = (float((kp[:, :, S - 1] == ref_k[:, :, S - 1]).float().mean()),
             float((vp[:, :, S - 1] == ref_v[:, :, S - 1]).float().mean()))
     t_op = graph_us([lambda: triton_op(key, val, kp, vp, pos)])
     comp = torch.compile(write)
-    kp2, vp2 = torch.zeros_like(kp), torch.zeros_like(vp)
+    kp2, vp2 = ref0_k.clone(), ref0_v.clone()
     comp(key, val, kp2, vp2, pos)
     same_comp = bool(torch.equal(kp2, kp) and torch.equal(vp2, vp))
     t_comp = graph_us([lambda: comp(key, val, kp2, vp2, pos)])
@@ -128,9 +133,29 @@ def time_write(st, dev, gen, B=8, H=8, d=128, S=4096):
 
     t_attn = graph_us([attend])
     t_both = graph_us([lambda: (triton_op(key, val, kp, vp, pos), attend())])
+    # the write inside the attention op's first launch (what sqcompile::decode_attention_fast_write runs)
+    wr = (key, val, pos, basis, mean, ks, vs)
+    kp3, vp3 = ref0_k.clone(), ref0_v.clone()
+    out_fused = dc.decode_attention_fast_cuda(q, kp3, vp3, lens, scale=1 / math.sqrt(d), **st.args, write=wr)
+    out_sep = attend()  # kp/vp hold the Triton op's row
+    fused_same = (float((kp3[:, :, S - 1] == ref_k[:, :, S - 1]).float().mean()),
+                  float((vp3[:, :, S - 1] == ref_v[:, :, S - 1]).float().mean()))
+    rest_kept = bool(torch.equal(kp3[:, :, :S - 1], ref0_k[:, :, :S - 1]) and
+                     torch.equal(vp3[:, :, S:], ref0_v[:, :, S:]))
+    fused_err = rel_err(out_fused, out_sep)
+    kp4, vp4 = ref0_k.clone(), ref0_v.clone()
+    out_op = torch.ops.sqcompile.decode_attention_fast_write(
+        q, kp4, vp4, lens, st.args["k_basis"], st.args["k_factor"], st.args["v_factor"], st.args["k_groups"],
+        st.args["v_groups"], 1 / math.sqrt(d), key, val, pos, mean, ks, vs)
+    op_same = bool(torch.equal(kp4, kp3) and torch.equal(vp4, vp3) and torch.equal(out_op, out_fused))
+    t_fused = graph_us([lambda: dc.decode_attention_fast_cuda(q, kp3, vp3, lens, scale=1 / math.sqrt(d), **st.args,
+                                                              write=wr)])
     return dict(inductor_torch_us=t_torch, triton_op_us=t_op, inductor_triton_us=t_comp,
                 equal_bytes_k=same[0], equal_bytes_v=same[1], compiled_equals_op=same_comp,
-                attention_us=t_attn, write_then_attention_us=t_both, write_increment_us=t_both - t_attn)
+                attention_us=t_attn, write_then_attention_us=t_both, write_increment_us=t_both - t_attn,
+                fused_us=t_fused, fused_increment_us=t_fused - t_attn, fused_equal_bytes_k=fused_same[0],
+                fused_equal_bytes_v=fused_same[1], fused_rest_untouched=rest_kept, fused_out_rel_err=fused_err,
+                op_equals_fused=op_same)
 
 
 def main():
@@ -235,6 +260,12 @@ def main():
             f"{a_us:.1f} us -> {100 * best / a_us:.0f}%; in one graph with the attention call "
             f"{w['write_then_attention_us']:.1f} vs {w['attention_us']:.1f} us alone: the write adds "
             f"{w['write_increment_us']:.1f} us ({100 * w['write_increment_us'] / w['attention_us']:.0f}%)")
+        log(f"P3 {bits} fused (the write in the attention op's query launch): {w['fused_us']:.1f} vs "
+            f"{w['attention_us']:.1f} us alone: the write adds {w['fused_increment_us']:.2f} us "
+            f"({100 * w['fused_increment_us'] / w['attention_us']:.1f}%); bytes equal to the torch form K "
+            f"{100 * w['fused_equal_bytes_k']:.1f}% V {100 * w['fused_equal_bytes_v']:.1f}%, other rows untouched: "
+            f"{w['fused_rest_untouched']}, output vs write-then-attend rel. err {w['fused_out_rel_err']:.2e}, "
+            f"the op runs the fused kernel: {w['op_equals_fused']}")
     json.dump(res, open(args.out, "w"), indent=1)
     log(f"\n# {meta['device']}, copy {meta['copy_TBps']:.2f} TB/s, B={B} Hq={Hq} Hkv={H} d={d}")
     log(f"{'bits':>5} {'b/elem':>6} {'S':>6} {'impl':>12} {'us':>8} {'x sdpa':>7} {'TB/s':>6} {'%copy':>6} variant")

@@ -51,10 +51,10 @@ def make_block(name: str, shape: dict, dtype, device, impl: str | None):
     cfg._experts_implementation = impl  # a setter on transformers 5.x configs
     with torch.device(device):
         block = cls(cfg)
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # drawn on the device: a Mixtral layer is 1.4 G numbers
     with torch.no_grad():
         for p in block.parameters():
-            p.copy_((torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1])).to(p.device))
+            p.copy_(torch.randn(p.shape, generator=gen, device=device) / math.sqrt(p.shape[-1]))
     return block.to(dtype).eval()
 
 

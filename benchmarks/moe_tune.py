@@ -10,6 +10,7 @@ best so far. Every candidate is checked against the baseline output (relative er
 best configurations last and writes JSON.
 
     PYTHONPATH=$PWD python3 benchmarks/moe_tune.py --out moe_tune.json
+    PYTHONPATH=$PWD python3 benchmarks/moe_tune.py --candidates cands.json --out moe_cands.json   # a fixed list
     TRITON_INTERPRET=1 python benchmarks/moe_tune.py --cpu-smoke     # checks the script itself on CPU
 """
 from __future__ import annotations
@@ -37,13 +38,21 @@ SMOKE_DOWN = [(32, 32, 4, 2), (64, 32, 4, 2)]
 SMOKE_GROUPS = [fm.NO_GROUPING, 1]
 
 
+def inputs(shape: dict, tokens: int, dtype, device):
+    """Random weights, tokens and router logits (drawn on the device: a Mixtral layer is 1.4 G numbers)."""
+    gen = torch.Generator(device=device).manual_seed(tokens)
+    E, H, I = shape["experts"], shape["hidden"], shape["ffn"]
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=gen, device=device) * scale).to(dtype)
+    w1 = randn(E, 2 * I, H, scale=1 / math.sqrt(H))
+    w2 = randn(E, H, I, scale=1 / math.sqrt(I))
+    return randn(tokens, H), randn(tokens, E), w1, w2
+
+
 def case(shape: dict, tokens: int, dtype, device, gate_up, down, groups) -> dict:
-    gen = torch.Generator(device="cpu").manual_seed(tokens)
     E, H, I, k = shape["experts"], shape["hidden"], shape["ffn"], shape["top_k"]
-    w1 = (torch.randn(E, 2 * I, H, generator=gen) / math.sqrt(H)).to(device=device, dtype=dtype)
-    w2 = (torch.randn(E, H, I, generator=gen) / math.sqrt(I)).to(device=device, dtype=dtype)
-    x = torch.randn(tokens, H, generator=gen).to(device=device, dtype=dtype)
-    logits = torch.randn(tokens, E, generator=gen).to(device=device, dtype=dtype)
+    x, logits, w1, w2 = inputs(shape, tokens, dtype, device)
 
     def run():
         return fm.fused_moe_triton(x, logits, w1, w2, k, shape["renormalize"])
@@ -97,6 +106,97 @@ def case(shape: dict, tokens: int, dtype, device, gate_up, down, groups) -> dict
     return {"tokens": tokens, "rows": rows, "baseline_us": rows[0]["us"], "best_us": best_us, "best": best}
 
 
+def load_before(path: str):
+    """Another version of fused_moe.py (e.g. `git show HEAD:sqcompile/kernels/fused_moe.py > before.py`) as a module
+    whose ops live in the namespace sqcompile_before, so that both versions run in one process."""
+    import importlib.util
+
+    source = open(path).read().replace('"sqcompile::', '"sqcompile_before::')
+    spec = importlib.util.spec_from_loader("sqcompile.kernels.fused_moe_before", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "sqcompile.kernels"
+    exec(compile(source, path, "exec"), module.__dict__)
+    return module
+
+
+def kernel_us(fn, iters: int = 3, top: int = 8) -> dict:
+    """Device time per call of the `top` longest kernels of fn (torch.profiler), by kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    times = {e.key[:60]: e.device_time_total / iters for e in prof.key_averages() if e.device_time_total > 0}
+    return {k: round(v, 1) for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:top]}
+
+
+def candidates(shape: dict, tokens: int, dtype, device, cands: list, dense_reference: bool, rounds: int = 1,
+               before=None) -> dict:
+    """A fixed list of candidates, each `{"name": ..., "config": {...}}` applied over `_config`'s choice.
+
+    Each is checked against the baseline output first; then all are timed in `rounds` interleaved rounds (so that
+    clock drift under sustained load hits every candidate alike) and the median per candidate is reported, with
+    its longest kernels' times from the profiler. `before`: a `load_before` module, timed as the row "before".
+    With dense_reference also the two GEMMs as dense cuBLAS bmm with the same rows per expert."""
+    x, logits, w1, w2 = inputs(shape, tokens, dtype, device)
+    k = shape["top_k"]
+    E, H, I = shape["experts"], shape["hidden"], shape["ffn"]
+
+    fm._config_override = None
+    base_cfg = fm._config(tokens * k, E, H, I)
+    fns = {}
+
+    def with_config(cfg):
+        def run():
+            fm._config_override = cfg
+            try:
+                return fm.fused_moe_triton(x, logits, w1, w2, k, shape["renormalize"])
+            finally:
+                fm._config_override = None
+        return run
+
+    ref = with_config(None)().float()
+    rows = {}
+    todo = [("baseline", None)] + [(c["name"], dict(base_cfg, **c["config"])) for c in cands]
+    if before is not None:
+        fns["before"] = lambda: before.fused_moe_triton(x, logits, w1, w2, k, shape["renormalize"])
+        rows["before"] = {"name": "before", "config": "before"}
+    for name, cfg in todo:
+        run = with_config(cfg)
+        rows[name] = {"name": name, "config": cfg or base_cfg}
+        try:
+            err = float((run().float() - ref).norm() / ref.norm().clamp_min(1e-30))
+            rows[name]["rel_err"] = err
+            if err < 2e-2:
+                fns[name] = run
+        except Exception as e:  # noqa: BLE001 - a config the compiler rejects is recorded, not fatal
+            rows[name]["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            print(f"  {name:24s} {rows[name]['error']}", flush=True)
+    if "before" in fns:
+        rows["before"]["rel_err"] = float((fns["before"]().float() - ref).norm() / ref.norm().clamp_min(1e-30))
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(bench(fn))
+    for name, fn in fns.items():
+        rows[name]["us_rounds"] = [round(t, 1) for t in times[name]]
+        rows[name]["us"] = float(sorted(times[name])[len(times[name]) // 2])
+        rows[name]["kernels_us"] = kernel_us(fn) if device == "cuda" else {}
+        print(f"  {name:24s} {rows[name]['us']:9.1f} us  (min {min(times[name]):.1f} max {max(times[name]):.1f}) "
+              f"err {rows[name].get('rel_err', float('nan')):.1e}  {rows[name]['kernels_us']}", flush=True)
+    result = {"tokens": tokens, "rounds": rounds, "rows": list(rows.values())}
+    if dense_reference and device == "cuda":
+        rows_per_expert = tokens * k // E
+        a = torch.randn(E, rows_per_expert, H, device=device, dtype=dtype)
+        hh = torch.randn(E, rows_per_expert, I, device=device, dtype=dtype)
+        result["dense_gate_up_us"] = bench(lambda: torch.bmm(a, w1.transpose(1, 2)))
+        result["dense_down_us"] = bench(lambda: torch.bmm(hh, w2.transpose(1, 2)))
+        print(f"  dense cuBLAS bmm: gate/up {result['dense_gate_up_us']:.1f} us, down {result['dense_down_us']:.1f} us",
+              flush=True)
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="mixtral,qwen_moe")
@@ -105,6 +205,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gate-up", default="", help="gate/up candidates 'BM,BN,BK,warps,stages;...' (default: GATE_UP)")
     ap.add_argument("--down", default="", help="down candidates 'BN,BK,warps,stages;...' (default: DOWN)")
     ap.add_argument("--groups", default="", help="GROUP_M candidates 'a,b,...' (default: GROUPS)")
+    ap.add_argument("--candidates", default="", help="JSON list of {name, config}: time these instead of the sweep")
+    ap.add_argument("--rounds", type=int, default=1, help="with --candidates: interleaved timing rounds")
+    ap.add_argument("--before", default="", help="with --candidates: another fused_moe.py to time as 'before'")
+    ap.add_argument("--dense-reference", action="store_true", help="with --candidates: also time dense cuBLAS bmm")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape, fp32, TRITON_INTERPRET=1 required")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
@@ -125,6 +229,18 @@ def main(argv=None) -> int:
             groups = [int(v) for v in args.groups.split(",")]
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {"device": device_name, "torch": torch.__version__, "cases": {}}
+    if args.candidates:
+        with open(args.candidates) as f:
+            cands = json.load(f)
+        before = load_before(args.before) if args.before else None
+        for name in shapes:
+            for t in tokens:
+                print(f"{name} T={t}", flush=True)
+                results["cases"][f"{name}/{t}"] = candidates(SHAPES[name], t, dtype, device, cands,
+                                                             args.dense_reference, args.rounds, before)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        return 0
     for name in shapes:
         for t in tokens:
             print(f"{name} T={t}", flush=True)

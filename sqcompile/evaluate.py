@@ -466,12 +466,19 @@ def agreement(picks: Tensor, continuation: Tensor, eos_token_id: Optional[int]) 
 def teacher_forced_logits(step, ids: Tensor, mask: Tensor, continuation: Tensor, cache) -> Tensor:
     """Next-token logits [B, T, vocab] (float32) at each position of `continuation` [B, T], feeding the
     continuation itself one token at a time after the prompt (`step` = a model or its compiled forward; `cache`
-    its KV cache)."""
-    out = [step(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1].float()]
+    its KV cache). Positions count from each row's first unmasked token, as `generate()` passes them
+    (`position_ids = cumsum(mask) - 1`, 1 on padding): without them a left-padded row's tokens would sit `pad`
+    positions later than in `generate()`, which an exact cache does not notice (RoPE is relative) but a cache that
+    quantizes keys after RoPE does."""
+    pos = mask.long().cumsum(-1) - 1
+    pos = pos.masked_fill(mask == 0, 1)
+    out = [step(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                use_cache=True).logits[:, -1].float()]
     for t in range(continuation.shape[1] - 1):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out.append(step(input_ids=continuation[:, t:t + 1], attention_mask=mask, past_key_values=cache,
-                        use_cache=True).logits[:, -1].float())
+        pos = pos[:, -1:] + 1
+        out.append(step(input_ids=continuation[:, t:t + 1], attention_mask=mask, position_ids=pos,
+                        past_key_values=cache, use_cache=True).logits[:, -1].float())
     return torch.stack(out, 1)
 
 

@@ -172,8 +172,8 @@ def test_cuda_kernel_under_cudagraph_trees():
     torch._dynamo.reset()
 
 
-def test_plan_compiles_its_three_kernels_once(monkeypatch):
-    """`_Plan.compiled`: one compile for the three kernels (here the per-kernel fallback, NVRTC faked), and the
+def test_plan_compiles_its_kernels_once(monkeypatch):
+    """`_Plan.compiled`: one compile for all KERNELS (here the per-kernel fallback, NVRTC faked), and the
     split kernel's shared-memory limit raised once when the plan needs >= 48 KB."""
     calls, configured = [], []
 
@@ -203,3 +203,92 @@ def test_default_splits_fill_whole_waves():
             assert 1 <= n <= 256
             assert rows * n <= 2 * 132 or n == 1  # whole waves unless one split is already more than a wave
             assert n == 1 or -(-tokens // dc.TN) >= 2 * 8 * (n - 1)  # >= 2 tiles per warp, but for the last split
+
+
+def test_write_slots_cover_every_coded_group_once():
+    """The fused write's code generation: one run of threads (code bytes, the scale by its first thread) per coded
+    group of K then V, at the layout's byte offsets; 0-bit groups get none."""
+    d, kg, vg = LAYOUTS[4]
+    kl, vl = _lay(d, kg), _lay(d, vg)
+    pl = dc._Plan(d, 4, kl, vl, 4, 2)
+    slots = pl._write_slots()
+    assert [(k, g.start, g.stop) for _, k, g, *_ in slots] == [("k", 0, 64), ("v", 0, 16)]
+    assert [s[0] for s in slots] == [0, 1] and [s[-1] for s in slots] == [0, kl.groups[0].code_bytes]
+    assert "vrow[8]" in pl.source and "sq_fast_query_write" in pl.source  # V scale after its 8 code bytes
+    assert dc.write_supported(kl, vl, d, (2, 2, 1, d)) is None
+    assert "one new token" in dc.write_supported(kl, vl, d, (2, 2, 3, d))
+    chan = FastLayout(d, (FastGroup(0, d, 4, "channel"),))
+    assert "token-scaled" in dc.write_supported(chan, vl, d, (2, 2, 1, d))
+
+
+def test_fused_write_op_is_the_write_then_the_attention_on_cpu():
+    """`sqcompile::decode_attention_fast_write` off CUDA: quantize_write_fast, then decode_attention_fast."""
+    from sqcompile.kernels import decode_attention_fast  # noqa: F401  (registers the op)
+    from sqcompile.kernels.fast_cache import layout_spec
+
+    d, kg, vg = LAYOUTS[1]
+    kl, vl = _lay(d, kg), _lay(d, vg)
+    gen = torch.Generator().manual_seed(3)
+    B, H, G, T = 2, 2, 4, 40
+    kp = kl.quantize(torch.randn(B, H, T, d, generator=gen))
+    vp = vl.quantize(torch.randn(B, H, T, d, generator=gen))
+    q = torch.randn(B, H * G, d, generator=gen)
+    basis = torch.linalg.qr(torch.randn(H, d, d, generator=gen))[0]
+    mean = torch.randn(H, d, generator=gen)
+    key, val = torch.randn(B, H, 1, d, generator=gen), torch.randn(B, H, 1, d, generator=gen)
+    pos, lengths = torch.tensor([30]), torch.full((B,), 31, dtype=torch.int32)
+    ks, vs = layout_spec(kl), layout_spec(vl)
+    attn = (basis, kl.column_factor(None, H), vl.column_factor(None, H), kl.flat_groups(), vl.flat_groups(), 0.1)
+    kp2, vp2 = kp.clone(), vp.clone()
+    out = torch.ops.sqcompile.decode_attention_fast_write(q, kp, vp, lengths, *attn, key, val, pos, mean, ks, vs)
+    torch.ops.sqcompile.quantize_write_fast(key, val, kp2, vp2, pos, basis, mean, ks, vs)
+    ref = torch.ops.sqcompile.decode_attention_fast(q, kp2, vp2, lengths, *attn)
+    assert torch.equal(kp, kp2) and torch.equal(vp, vp2) and torch.equal(out, ref)
+    assert not torch.equal(kp[:, :, 30], kl.quantize(torch.zeros(B, H, 1, d))[:, :, 0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the lent GPU)")
+@pytest.mark.parametrize("d,kg,vg", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_write_stores_what_the_write_op_stores(d, kg, vg, dtype, monkeypatch):
+    """The write inside the decode kernel's query launch: the row at the position holds the bytes of the torch
+    form of quantize_write_fast (a code may move one level where a value sits on a decision boundary: the key
+    rotation sums in another order), no other row changes, the attention equals write-then-attend, and a
+    position past the capacity writes nothing."""
+    from sqcompile.kernels.fast_cache import layout_spec, quantize_write_fast
+
+    monkeypatch.setenv("SQCOMPILE_WRITE_KERNEL", "torch")
+    kl, vl = _lay(d, kg), _lay(d, vg)
+    gen = torch.Generator(device="cuda").manual_seed(d + len(kg))
+    B, H, G, T = 3, 2, 4, 264
+    kp = kl.quantize(torch.randn(B, H, T, d, device="cuda", generator=gen))
+    vp = vl.quantize(torch.randn(B, H, T, d, device="cuda", generator=gen))
+    q = torch.randn(B, H * G, d, device="cuda", generator=gen).half()
+    basis = torch.linalg.qr(torch.randn(H, d, d, device="cuda", generator=gen))[0]
+    mean = torch.randn(H, d, device="cuda", generator=gen)
+    key = (3 * torch.randn(B, H, 1, d, device="cuda", generator=gen)).to(dtype)
+    val = torch.randn(B, H, 1, d, device="cuda", generator=gen).to(dtype)
+    ks, vs = layout_spec(kl), layout_spec(vl)
+    attn = dict(k_basis=basis, k_factor=kl.column_factor(None, H, "cuda"), v_factor=vl.column_factor(None, H, "cuda"),
+                k_groups=kl.flat_groups(), v_groups=vl.flat_groups(), scale=1 / math.sqrt(d))
+    for p in (200, T - 1):
+        pos = torch.tensor([p], device="cuda")
+        lengths = torch.full((B,), p + 1, dtype=torch.int32, device="cuda")
+        kf, vf, kr, vr = kp.clone(), vp.clone(), kp.clone(), vp.clone()
+        out = dc.decode_attention_fast_cuda(q, kf, vf, lengths, **attn, poison=True,
+                                            write=(key, val, pos, basis, mean, ks, vs))
+        quantize_write_fast(key, val, kr, vr, pos, basis, mean, ks, vs)
+        others = torch.ones(T, dtype=torch.bool)
+        others[p] = False
+        assert torch.equal(kf[:, :, others], kp[:, :, others]) and torch.equal(vf[:, :, others], vp[:, :, others])
+        assert torch.equal(vf, vr)  # values: no rotation, so the bytes are exact
+        kc, kc_ref = kl.unpack(kf[:, :, p])[0], kl.unpack(kr[:, :, p])[0]
+        for a, b in zip(kc, kc_ref):
+            if a is not None:
+                assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 0.02
+        ref = dc.decode_attention_fast_cuda(q, kr, vr, lengths, **attn)
+        assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < 5e-3
+    kf, vf = kp.clone(), vp.clone()
+    dc.decode_attention_fast_cuda(q, kf, vf, lengths, **attn, write=(key, val, torch.tensor([T], device="cuda"),
+                                                                     basis, mean, ks, vs))
+    assert torch.equal(kf, kp) and torch.equal(vf, vp)

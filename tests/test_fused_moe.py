@@ -204,17 +204,30 @@ def run_triton_checks() -> None:
     gpu_configs += [dict(gpu_configs[1], GROUP_M=3, DOWN_GROUP_M=1), dict(gpu_configs[0], GROUP_M=1, DOWN_GROUP_M=3),
                     dict(gpu_configs[2], H_SORTED=True)]
     gen = torch.Generator().manual_seed(8)
-    for cfg in gpu_configs:
+
+    def check(cfg, tokens, experts, skew=False):
         fm._config_override = cfg
         try:
-            x, logits = torch.randn(5, 64, generator=gen), torch.randn(5, 8, generator=gen)
-            w1 = torch.randn(8, 2 * 160, 64, generator=gen) / 8
-            w2 = torch.randn(8, 64, 160, generator=gen) / 12
+            x, logits = torch.randn(tokens, 64, generator=gen), torch.randn(tokens, experts, generator=gen)
+            if skew:
+                logits[:100, 1] += 10.0  # expert 1 gets two blocks of rows, the last one partial
+            w1 = torch.randn(experts, 2 * 160, 64, generator=gen) / 8
+            w2 = torch.randn(experts, 64, 160, generator=gen) / 12
             expected = fm.fused_moe_reference(x, logits, w1, w2, 2, True)
             got = torch.ops.sqcompile.fused_moe_triton(x, logits, w1, w2, 2, True, "softmax")
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"{cfg}: {m}")
         finally:
             fm._config_override = None
+
+    for cfg in gpu_configs:
+        check(cfg, 5, 8)
+        checked += 1
+    # the prefill path (TMA descriptors, h in block order, persistent gate/up programs) with full and partial blocks,
+    # next to the same tiles with pointer loads and one program per tile
+    prefill = gpu_configs[2]
+    assert prefill["TMA"] and prefill["H_SORTED"] and prefill["PERSISTENT"]
+    for cfg in (prefill, dict(prefill, TMA=False, H_SORTED=False, PERSISTENT=0)):
+        check(cfg, 150, 4, skew=True)
         checked += 1
     # fp16 weights and activations (bf16 dots are wrong in the interpreter; see DESIGN.md)
     gen = torch.Generator().manual_seed(7)

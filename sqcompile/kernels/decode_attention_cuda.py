@@ -21,7 +21,10 @@ every operand is built where the mma wants it:
 
 Each CTA writes per (batch, query head, split) the normalized partial output (in the original storage
 coordinates) and its log2-sum-exp; `sq_fast_merge` merges the splits into the output. A small first kernel computes q'' = q @ M (storage basis,
-fragment order, scales folded into M, cached per constant tensors).
+fragment order, scales folded into M, cached per constant tensors). Its variant `sq_fast_query_write` also
+stores the decode step's new token (rotate the key by the same basis, quantize, pack: `quantize_write_fast`'s
+bytes) before the split kernel reads the cache, so the write costs a decode step no launch of its own
+(`sqcompile::decode_attention_fast_write`, which the substitution pass emits).
 Selection: `sqcompile::decode_attention_fast` runs this kernel on CUDA when `available(...)` says so
 (the layout is supported, NVRTC compiles it) and `SQCOMPILE_DECODE_KERNEL` is not "triton"; "cuda"
 makes an unsupported case an error instead of a fallback. It is an opaque custom op
@@ -251,6 +254,43 @@ class _Plan:
                        f"hq[{gi}][1] = 0.5f * __shfl_sync(0xffffffffu, s, 8 * tig + 4); }}")
         return "\n".join(out)
 
+    def _write_slots(self):
+        """(slot, K or V, group, code offset, scale offset, base in wx, first thread) per coded group."""
+        out, slot, t0 = [], 0, 0
+        for kind, lay, base in (("k", self.kl, 0), ("v", self.vl, self.D)):
+            for g, co, so in zip(lay.groups, lay.code_offsets(), lay.scale_offsets()):
+                if g.bits:
+                    out.append((slot, kind, g, co, so, base, t0))
+                    slot, t0 = slot + 1, t0 + g.code_bytes
+        return out
+
+    def _write_codes(self) -> str:
+        """Thread t0 + i packs code byte i of its group (8 / bits codes, code e at bit bits * e), from the group's
+        token scale (its 16-blocks' sums of squares added in a fixed order); thread t0 also stores the scale."""
+        out = []
+        for slot, kind, g, co, so, base, t0 in self._write_slots():
+            E, nb = 8 // g.bits, g.code_bytes
+            inv = struct.unpack("<I", struct.pack("<f", 1.0 / g.step))[0]
+            half, maxc = float(1 << (g.bits - 1)), float((1 << g.bits) - 1)
+            blocks = " + ".join(f"wblk[{(base + j) // 16}]" for j in range(g.start, g.stop, 16))
+            out.append(f"  if (ok && tid >= {t0} && tid < {t0 + nb}) {{ // {kind.upper()} [{g.start}:{g.stop}]@{g.bits}")
+            out.append(f"    float sc = __fsqrt_rn(__fdiv_rn({blocks}, {float(g.n)!r}f)); sc = sc > 65504.f ? 65504.f : sc;")
+            out.append('    unsigned short hs; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hs) : "f"(sc)); '
+                       "const float sf = h2f(hs), dv = sf > 0.f ? sf : 1.f;")
+            out.append(f"    const int i = tid - {t0}; u32 byte = 0;")
+            out.append("#pragma unroll")
+            out.append(f"    for (int e = 0; e < {E}; ++e) {{")
+            out.append(f"      float cf = floorf(__fmul_rn(__fdiv_rn(wx[{base + g.start} + i * {E} + e], dv), "
+                       f"__int_as_float({inv:#010x})) + {half!r}f);")
+            out.append(f"      cf = cf != cf ? 0.f : (cf < 0.f ? 0.f : (cf > {maxc!r}f ? {maxc!r}f : cf));")
+            out.append(f"      byte |= ((u32)cf) << ({g.bits} * e);")
+            out.append("    }")
+            out.append(f"    {kind}row[{co} + i] = (unsigned char)byte;")
+            out.append(f"    if (i == 0) {{ {kind}row[{so}] = (unsigned char)(hs & 0xffu); "
+                       f"{kind}row[{so + 1}] = (unsigned char)(hs >> 8); }}")
+            out.append("  }")
+        return "\n".join(out)
+
     def _source(self) -> str:
         D, G = self.D, self.G
         ngk = len(self.kl.groups)
@@ -259,12 +299,13 @@ class _Plan:
         return _TEMPLATE.format(ZEROV=zero or "(void)row;",
             W=self.W, STAGES=self.S, D=D, G=G, QS=self.qs, KRB=self.krb, VRB=self.vrb, NCH=D // 16, NGK=ngk, NGV=self.ngv,
             KBYTES=self.kbytes, VBYTES=self.vbytes, STAGE_BYTES=self.stage_bytes, TN=TN,
-            HQ=self._hq(), KSCORES=self._k_scores(), VACC=self._v_accumulate())
+            HQ=self._hq(), KSCORES=self._k_scores(), VACC=self._v_accumulate(),
+            KMAP=", ".join(map(str, self.kmap)), WCODES=self._write_codes())
 
     # -- launch -------------------------------------------------------------------------------
     def compiled(self, name: str):
         """The NVRTC-compiled kernel `name` of this plan's source (one of KERNELS). The first call compiles all
-        three: one NVRTC compile and one module load (`_compile_all`), else one `torch.cuda._compile_kernel`
+        of them: one NVRTC compile and one module load (`_compile_all`), else one `torch.cuda._compile_kernel`
         per kernel where torch's private NVRTC helpers differ from what `_compile_all` expects."""
         if not self._kernels:
             ks = _compile_all(self.source) or {n: torch.cuda._compile_kernel(self.source, n) for n in KERNELS}
@@ -294,12 +335,12 @@ class _Plan:
         return _cached(self._dev, key, make)
 
 
-KERNELS = ("sq_fast_query", "sq_fast_decode", "sq_fast_merge")
+KERNELS = ("sq_fast_query", "sq_fast_decode", "sq_fast_merge", "sq_fast_query_write")
 
 
 def _compile_all(source: str) -> dict:
     """{name: kernel} for KERNELS from one NVRTC compile of `source` and one module load (they are extern "C",
-    so the PTX holds all three under their own names), through torch's private `_nvrtc_compile` and
+    so the PTX holds all of them under their own names), through torch's private `_nvrtc_compile` and
     `_cuda_load_module`. {} when those helpers do not take these arguments (they are private and have changed
     between torch versions): `_Plan.compiled` then compiles each kernel on its own."""
     try:
@@ -367,14 +408,15 @@ def _persistent(make):
 
 
 def _query_matrix(pl: _Plan, k_basis, k_factor, scale: float):
-    """M [Hkv, d, d] with q'' = q @ M: storage basis, fragment column order, step x channel scale, the
-    softmax scale, log2(e) and 2^(-b e) folded in (cached per constant tensors and scale)."""
+    """(M [Hkv, d, d] with q'' = q @ M: storage basis, fragment column order, step x channel scale, the
+    softmax scale, log2(e) and 2^(-b e) folded in; FAC [Hkv, d], the factor of each column of M), cached per
+    constant tensors and scale."""
     key = (id(pl), k_basis.data_ptr(), k_basis._version, k_factor.data_ptr(), k_factor._version, float(scale))
 
     def make():
         t = pl.tables(k_basis.device)
-        fac = k_factor.float()[:, t["kmap"]] * t["kpow"] * (float(scale) * LOG2E)  # [Hkv, d]
-        return (k_basis.float()[:, t["kmap"], :].transpose(1, 2) * fac[:, None, :]).contiguous()  # [Hkv, d_in, d]
+        fac = (k_factor.float()[:, t["kmap"]] * t["kpow"] * (float(scale) * LOG2E)).contiguous()  # [Hkv, d]
+        return (k_basis.float()[:, t["kmap"], :].transpose(1, 2) * fac[:, None, :]).contiguous(), fac
 
     return _cached(_QCACHE, key, make)
 
@@ -418,12 +460,17 @@ def default_splits(rows: int, tiles: int, warps: int, per_sm: int, sms: int) -> 
 class _Launch:
     """Everything about a call that depends only on shapes, layouts and options (cached per such key)."""
 
-    def __init__(self, q, k_packed, k_groups, v_groups, num_splits, warps, stages, per_sm):
+    def __init__(self, q, k_packed, k_groups, v_groups, num_splits, warps, stages, per_sm, specs=None):
         B, Hq, D = q.shape
         Hkv, T = k_packed.shape[1], k_packed.shape[2]
         G = Hq // Hkv
         kl = FastLayout.from_flat(D, k_groups, [1.0] * (len(k_groups) // 4))
         vl = FastLayout.from_flat(D, v_groups, [1.0] * (len(v_groups) // 4))
+        if specs is not None:  # a write needs the layouts' level steps (the decode kernel takes them in k/v_factor)
+            kw, vw = (FastLayout.from_spec(D, sp) for sp in specs)
+            if kw.flat_groups() != list(k_groups) or vw.flat_groups() != list(v_groups):
+                raise ValueError("the write's layouts must have the groups of k_groups / v_groups")
+            kl, vl = kw, vw
         why = supports(kl, vl, D, G, T)
         if why is not None:
             raise ValueError(f"decode_attention_fast_cuda: {why}")
@@ -443,11 +490,52 @@ class _Launch:
         self.qf = torch.empty(B, Hq, D, device=dev, dtype=torch.float16)  # scratch, reused by every call
         self.op = torch.empty(B, Hq, self.nsplit, D, device=dev, dtype=torch.float32)
         self.lse = torch.empty(B, Hq, self.nsplit, device=dev, dtype=torch.float32)
-        self.qkernel, self.kernel, self.mkernel = (pl.compiled(n) for n in KERNELS)
+        self.qkernel, self.kernel, self.mkernel, self.wkernel = (pl.compiled(n) for n in KERNELS)
         self.qargs, self.args, self.margs = _Args("pppii"), _Args("pppppppppp" + "iiiii"), _Args("pppii")
+        self.wargs = _Args("pppii" + "ppppppp" + "iiiiiiii")
 
 
 _LAUNCHES: dict = {}
+_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+
+def write_supported(kl: FastLayout, vl: FastLayout, head_dim: int, key_shape) -> Optional[str]:
+    """None when `decode_attention_fast_cuda(..., write=...)` can store the new token in its query launch."""
+    if len(key_shape) != 4 or key_shape[2] != 1:
+        return f"the fused write takes one new token per sequence ([B, Hkv, 1, d]), got {tuple(key_shape)}"
+    if any(g.bits and g.scale != "token" for g in kl.groups + vl.groups):
+        return "the fused write takes token-scaled groups only"
+    if head_dim % 32:
+        return f"head_dim {head_dim} is not a multiple of 32 (the write reduces whole warps)"
+    qs = max(q for q in range(1, max(1, 512 // head_dim) + 1) if head_dim % q == 0)
+    if sum(g.code_bytes for g in kl.groups + vl.groups) > head_dim * qs:
+        return "more code bytes than the query launch has threads"
+    return None
+
+
+def _write_args(st, pl, k_packed, k_basis, write):
+    key, v_store, positions, w_basis, k_mean = write[:5]
+    if w_basis is not k_basis and (w_basis.data_ptr() != k_basis.data_ptr() or w_basis.shape != k_basis.shape):
+        raise ValueError("decode_attention_fast_cuda write: the key basis of the write must be k_basis (the "
+                         "kernel rotates the key with the query matrix built from it)")
+    why = write_supported(pl.kl, pl.vl, st.D, tuple(key.shape))
+    if why is not None:
+        raise ValueError(f"decode_attention_fast_cuda write: {why}")
+    shape = (st.B, st.Hkv, 1, st.D)
+    if tuple(key.shape) != shape or tuple(v_store.shape) != shape:
+        raise ValueError(f"decode_attention_fast_cuda write: key and v_store must be {shape}, got "
+                         f"{tuple(key.shape)} / {tuple(v_store.shape)}")
+    if key.dtype not in _DTYPES or v_store.dtype not in _DTYPES:
+        raise ValueError(f"key/v_store must be float16, bfloat16 or float32, got {key.dtype}/{v_store.dtype}")
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    if v_store.stride(-1) != 1:
+        v_store = v_store.contiguous()
+    if positions.numel() != 1 or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be one int32/int64 position, got {positions.dtype} {tuple(positions.shape)}")
+    if tuple(k_mean.shape) != (st.Hkv, st.D) or k_mean.dtype != torch.float32 or not k_mean.is_contiguous():
+        k_mean = k_mean.to(torch.float32).reshape(st.Hkv, st.D).contiguous()
+    return key, v_store, positions, k_mean
 
 
 def decode_attention_fast_cuda(
@@ -455,6 +543,7 @@ def decode_attention_fast_cuda(
     k_basis: torch.Tensor, k_factor: torch.Tensor, v_factor: torch.Tensor,
     k_groups: list[int], v_groups: list[int], scale: float, kv_mask: Optional[torch.Tensor] = None,
     num_splits: int = 0, warps: int = 8, stages: int = 2, per_sm: int = 2, poison: bool = False,
+    write: Optional[tuple] = None,
 ) -> torch.Tensor:
     """Same arguments and result as `decode_attention_fast_reference`; CUDA tensors only. Defaults from
     benchmarks/decode_attention_cuda.py on an H100 (fifth session): 8 warps, 2 stages, and at most `per_sm` = 2
@@ -462,10 +551,16 @@ def decode_attention_fast_cuda(
     4 splits, 256 CTAs; rounding up to 5 left a third CTA on some SMs: 4 warps, 4 stages, 5 splits was 14% slower
     at 4K and 12% at 64K). `num_splits` > 0 fixes the count. Three launches: the query
     transform, the split kernel, the merge (merging in the split kernel's last CTA per (batch, kv-head)
-    was 10-25% slower on an H200: 64 CTAs do all the merging at the end)."""
+    was 10-25% slower on an H200: 64 CTAs do all the merging at the end).
+
+    write = (key, v_store, positions, k_basis, k_mean, k_layout, v_layout) first stores one new token per
+    sequence ([B, Hkv, 1, d] key and storage-basis value, positions [1]) into k_packed / v_packed as
+    `sqcompile::quantize_write_fast` does, inside the query transform's launch (`write_supported` says when)."""
+    specs = None if write is None else (str(write[5]), str(write[6]))
     key = (tuple(q.shape), q.dtype, q.device, tuple(k_packed.shape), tuple(k_groups), tuple(v_groups), num_splits,
-           warps, stages, per_sm)
-    st = _cached(_LAUNCHES, key, lambda: _Launch(q, k_packed, k_groups, v_groups, num_splits, warps, stages, per_sm))
+           warps, stages, per_sm, specs)
+    st = _cached(_LAUNCHES, key, lambda: _Launch(q, k_packed, k_groups, v_groups, num_splits, warps, stages, per_sm,
+                                                 specs))
     pl, t = st.pl, st.t
     if not k_packed.is_contiguous():
         k_packed = k_packed.contiguous()
@@ -475,8 +570,15 @@ def decode_attention_fast_cuda(
         raise ValueError("packed caches must be 16-byte aligned and of one [B, kv_heads, capacity] shape")
     if not q.is_contiguous():
         q = q.contiguous()
-    _launch(st.qkernel, (st.B * st.Hkv, 1, 1), (st.D, pl.qs, 1), 0,
-            st.qargs.set((q, _query_matrix(pl, k_basis, k_factor, scale), st.qf, st.Hkv, st.qdt)))
+    qm, fac = _query_matrix(pl, k_basis, k_factor, scale)
+    if write is None:
+        _launch(st.qkernel, (st.B * st.Hkv, 1, 1), (st.D, pl.qs, 1), 0, st.qargs.set((q, qm, st.qf, st.Hkv, st.qdt)))
+    else:  # the key is rotated with M (so by k_basis: the write's own basis must be that tensor)
+        key, v_store, positions, k_mean = _write_args(st, pl, k_packed, k_basis, write)
+        _launch(st.wkernel, (st.B * st.Hkv, 1, 1), (st.D, pl.qs, 1), 0, st.wargs.set((
+            q, qm, st.qf, st.Hkv, st.qdt, key, v_store, k_packed, v_packed, positions, fac, k_mean, st.T,
+            _DTYPES[key.dtype], _DTYPES[v_store.dtype], int(positions.dtype == torch.int64),
+            key.stride(0), key.stride(1), v_store.stride(0), v_store.stride(1))))
     vkey = ("v", id(pl), v_factor.data_ptr(), v_factor._version)
     vf = _cached(_QCACHE, vkey, lambda: v_factor.float()[:, t["vmap"]].contiguous())  # [Hkv, d] factor per kernel row
     out = torch.empty(st.B, st.Hq, st.D, device=q.device, dtype=q.dtype)
@@ -571,8 +673,19 @@ __device__ __forceinline__ void issue_tile(u32 dst, const unsigned char* ks, con
 // One CTA per (batch, kv-head), D x QS threads: thread (c, s) sums rows [s D/QS, (s+1) D/QS) of column c for
 // the G heads with all its loads of M in flight at once (one column per thread over all D rows was a chain of
 // D dependent-latency loads: 7-13 us on an H100), then slice s = 0 adds the QS partial sums.
-extern "C" __global__ void __launch_bounds__(D * QS) sq_fast_query(const void* __restrict__ Q,
-    const float* __restrict__ M, unsigned short* __restrict__ QF, int Hkv, int qdtype) {{
+__device__ __forceinline__ float ldf(const void* p, long long at, int dtype) {{
+  if (dtype == 0) {{ float v; unsigned short x = ((const unsigned short*)p)[at]; asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(x)); return v; }}
+  if (dtype == 1) return __uint_as_float(((u32)((const unsigned short*)p)[at]) << 16);
+  return ((const float*)p)[at];
+}}
+
+// q'' = q @ M for the G heads of this CTA's (batch, kv-head); WRITE: also wpart[s][c] = slice s of (k - mu) @ M[:, c]
+// for the new key in wk (the same registers of M: the write's rotation reads no basis of its own).
+struct NewToken {{ const void* KN; const void* VN; const float* KM; int kdt, vdt, skb, skh, svb, svh; }};
+
+template <bool WRITE>
+__device__ __forceinline__ void query_transform(const void* __restrict__ Q, const float* __restrict__ M,
+    unsigned short* __restrict__ QF, int Hkv, int qdtype, float* wk, float* wx, float* wpart, NewToken nt) {{
   __shared__ float qs[G * D];
   __shared__ float part[QS * G * D];
   const int bh = blockIdx.x, h = bh % Hkv, c = threadIdx.x, s = threadIdx.y, tid = s * D + c;
@@ -589,6 +702,11 @@ extern "C" __global__ void __launch_bounds__(D * QS) sq_fast_query(const void* _
     else {{ v = ((const float*)Q)[at]; }}
     qs[i] = v;
   }}
+  if (WRITE && tid < D) {{  // the new token, loaded after M's loads are in flight
+    const int b = bh / Hkv;
+    wk[tid] = ldf(nt.KN, (long long)b * nt.skb + (long long)h * nt.skh + tid, nt.kdt) - nt.KM[h * D + tid];
+    wx[D + tid] = ldf(nt.VN, (long long)b * nt.svb + (long long)h * nt.svh + tid, nt.vdt);
+  }}
   __syncthreads();
 #pragma unroll
   for (int g = 0; g < G; ++g) {{
@@ -596,6 +714,12 @@ extern "C" __global__ void __launch_bounds__(D * QS) sq_fast_query(const void* _
 #pragma unroll
     for (int k = 0; k < R; ++k) acc += qs[g * D + s * R + k] * m[k];
     part[(s * G + g) * D + c] = acc;
+  }}
+  if (WRITE) {{
+    float acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < R; ++k) acc += wk[s * R + k] * m[k];
+    wpart[s * D + c] = acc;
   }}
   __syncthreads();
   if (s == 0) {{
@@ -608,6 +732,56 @@ extern "C" __global__ void __launch_bounds__(D * QS) sq_fast_query(const void* _
       QF[((long long)bh * G + g) * D + c] = r;
     }}
   }}
+}}
+
+extern "C" __global__ void __launch_bounds__(D * QS) sq_fast_query(const void* __restrict__ Q,
+    const float* __restrict__ M, unsigned short* __restrict__ QF, int Hkv, int qdtype) {{
+  query_transform<false>(Q, M, QF, Hkv, qdtype, nullptr, nullptr, nullptr, NewToken{{}});
+}}
+
+// fragment column -> storage coordinate of the keys (`_Plan.kmap`)
+__device__ const short SQ_KMAP[D] = {{ {KMAP} }};
+
+// The query transform and, in the same launch, the decode step's cache write: this CTA's (batch, kv-head) row
+// of the new token at POS[0] (one token per sequence), what `sqcompile::quantize_write_fast` stores:
+// keys (k - mu) @ B^T, from the query matrix M (column c of M is basis row KMAP[c] times FAC[h][c], so
+// x[KMAP[c]] = ((k - mu) @ M)[c] / FAC[h][c]), values as they come (already in their storage basis); per
+// token-scaled group s = fp16(min(sqrt(mean(x^2)), 65504)), code = clamp(floor(fl(x / s) * fl(1/step)
+// + 2^(b-1)), 0, 2^b - 1), NaN -> 0 (IEEE division and square root, a product never fused into an FMA, as the
+// Triton write does; the rotation sums in another order, so a code may move one level at a decision boundary).
+// Positions outside [0, T) write nothing (the graph's assert reports them).
+extern "C" __global__ void __launch_bounds__(D * QS) sq_fast_query_write(const void* __restrict__ Q,
+    const float* __restrict__ M, unsigned short* __restrict__ QF, int Hkv, int qdtype,
+    const void* __restrict__ KN, const void* __restrict__ VN, unsigned char* __restrict__ KP,
+    unsigned char* __restrict__ VP, const void* __restrict__ POS, const float* __restrict__ FAC,
+    const float* __restrict__ KM, int T, int kdt, int vdt, int pos64, int skb, int skh, int svb, int svh) {{
+  __shared__ float wk[D];
+  __shared__ float wx[2 * D];
+  __shared__ float wpart[QS * D];
+  __shared__ float wblk[D / 8];  // sums of squares of 16-coordinate blocks: keys, then values
+  const int bh = blockIdx.x, h = bh % Hkv, c = threadIdx.x, s = threadIdx.y, tid = s * D + c;
+  const long long pos = pos64 ? ((const long long*)POS)[0] : (long long)((const int*)POS)[0];  // loads issued early
+  const float f = s == 0 ? FAC[h * D + c] : 0.f;
+  // its first __syncthreads publishes wk and wx, its second wpart (read below by the threads that last wrote QF)
+  query_transform<true>(Q, M, QF, Hkv, qdtype, wk, wx, wpart, NewToken{{KN, VN, KM, kdt, vdt, skb, skh, svb, svh}});
+  if (s == 0) {{  // thread c: key coordinate KMAP[c], value coordinate c, and the sums of squares of 16-blocks
+    float x = 0.f;
+#pragma unroll
+    for (int t = 0; t < QS; ++t) x += wpart[t * D + c];
+    x = f != 0.f ? __fdiv_rn(x, f) : 0.f;  // KMAP keeps every coordinate in its group: blocks of 16 c are one group
+    wx[SQ_KMAP[c]] = x;
+    const float v = wx[D + c];
+    float kk = __fmul_rn(x, x), vv = __fmul_rn(v, v);
+#pragma unroll
+    for (int o = 8; o; o >>= 1) {{
+      kk += __shfl_xor_sync(0xffffffffu, kk, o); vv += __shfl_xor_sync(0xffffffffu, vv, o); }}
+    if ((c & 15) == 0) {{ wblk[c >> 4] = kk; wblk[D / 16 + (c >> 4)] = vv; }}
+  }}
+  __syncthreads();
+  const bool ok = pos >= 0 && pos < T;
+  unsigned char* krow = KP + ((long long)bh * T + (ok ? pos : 0)) * KRB;
+  unsigned char* vrow = VP + ((long long)bh * T + (ok ? pos : 0)) * VRB;
+{WCODES}
 }}
 
 extern "C" __global__ void __launch_bounds__(W * 32) sq_fast_decode(
@@ -875,8 +1049,40 @@ def decode_attention_fast_cuda_op(q, k_packed, v_packed, lengths, k_basis, k_fac
 
 
 _LIB.impl("decode_attention_fast_cuda", decode_attention_fast_cuda_op, "CUDA")
+_LIB.define("decode_attention_fast_cuda_write(Tensor q, Tensor(a!) k_packed, Tensor(b!) v_packed, Tensor lengths, "
+            "Tensor k_basis, Tensor k_factor, Tensor v_factor, int[] k_groups, int[] v_groups, float scale, "
+            "Tensor key, Tensor v_store, Tensor positions, Tensor k_mean, str k_layout, str v_layout, "
+            "Tensor? kv_mask=None) -> Tensor")
+
+
+def decode_attention_fast_cuda_write_op(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
+                                        v_groups, scale, key, v_store, positions, k_mean, k_layout, v_layout,
+                                        kv_mask=None):
+    """`decode_attention_fast_cuda` with the decode step's write in its first launch (see
+    `sqcompile::decode_attention_fast_write`, which calls this where `write_supported` allows)."""
+    try:
+        return decode_attention_fast_cuda(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
+                                          v_groups, scale, kv_mask=kv_mask,
+                                          write=(key, v_store, positions, k_basis, k_mean, k_layout, v_layout))
+    except RuntimeError as exc:  # NVRTC or the driver refused the kernel (before any launch): write, then attend
+        if os.environ.get(ENV) == "cuda":
+            raise
+        log.warning("CUDA decode kernel with the fused write unavailable (%s); writing and attending apart", exc)
+        torch.ops.sqcompile.quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean,
+                                                k_layout, v_layout)
+        return decode_attention_fast_cuda_op(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
+                                             v_groups, scale, kv_mask)
+
+
+_LIB.impl("decode_attention_fast_cuda_write", decode_attention_fast_cuda_write_op, "CUDA")
 
 
 @torch.library.register_fake("sqcompile::decode_attention_fast_cuda")
 def _(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale, kv_mask=None):
+    return torch.empty_like(q)
+
+
+@torch.library.register_fake("sqcompile::decode_attention_fast_cuda_write")
+def _(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale, key, v_store,
+      positions, k_mean, k_layout, v_layout, kv_mask=None):
     return torch.empty_like(q)

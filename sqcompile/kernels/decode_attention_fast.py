@@ -582,3 +582,44 @@ def decode_attention_fast(
     return decode_attention_fast_triton(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
                                         v_groups, scale, num_splits=num_splits, _launch=wrap_triton,
                                         kv_mask=kv_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# one decode step's cache write and attention as one op
+# ---------------------------------------------------------------------------------------------
+
+_LIB = torch.library.Library("sqcompile", "FRAGMENT")  # noqa: TOR901  (defines into the shared namespace)
+_LIB.define(
+    "decode_attention_fast_write(Tensor q, Tensor(a!) k_packed, Tensor(b!) v_packed, Tensor lengths, "
+    "Tensor k_basis, Tensor k_factor, Tensor v_factor, int[] k_groups, int[] v_groups, float scale, Tensor key, "
+    "Tensor v_store, Tensor positions, Tensor k_mean, str k_layout, str v_layout, Tensor? kv_mask=None) -> Tensor")
+
+
+def decode_attention_fast_write(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups,
+                                scale, key, v_store, positions, k_mean, k_layout, v_layout, kv_mask=None):
+    """`sqcompile::quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout,
+    v_layout)` and then `sqcompile::decode_attention_fast(q, k_packed, v_packed, lengths, ...)`: what the
+    substitution pass puts in a decode step's graph when nothing else reads the packed cache in between. On
+    CUDA, where the CUDA decode kernel runs and the write is one token per sequence, the write happens inside
+    the kernel's first launch (the query transform, which reads the same key basis), so a decode step pays no
+    launch of its own for it; elsewhere the two ops run one after the other."""
+    D = q.shape[-1]
+    if q.is_cuda and _cuda.available(q, k_packed, k_groups, v_groups) is None:
+        kl, vl = (FastLayout.from_spec(D, sp) for sp in (k_layout, v_layout))
+        if _cuda.write_supported(kl, vl, D, tuple(key.shape)) is None:
+            return torch.ops.sqcompile.decode_attention_fast_cuda_write(
+                q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale, key,
+                v_store, positions, k_mean, k_layout, v_layout, kv_mask)
+    torch.ops.sqcompile.quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout,
+                                            v_layout)
+    return torch.ops.sqcompile.decode_attention_fast(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor,
+                                                     k_groups, v_groups, scale, kv_mask=kv_mask)
+
+
+_LIB.impl("decode_attention_fast_write", decode_attention_fast_write, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("sqcompile::decode_attention_fast_write")
+def _(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale, key, v_store,
+      positions, k_mean, k_layout, v_layout, kv_mask=None):
+    return torch.empty_like(q)

@@ -34,6 +34,12 @@ Both GEMMs run a 1-D grid in `_grouped_tile` order: GROUP_M blocks of rows at a 
 together share a few row blocks and a run of weight tiles (prefill: fewer L2 misses); decode keeps every block
 in one group (row blocks vary fastest). Block sizes, stages and order: `_config`, tuned on an H100 and an H200 with
 `benchmarks/moe_tune.py`. No Python loop over experts and no host sync anywhere.
+
+Prefill on Hopper (`_config` fields TMA, H_SORTED, PERSISTENT): weight tiles come by TMA from descriptors made in the
+kernel over the contiguous weights as [E * 2I, H] and [E * H, I] (a tile that runs past an expert's rows reads the
+next rows or zeros; those columns are masked at the store); h is stored in block order so that the down kernel reads
+its tiles by TMA too; the gate/up kernel runs one program per SM, each walking tiles in `_grouped_tile` order. The
+token rows of x are a gather (cp.async loads). Device-side descriptors need a scratch allocator: `_set_tma_allocator`.
 """
 from __future__ import annotations
 
@@ -246,17 +252,13 @@ if HAS_TRITON:
         return pid_m, pid_n
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
-                        S, H, INTER, NUM_BLOCKS, stride_xt, stride_we, stride_wn, stride_hs,
-                        TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, H_SORTED: tl.constexpr,
-                        PRECISION: tl.constexpr):
-        """h[p, n] = silu(x[t] . Wg[e, n]) * (x[t] . Wu[e, n]) for the BLOCK_M pairs p of one block.
-
-        Grid (num_blocks * cdiv(I, BLOCK_N),), ordered by `_grouped_tile`. Gate rows are w[e, n], up rows
-        w[e, I + n]; both tiles share the x tile, and the SiLU-and-multiply runs on the fp32 accumulators.
-        """
-        pid_m, pid_n = _grouped_tile(tl.program_id(0), NUM_BLOCKS, tl.cdiv(INTER, BLOCK_N), GROUP_M)
+    def _gate_up_tile(tile, x_ptr, w_ptr, w_desc, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+                      S, H, INTER, NUM_BLOCKS, stride_xt, stride_we, stride_wn, stride_hs,
+                      TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, H_SORTED: tl.constexpr,
+                      PRECISION: tl.constexpr, W_TMA: tl.constexpr):
+        """One output tile of `_gate_up_kernel`: BLOCK_M pairs of one expert x BLOCK_N gate/up columns."""
+        pid_m, pid_n = _grouped_tile(tile, NUM_BLOCKS, tl.cdiv(INTER, BLOCK_N), GROUP_M)
         expert = tl.load(block_expert_ptr + pid_m)
         if expert < 0:
             return
@@ -271,14 +273,20 @@ if HAS_TRITON:
         w_base = w_ptr + expert.to(tl.int64) * stride_we
         gate_rows = w_base + offs_n[None, :] * stride_wn          # [1, BN] -> transposed tile [BK, BN]
         up_rows = w_base + (offs_n[None, :] + INTER) * stride_wn
+        # W_TMA: row of w viewed as [E * 2I, H]; a tile past I reads the next rows (masked at the store)
+        gate_row = expert * 2 * INTER + pid_n * BLOCK_N
         acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < H
             x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wg = tl.load(gate_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            wu = tl.load(up_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if W_TMA:
+                wg = w_desc.load([gate_row, k0]).T
+                wu = w_desc.load([gate_row + INTER, k0]).T
+            else:
+                wg = tl.load(gate_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                wu = tl.load(up_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             x = x.to(wg.dtype)
             acc_gate = tl.dot(x, wg, acc_gate, input_precision=PRECISION)
             acc_up = tl.dot(x, wu, acc_up, input_precision=PRECISION)
@@ -288,16 +296,46 @@ if HAS_TRITON:
                  h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
     @triton.jit
+    def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+                        S, H, INTER, NUM_BLOCKS, W_ROWS, stride_xt, stride_we, stride_wn, stride_hs,
+                        TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, H_SORTED: tl.constexpr,
+                        PRECISION: tl.constexpr, W_TMA: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+        """h[p, n] = silu(x[t] . Wg[e, n]) * (x[t] . Wu[e, n]) for the BLOCK_M pairs p of one block.
+
+        Grid (num_blocks * cdiv(I, BLOCK_N),), ordered by `_grouped_tile`, or (NUM_PROGRAMS,) persistent programs
+        that walk the same tiles in the same order. Gate rows are w[e, n], up rows w[e, I + n]; both tiles share
+        the x tile, and the SiLU-and-multiply runs on the fp32 accumulators. W_TMA: weight tiles by TMA from a
+        descriptor over w as [E * 2I, H] (W_ROWS = E * 2I; w contiguous).
+        """
+        if W_TMA:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, H], strides=[stride_wn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            w_desc = w_ptr
+        if NUM_PROGRAMS == 0:
+            _gate_up_tile(tl.program_id(0), x_ptr, w_ptr, w_desc, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+                          S, H, INTER, NUM_BLOCKS, stride_xt, stride_we, stride_wn, stride_hs,
+                          TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, H_SORTED, PRECISION, W_TMA)
+        else:
+            for tile in range(tl.program_id(0), NUM_BLOCKS * tl.cdiv(INTER, BLOCK_N), NUM_PROGRAMS):
+                _gate_up_tile(tile, x_ptr, w_ptr, w_desc, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+                              S, H, INTER, NUM_BLOCKS, stride_xt, stride_we, stride_wn, stride_hs,
+                              TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, H_SORTED, PRECISION, W_TMA)
+
+    @triton.jit
     def _down_kernel(h_ptr, w_ptr, out_ptr, topk_weights_ptr, sorted_pair_ids_ptr, block_expert_ptr,
-                     S, H, INTER, NUM_BLOCKS, stride_hs, stride_we, stride_wn, stride_os, K_PER_SPLIT,
+                     S, H, INTER, NUM_BLOCKS, H_ROWS, W_ROWS, stride_hs, stride_we, stride_wn, stride_os, K_PER_SPLIT,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, H_SORTED: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, W_TMA: tl.constexpr, H_TMA: tl.constexpr):
         """out[p, n] = w[p] * (h[p] . Wd[e, n]) in fp32, for the BLOCK_M pairs p of one block.
 
         Grid (num_blocks * cdiv(H, BLOCK_N), SPLIT_K), ordered by `_grouped_tile`. With SPLIT_K > 1
         (decode: few blocks, long K) each program sums K_PER_SPLIT of the I inputs and adds its share
         atomically into a zeroed output. The top-k sum over j is a [T, k, H] reduction after it.
+        W_TMA (SPLIT_K 1): weight tiles by TMA over w as [E * H, I] (W_ROWS = E * H); H_TMA (also H_SORTED):
+        h tiles by TMA over h [H_ROWS, I].
         """
         pid_m, pid_n = _grouped_tile(tl.program_id(0), NUM_BLOCKS, tl.cdiv(H, BLOCK_N), GROUP_M)
         pid_k = tl.program_id(1)
@@ -312,14 +350,26 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         h_rows = h_ptr + (offs_m if H_SORTED else pair)[:, None] * stride_hs
         w_rows = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
+        if W_TMA:  # a tile past H reads the next expert's rows (or zeros past the end): masked at the store
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, INTER], strides=[stride_wn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        if H_TMA:  # a block's padding rows hold garbage: it only reaches output rows that are not stored
+            h_desc = tl.make_tensor_descriptor(h_ptr, shape=[H_ROWS, INTER], strides=[stride_hs, 1],
+                                               block_shape=[BLOCK_M, BLOCK_K])
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         k_start = pid_k * K_PER_SPLIT
         k_end = tl.minimum(k_start + K_PER_SPLIT, INTER)
         for k0 in range(k_start, k_end, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < k_end
-            h = tl.load(h_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if H_TMA:
+                h = h_desc.load([pid_m * BLOCK_M, k0])
+            else:
+                h = tl.load(h_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if W_TMA:
+                w = w_desc.load([expert * H + pid_n * BLOCK_N, k0]).T
+            else:
+                w = tl.load(w_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(h.to(w.dtype), w, acc, input_precision=PRECISION)
         weight = tl.load(topk_weights_ptr + pair, mask=row_ok, other=0.0)
         acc = acc * weight[:, None]
@@ -341,6 +391,8 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
     down projection so enough programs stream the used experts' weights. Larger counts: the tiles
     `benchmarks/moe_tune.py` picked on an H100 and an H200 (BENCHMARKS.md), which need about 192 KB of shared
     memory per program; `smem_bytes` (the device's opt-in limit, 0 = unknown) below that takes 3 or 2 stages.
+    Many rows per expert also take TMA loads (TMA, DOWN_TMA; used only on sm_90+ with 16-byte aligned rows),
+    h in block order (H_SORTED) and persistent gate/up programs (PERSISTENT: programs per SM, 0 = one per tile).
     `_config_override` (tests, the tuner) replaces the choice."""
     if _config_override is not None:
         return dict(_config_override)
@@ -360,14 +412,43 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
     if rows_per_expert <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=stages, GROUP_M=8,
                     DOWN_BLOCK_N=128, DOWN_BLOCK_K=64, DOWN_WARPS=4, DOWN_STAGES=stages, DOWN_GROUP_M=8, SPLIT_K=1)
+    # weight tiles (and h, stored in block order) by TMA where the device has it; persistent gate/up programs.
+    # H100, Mixtral T=4096 under Inductor: gate/up 3236 -> 3065 us, down 1681 -> 1484 us, op 5731 -> 5337 us
+    # (benchmarks/results/moe_before_after_h100_mixtral.json; candidates in moe_cands_h100_r2_*.json)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, GROUP_M=8,
-                DOWN_BLOCK_N=256, DOWN_BLOCK_K=64, DOWN_WARPS=8, DOWN_STAGES=stages, DOWN_GROUP_M=32, SPLIT_K=1)
+                DOWN_BLOCK_N=256, DOWN_BLOCK_K=64, DOWN_WARPS=8, DOWN_STAGES=stages, DOWN_GROUP_M=32, SPLIT_K=1,
+                TMA=True, H_SORTED=True, PERSISTENT=1)
 
 
 @functools.lru_cache(maxsize=None)
 def _smem_bytes(device_index: int) -> int:
     props = torch.cuda.get_device_properties(device_index)
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
+
+
+def _num_programs(per_sm: int, device: torch.device) -> int:
+    """Persistent grid size: per_sm programs per SM (0: one program per tile). 4 SMs under the interpreter."""
+    if not per_sm:
+        return 0
+    if device.type != "cuda":
+        return 4 * per_sm
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return per_sm * torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _has_tma(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True  # the interpreter runs descriptor loads
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _set_tma_allocator() -> None:
+    """Device-side TMA descriptors (`tl.make_tensor_descriptor`) need a global scratch; eager launches take it from
+    torch's allocator (Inductor allocates its own). Triton's allocator is process-wide: set once, on first use."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8,
+                                                                     device=torch.cuda.current_device()))
 
 
 _config_override = None
@@ -424,10 +505,19 @@ def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, reno
     h_sorted = bool(cfg.get("H_SORTED", False))
     h = _empty(num_blocks * bm if h_sorted else S, inter, dtype=w1.dtype, device=device)
     group_m = cfg.get("GROUP_M", 8)
-    launch(_gate_up_kernel)[(num_blocks * triton.cdiv(inter, bn),)](
-        x, w1, h, sorted_pair_ids, block_expert, S, H, inter, num_blocks,
+    # TMA: Hopper or newer (or the interpreter), 16-byte aligned rows (bf16: H and I multiples of 8)
+    tma_ok = (_has_tma(device) and (H * w1.element_size()) % 16 == 0 and (inter * w1.element_size()) % 16 == 0)
+    gate_up_tma = bool(cfg.get("TMA", False)) and tma_ok
+    down_tma = bool(cfg.get("DOWN_TMA", cfg.get("TMA", False))) and tma_ok and split_k == 1
+    if (gate_up_tma or down_tma) and device.type == "cuda":
+        _set_tma_allocator()
+    gate_up_tiles = num_blocks * triton.cdiv(inter, bn)
+    programs = min(gate_up_tiles, _num_programs(cfg.get("PERSISTENT", 0), device))
+    launch(_gate_up_kernel)[(programs or gate_up_tiles,)](
+        x, w1, h, sorted_pair_ids, block_expert, S, H, inter, num_blocks, E * two_i,
         x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, H_SORTED=h_sorted, PRECISION=precision,
+        W_TMA=gate_up_tma, NUM_PROGRAMS=programs,
         num_warps=warps,
         num_stages=stages)
     if split_k == 1:
@@ -435,10 +525,10 @@ def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, reno
     else:  # split-K adds partial sums atomically
         pair_out = torch.zeros(S, H, dtype=torch.float32, device=device)
     launch(_down_kernel)[(num_blocks * triton.cdiv(H, down_bn), split_k)](
-        h, w2, pair_out, topk_weights, sorted_pair_ids, block_expert, S, H, inter, num_blocks,
+        h, w2, pair_out, topk_weights, sorted_pair_ids, block_expert, S, H, inter, num_blocks, h.shape[0], E * H,
         h.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0), k_per_split,
         BLOCK_M=bm, BLOCK_N=down_bn, BLOCK_K=down_bk, SPLIT_K=split_k, GROUP_M=cfg.get("DOWN_GROUP_M", group_m),
-        H_SORTED=h_sorted, PRECISION=precision,
+        H_SORTED=h_sorted, PRECISION=precision, W_TMA=down_tma, H_TMA=down_tma and h_sorted,
         num_warps=down_warps, num_stages=down_stages)
     return pair_out.view(T, top_k, H).sum(dim=1).to(hidden.dtype)
 

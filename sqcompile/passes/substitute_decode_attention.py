@@ -32,7 +32,7 @@ from .sites import Site
 
 def _ops():
     from ..kernels import decode_attention as _d  # noqa: F401  (registers the ops)
-    from ..kernels import decode_attention_fast as _f  # noqa: F401
+    from ..kernels import decode_attention_fast as _f  # noqa: F401  (also sqcompile::decode_attention_fast_write)
     from ..kernels import dequantize as _q  # noqa: F401
     from ..kernels import fast_cache as _c  # noqa: F401
 
@@ -218,6 +218,34 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
     gm.graph.erase_node(attn)
     _erase_dead(old_inputs)
     site.kernel = "decode_attention_fast" if _is_fast_write(qw) else "decode_attention"
+    if _is_fast_write(qw):
+        _fuse_write(gm, site, qw, out)
+
+
+def _fuse_write(gm: fx.GraphModule, site: Site, qw: fx.Node, att: fx.Node) -> None:
+    """quantize_write_fast then decode_attention_fast -> one `decode_attention_fast_write` at the attention's
+    place, when the write is one token per sequence and nothing else reads or writes the packed K/V (so
+    moving the write down to the attention changes no value anyone sees). On CUDA the op stores the token
+    inside the decode kernel's first launch."""
+    key = meta_tensor(qw.args[0])
+    if key is None or key.dim() != 4 or concrete_int(key.shape[2]) != 1:
+        site.nodes["write_fusion"] = "not one new token per sequence"
+        return
+    k_packed, v_packed = qw.args[2], qw.args[3]
+    others = [u.name for p in (k_packed, v_packed) for u in p.users if u is not qw and u is not att]
+    if others:
+        site.nodes["write_fusion"] = f"the packed cache has other users: {others}"
+        return
+    a = qw.args
+    with gm.graph.inserting_before(att):
+        fused = gm.graph.call_function(
+            torch.ops.sqcompile.decode_attention_fast_write.default,
+            tuple(att.args[:10]) + (a[0], a[1], a[4], a[6], a[7], a[8]), dict(att.kwargs))
+    fused.meta.update(att.meta)
+    att.replace_all_uses_with(fused)
+    gm.graph.erase_node(att)
+    gm.graph.erase_node(qw)
+    site.kernel = "decode_attention_fast_write"
 
 
 def _column_factor(gm: fx.GraphModule, site: Site, lay, q: fx.Node, before: fx.Node) -> fx.Node:

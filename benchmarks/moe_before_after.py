@@ -1,0 +1,94 @@
+"""The fused MoE op before and after a change (GPU): another version of fused_moe.py against the current one, eager and
+under torch.compile (Inductor), optionally next to HF's MoE block under Inductor.
+
+Every row is first checked (the current op against `fused_moe_reference`, the other version against the current
+op), then all rows are timed in interleaved rounds (clock drift under sustained load hits every row alike; the
+median per row is reported), then each row's kernels are profiled once. Inputs and shapes as in moe_tune.py.
+
+    git show HEAD:sqcompile/kernels/fused_moe.py > /tmp/fused_moe_before.py
+    PYTHONPATH=$PWD python3 benchmarks/moe_before_after.py --before /tmp/fused_moe_before.py --shapes mixtral --hf
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from moe import SHAPES, bench, make_block
+from moe_tune import inputs, kernel_us, load_before
+
+from sqcompile.kernels import fused_moe as fm
+
+
+def case(name: str, tokens: int, before, rounds: int, compiled: bool, hf: bool) -> dict:
+    shape = SHAPES[name]
+    k, renormalize = shape["top_k"], shape["renormalize"]
+    x, logits, w1, w2 = inputs(shape, tokens, torch.bfloat16, "cuda")
+    fns = {"before": lambda: before.fused_moe_triton(x, logits, w1, w2, k, renormalize),
+           "after": lambda: fm.fused_moe_triton(x, logits, w1, w2, k, renormalize)}
+    if compiled:
+        def op(ns):
+            return torch.compile(lambda x, l: getattr(torch.ops, ns).fused_moe_triton(x, l, w1, w2, k, renormalize,
+                                                                                        "softmax"), dynamic=False)
+        before_c, after_c = op("sqcompile_before"), op("sqcompile")
+        fns["before_inductor"] = lambda: before_c(x, logits)
+        fns["after_inductor"] = lambda: after_c(x, logits)
+    with torch.no_grad():
+        ref = fm.fused_moe_reference(x, logits, w1, w2, k, renormalize).float()
+        after = fns["after"]().float()
+        checks = {"after_vs_reference": float((after - ref).norm() / ref.norm()),
+                  "before_vs_after": float((fns["before"]().float() - after).norm() / after.norm())}
+        for row in ("before_inductor", "after_inductor"):
+            if row in fns:
+                checks[f"{row}_vs_after"] = float((fns[row]().float() - after).norm() / after.norm())
+    print(f"{name} T={tokens} checks {checks}", flush=True)
+    if hf:
+        block = make_block(name, shape, torch.bfloat16, "cuda", impl="grouped_mm")
+        hf_c = torch.compile(block, dynamic=False)
+        x3 = x[None]
+        with torch.no_grad():
+            hf_c(x3)
+        fns["hf_inductor"] = lambda: hf_c(x3)
+    times = {row: [] for row in fns}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for row, fn in fns.items():
+                times[row].append(bench(fn))
+        rows = {}
+        for row, fn in fns.items():
+            t = sorted(times[row])
+            rows[row] = {"us": t[len(t) // 2], "us_rounds": [round(v, 1) for v in times[row]],
+                         "kernels_us": kernel_us(fn)}
+            print(f"  {row:16s} {rows[row]['us']:9.1f} us (min {t[0]:.1f} max {t[-1]:.1f})  {rows[row]['kernels_us']}",
+                  flush=True)
+    return {"shape": name, "tokens": tokens, "rounds": rounds, "checks": checks, "rows": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--before", required=True, help="the other fused_moe.py")
+    ap.add_argument("--shapes", default="mixtral")
+    ap.add_argument("--tokens", default="4096")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-compile", action="store_true", help="eager rows only")
+    ap.add_argument("--hf", action="store_true", help="also HF's block under torch.compile")
+    ap.add_argument("--out", default="moe_before_after.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/moe_before_after.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch._dynamo.config.cache_size_limit = 64
+    before = load_before(args.before)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": []}
+    for name in args.shapes.split(","):
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            results["cases"].append(case(name, tokens, before, args.rounds, not args.no_compile, args.hf))
+            with open(args.out, "w") as f:  # partial results survive a cut-off run
+                json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
