@@ -94,6 +94,11 @@ def supports(kl: FastLayout, vl: FastLayout, head_dim: int, group: int, capacity
     return None
 
 
+def _query_slices(D: int) -> int:
+    """The query launch's block is D x QS threads, QS the largest divisor of D with D * QS <= 512."""
+    return max(q for q in range(1, max(1, 512 // D) + 1) if D % q == 0)
+
+
 class _Plan:
     """Source, permutations and constants for one (head_dim, G, K layout, V layout, warps, stages)."""
 
@@ -103,8 +108,7 @@ class _Plan:
         self.kbytes, self.vbytes = _r16(TN * self.krb), _r16(TN * self.vrb)
         self.stage_bytes = self.kbytes + self.vbytes
         self.ngv = len(vl.groups)
-        # query transform: D x qs threads, qs the largest divisor of D with D * qs <= 512
-        self.qs = max(q for q in range(1, max(1, 512 // D) + 1) if D % q == 0)
+        self.qs = _query_slices(D)
         comb = warps * (D * 8 + 8 * (2 + self.ngv)) * 4
         self.smem = max(warps * stages * self.stage_bytes, comb)
         # K: fragment column fc = 16 kk + c -> storage coordinate, and 2^(-b e)
@@ -457,6 +461,9 @@ def default_splits(rows: int, tiles: int, warps: int, per_sm: int, sms: int) -> 
     return max(1, min(max(per_sm, 1) * sms // rows, -(-tiles // (2 * warps)), 256))
 
 
+_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # the kernels' dtype codes (`ldf`)
+
+
 class _Launch:
     """Everything about a call that depends only on shapes, layouts and options (cached per such key)."""
 
@@ -471,10 +478,13 @@ class _Launch:
             if kw.flat_groups() != list(k_groups) or vw.flat_groups() != list(v_groups):
                 raise ValueError("the write's layouts must have the groups of k_groups / v_groups")
             kl, vl = kw, vw
+            why = write_supported(kl, vl, D, (B, Hkv, 1, D))
+            if why is not None:
+                raise ValueError(f"decode_attention_fast_cuda write: {why}")
         why = supports(kl, vl, D, G, T)
         if why is not None:
             raise ValueError(f"decode_attention_fast_cuda: {why}")
-        self.qdt = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}.get(q.dtype)
+        self.qdt = _DTYPES.get(q.dtype)
         if self.qdt is None:
             raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
         self.pl = pl = plan(D, G, kl.spec(), vl.spec(), warps, stages)
@@ -496,7 +506,6 @@ class _Launch:
 
 
 _LAUNCHES: dict = {}
-_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
 def write_supported(kl: FastLayout, vl: FastLayout, head_dim: int, key_shape) -> Optional[str]:
@@ -507,20 +516,17 @@ def write_supported(kl: FastLayout, vl: FastLayout, head_dim: int, key_shape) ->
         return "the fused write takes token-scaled groups only"
     if head_dim % 32:
         return f"head_dim {head_dim} is not a multiple of 32 (the write reduces whole warps)"
-    qs = max(q for q in range(1, max(1, 512 // head_dim) + 1) if head_dim % q == 0)
-    if sum(g.code_bytes for g in kl.groups + vl.groups) > head_dim * qs:
+    if sum(g.code_bytes for g in kl.groups + vl.groups) > head_dim * _query_slices(head_dim):
         return "more code bytes than the query launch has threads"
     return None
 
 
-def _write_args(st, pl, k_packed, k_basis, write):
+def _write_args(st, k_basis, write):
+    """The new token's tensors as the write kernel takes them (the layouts were checked with the launch)."""
     key, v_store, positions, w_basis, k_mean = write[:5]
     if w_basis is not k_basis and (w_basis.data_ptr() != k_basis.data_ptr() or w_basis.shape != k_basis.shape):
         raise ValueError("decode_attention_fast_cuda write: the key basis of the write must be k_basis (the "
                          "kernel rotates the key with the query matrix built from it)")
-    why = write_supported(pl.kl, pl.vl, st.D, tuple(key.shape))
-    if why is not None:
-        raise ValueError(f"decode_attention_fast_cuda write: {why}")
     shape = (st.B, st.Hkv, 1, st.D)
     if tuple(key.shape) != shape or tuple(v_store.shape) != shape:
         raise ValueError(f"decode_attention_fast_cuda write: key and v_store must be {shape}, got "
@@ -574,7 +580,7 @@ def decode_attention_fast_cuda(
     if write is None:
         _launch(st.qkernel, (st.B * st.Hkv, 1, 1), (st.D, pl.qs, 1), 0, st.qargs.set((q, qm, st.qf, st.Hkv, st.qdt)))
     else:  # the key is rotated with M (so by k_basis: the write's own basis must be that tensor)
-        key, v_store, positions, k_mean = _write_args(st, pl, k_packed, k_basis, write)
+        key, v_store, positions, k_mean = _write_args(st, k_basis, write)
         _launch(st.wkernel, (st.B * st.Hkv, 1, 1), (st.D, pl.qs, 1), 0, st.wargs.set((
             q, qm, st.qf, st.Hkv, st.qdt, key, v_store, k_packed, v_packed, positions, fac, k_mean, st.T,
             _DTYPES[key.dtype], _DTYPES[v_store.dtype], int(positions.dtype == torch.int64),
@@ -669,18 +675,19 @@ __device__ __forceinline__ void issue_tile(u32 dst, const unsigned char* ks, con
   }}
 }}
 
-// q'' = q @ M (the storage basis, fragment column order and every scale folded into M), fp16 out.
-// One CTA per (batch, kv-head), D x QS threads: thread (c, s) sums rows [s D/QS, (s+1) D/QS) of column c for
-// the G heads with all its loads of M in flight at once (one column per thread over all D rows was a chain of
-// D dependent-latency loads: 7-13 us on an H100), then slice s = 0 adds the QS partial sums.
+// element `at` of a float16 (dtype 0), bfloat16 (1) or float32 (2) tensor, as float
 __device__ __forceinline__ float ldf(const void* p, long long at, int dtype) {{
   if (dtype == 0) {{ float v; unsigned short x = ((const unsigned short*)p)[at]; asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(x)); return v; }}
   if (dtype == 1) return __uint_as_float(((u32)((const unsigned short*)p)[at]) << 16);
   return ((const float*)p)[at];
 }}
 
-// q'' = q @ M for the G heads of this CTA's (batch, kv-head); WRITE: also wpart[s][c] = slice s of (k - mu) @ M[:, c]
-// for the new key in wk (the same registers of M: the write's rotation reads no basis of its own).
+// q'' = q @ M (the storage basis, fragment column order and every scale folded into M), fp16 out.
+// One CTA per (batch, kv-head), D x QS threads: thread (c, s) sums rows [s D/QS, (s+1) D/QS) of column c for
+// the G heads with all its loads of M in flight at once (one column per thread over all D rows was a chain of
+// D dependent-latency loads: 7-13 us on an H100), then slice s = 0 adds the QS partial sums.
+// WRITE: also wpart[s][c] = slice s of (k - mu) @ M[:, c] for the new key in wk (the same registers of M: the
+// write's rotation reads no basis of its own).
 struct NewToken {{ const void* KN; const void* VN; const float* KM; int kdt, vdt, skb, skh, svb, svh; }};
 
 template <bool WRITE>
@@ -694,14 +701,7 @@ __device__ __forceinline__ void query_transform(const void* __restrict__ Q, cons
   const float* mh = M + (long long)h * D * D + (long long)(s * R) * D + c;
 #pragma unroll
   for (int k = 0; k < R; ++k) m[k] = __ldg(mh + (long long)k * D);
-  for (int i = tid; i < G * D; i += D * QS) {{
-    const long long at = (long long)bh * G * D + i;
-    float v;
-    if (qdtype == 0) {{ unsigned short x = ((const unsigned short*)Q)[at]; asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(x)); }}
-    else if (qdtype == 1) {{ v = __uint_as_float(((u32)((const unsigned short*)Q)[at]) << 16); }}
-    else {{ v = ((const float*)Q)[at]; }}
-    qs[i] = v;
-  }}
+  for (int i = tid; i < G * D; i += D * QS) qs[i] = ldf(Q, (long long)bh * G * D + i, qdtype);
   if (WRITE && tid < D) {{  // the new token, loaded after M's loads are in flight
     const int b = bh / Hkv;
     wk[tid] = ldf(nt.KN, (long long)b * nt.skb + (long long)h * nt.skh + tid, nt.kdt) - nt.KM[h * D + tid];

@@ -35,6 +35,7 @@ Kernel 2 (`_fast_reduce_kernel`), one program per (batch, query head): merges th
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -603,10 +604,8 @@ def decode_attention_fast_write(q, k_packed, v_packed, lengths, k_basis, k_facto
     CUDA, where the CUDA decode kernel runs and the write is one token per sequence, the write happens inside
     the kernel's first launch (the query transform, which reads the same key basis), so a decode step pays no
     launch of its own for it; elsewhere the two ops run one after the other."""
-    D = q.shape[-1]
     if q.is_cuda and _cuda.available(q, k_packed, k_groups, v_groups) is None:
-        kl, vl = (FastLayout.from_spec(D, sp) for sp in (k_layout, v_layout))
-        if _cuda.write_supported(kl, vl, D, tuple(key.shape)) is None:
+        if _write_fusable(q.shape[-1], k_layout, v_layout, tuple(key.shape)):
             return torch.ops.sqcompile.decode_attention_fast_cuda_write(
                 q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale, key,
                 v_store, positions, k_mean, k_layout, v_layout, kv_mask)
@@ -614,6 +613,13 @@ def decode_attention_fast_write(q, k_packed, v_packed, lengths, k_basis, k_facto
                                             v_layout)
     return torch.ops.sqcompile.decode_attention_fast(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor,
                                                      k_groups, v_groups, scale, kv_mask=kv_mask)
+
+
+@functools.lru_cache(maxsize=256)
+def _write_fusable(head_dim: int, k_layout: str, v_layout: str, key_shape: tuple) -> bool:
+    """Whether the CUDA kernel can store the new token in its query launch (parsed once per layout and shape)."""
+    kl, vl = (FastLayout.from_spec(head_dim, sp) for sp in (k_layout, v_layout))
+    return _cuda.write_supported(kl, vl, head_dim, key_shape) is None
 
 
 _LIB.impl("decode_attention_fast_write", decode_attention_fast_write, "CompositeExplicitAutograd")

@@ -420,6 +420,10 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
                 TMA=True, H_SORTED=True, PERSISTENT=1)
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.lru_cache(maxsize=None)
 def _smem_bytes(device_index: int) -> int:
     props = torch.cuda.get_device_properties(device_index)
@@ -432,15 +436,13 @@ def _num_programs(per_sm: int, device: torch.device) -> int:
         return 0
     if device.type != "cuda":
         return 4 * per_sm
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return per_sm * torch.cuda.get_device_properties(index).multi_processor_count
+    return per_sm * torch.cuda.get_device_properties(_device_index(device)).multi_processor_count
 
 
 def _has_tma(device: torch.device) -> bool:
     if device.type != "cuda":
         return True  # the interpreter runs descriptor loads
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index) >= (9, 0)
+    return torch.cuda.get_device_capability(_device_index(device)) >= (9, 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -470,8 +472,7 @@ def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, reno
     inter = two_i // 2
     S = T * top_k
     device = hidden.device
-    cfg = _config(S, E, H, inter, _smem_bytes(device.index if device.index is not None else torch.cuda.current_device())
-                  if device.type == "cuda" else 0)
+    cfg = _config(S, E, H, inter, _smem_bytes(_device_index(device)) if device.type == "cuda" else 0)
     bm, bn, bk, warps, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"]
     down_bn, down_bk, split_k = cfg["DOWN_BLOCK_N"], cfg["DOWN_BLOCK_K"], cfg["SPLIT_K"]
     down_warps, down_stages = cfg.get("DOWN_WARPS", warps), cfg.get("DOWN_STAGES", stages)
