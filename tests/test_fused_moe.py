@@ -229,6 +229,11 @@ def run_triton_checks() -> None:
     for cfg in (prefill, dict(prefill, TMA=False, H_SORTED=False, PERSISTENT=0)):
         check(cfg, 150, 4, skew=True)
         checked += 1
+    # the grouped_mm tiers (torch._grouped_mm for the down GEMM or both GEMMs), an empty expert included
+    for tier in ("down", "both"):
+        check(dict(prefill, GROUPED_MM=tier), 150, 4, skew=True)
+        check(dict(prefill, GROUPED_MM=tier), 3, 8)
+        checked += 2
     # fp16 weights and activations (bf16 dots are wrong in the interpreter; see DESIGN.md)
     gen = torch.Generator().manual_seed(7)
     for routing, renormalize in (("softmax", True), ("sigmoid", False)):

@@ -40,6 +40,13 @@ kernel over the contiguous weights as [E * 2I, H] and [E * H, I] (a tile that ru
 next rows or zeros; those columns are masked at the store); h is stored in block order so that the down kernel reads
 its tiles by TMA too; the gate/up kernel runs one program per SM, each walking tiles in `_grouped_tile` order. The
 token rows of x are a gather (cp.async loads). Device-side descriptors need a scratch allocator: `_set_tma_allocator`.
+
+Prefill with `torch._grouped_mm` (`_config` field GROUPED_MM; CUDA sm_90+, bf16): "down" (the default there) keeps
+the gate/up kernel above (h in block order) and runs the down GEMM as CUTLASS's grouped GEMM over the padded rows
+(offs = each expert's padded run end; padding rows give output rows nobody reads), then `_topk_sum_kernel` gathers
+each token's k rows, weights them and sums in fp32. "both" (kept for measurement) sorts the pairs without padding,
+gathers x and runs both GEMMs by `torch._grouped_mm`, SiLU-and-multiply in `_silu_mul_kernel`. H100 under Inductor:
+Mixtral T=4096 5355 -> 5183 us, Qwen-MoE T=4096 1438 -> 1261 us (benchmarks/results/moe_*_h100_7th.json).
 """
 from __future__ import annotations
 
@@ -146,13 +153,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def align_pairs_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+def align_pairs_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int, return_ends: bool = False):
     """Sort token-expert pairs by expert, padding each expert's run to a multiple of block_m.
 
     Returns (sorted_pair_ids int32 [P], block_expert int32 [P // block_m]) with the static bound
     P = round_up(S + E * (block_m - 1), block_m), S = T * top_k. Padding holds the sentinel S;
     blocks past the used range have expert -1. Only fixed-size torch ops, so no host sync and no
-    data-dependent shapes (safe under CUDA graphs and Inductor).
+    data-dependent shapes (safe under CUDA graphs and Inductor). return_ends: also each expert's padded
+    run end (int32 [E], cumulative: `torch._grouped_mm`'s offs over the padded rows).
     """
     device = topk_ids.device
     flat = topk_ids.reshape(-1).to(torch.int64)
@@ -164,7 +172,7 @@ def align_pairs_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int
     padded_end = torch.cumsum(padded, 0)
     padded_start = padded_end - padded
     start = torch.cumsum(counts, 0) - counts
-    order = torch.argsort(flat, stable=True)
+    order = torch.argsort(_sort_keys(flat, num_experts), stable=True)
     sorted_experts = flat[order]
     rank = torch.arange(S, device=device) - start[sorted_experts]
     dest = padded_start[sorted_experts] + rank
@@ -173,7 +181,31 @@ def align_pairs_to_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int
     block_first_row = torch.arange(0, P, block_m, device=device)
     block_expert = torch.searchsorted(padded_end, block_first_row, right=True)
     block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    if return_ends:
+        return sorted_pair_ids, block_expert, padded_end.to(torch.int32)
     return sorted_pair_ids, block_expert
+
+
+def _sort_keys(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Expert ids in the narrowest dtype that holds them: a radix sort of uint8 keys makes one pass, not eight
+    (H100, Mixtral T=4096: the sort of 8192 int64 keys took 48 us)."""
+    return expert_ids.to(torch.uint8 if num_experts <= 256 else torch.int32)
+
+
+def sort_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int):
+    """Pairs sorted by expert without padding (the `torch._grouped_mm` layout).
+
+    Returns (order int64 [S]: sorted row r holds pair order[r]; offs int32 [E]: each expert's cumulative row end;
+    row int32 [S]: the sorted row of pair p). Fixed-size torch ops only (no host sync).
+    """
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    order = torch.argsort(_sort_keys(flat, num_experts), stable=True)
+    sorted_experts = flat[order]
+    experts = torch.arange(num_experts, device=flat.device, dtype=torch.int64)
+    offs = torch.searchsorted(sorted_experts, experts, right=True).to(torch.int32)
+    row = torch.empty_like(flat, dtype=torch.int32).scatter_(
+        0, order, torch.arange(flat.numel(), device=flat.device, dtype=torch.int32))
+    return order, offs, row
 
 
 if HAS_TRITON:
@@ -380,11 +412,38 @@ if HAS_TRITON:
             tl.atomic_add(out, acc, mask=row_ok[:, None] & n_ok[None, :])
 
 
+    @triton.jit
+    def _silu_mul_kernel(gate_up_ptr, h_ptr, INTER, stride_g, stride_h, BLOCK_N: tl.constexpr):
+        """h[r, n] = silu(gate_up[r, n]) * gate_up[r, I + n] in fp32 (the grouped_mm tier's gate/up epilogue)."""
+        r = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = offs < INTER
+        gate = tl.load(gate_up_ptr + r * stride_g + offs, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(gate_up_ptr + r * stride_g + INTER + offs, mask=ok, other=0.0).to(tl.float32)
+        h = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(h_ptr + r * stride_h + offs, h.to(h_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _topk_sum_kernel(y_ptr, row_ptr, topk_weights_ptr, out_ptr, H, stride_y, stride_o,
+                         TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """out[t, n] = sum_j w[t, j] * y[row[t * k + j], n] in fp32, cast once (y: down outputs in sorted rows)."""
+        t = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = offs < H
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            row = tl.load(row_ptr + t * TOP_K + j).to(tl.int64)
+            weight = tl.load(topk_weights_ptr + t * TOP_K + j)
+            acc += weight * tl.load(y_ptr + row * stride_y + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t.to(tl.int64) * stride_o + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 # Allocator for the kernel's buffers; tests swap in a NaN-filling one to prove every element is written.
 _empty = torch.empty
 
 
-def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: int = 0) -> dict:
+def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: int = 0,
+            grouped_mm: bool = False) -> dict:
     """Block sizes, warps, stages and program order (GROUP_M) of the two grouped GEMMs.
 
     Decode (<= 16 pairs per expert): one 16-row block per used expert, narrow gate/up tiles and a split-K
@@ -393,6 +452,8 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
     memory per program; `smem_bytes` (the device's opt-in limit, 0 = unknown) below that takes 3 or 2 stages.
     Many rows per expert also take TMA loads (TMA, DOWN_TMA; used only on sm_90+ with 16-byte aligned rows),
     h in block order (H_SORTED) and persistent gate/up programs (PERSISTENT: programs per SM, 0 = one per tile).
+    GROUPED_MM ("down": our gate/up kernel, then `torch._grouped_mm` for the down GEMM; "both": both GEMMs by
+    `torch._grouped_mm`) where `grouped_mm` says the device has its CUTLASS kernels (`_grouped_mm_ok`).
     `_config_override` (tests, the tuner) replaces the choice."""
     if _config_override is not None:
         return dict(_config_override)
@@ -415,9 +476,24 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
     # weight tiles (and h, stored in block order) by TMA where the device has it; persistent gate/up programs.
     # H100, Mixtral T=4096 under Inductor: gate/up 3236 -> 3065 us, down 1681 -> 1484 us, op 5731 -> 5337 us
     # (benchmarks/results/moe_before_after_h100_mixtral.json; candidates in moe_cands_h100_r2_*.json)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, GROUP_M=8,
-                DOWN_BLOCK_N=256, DOWN_BLOCK_K=64, DOWN_WARPS=8, DOWN_STAGES=stages, DOWN_GROUP_M=32, SPLIT_K=1,
-                TMA=True, H_SORTED=True, PERSISTENT=1)
+    cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, GROUP_M=8,
+               DOWN_BLOCK_N=256, DOWN_BLOCK_K=64, DOWN_WARPS=8, DOWN_STAGES=stages, DOWN_GROUP_M=32, SPLIT_K=1,
+               TMA=True, H_SORTED=True, PERSISTENT=1)
+    # CUTLASS's down GEMM beats ours; its gate/up plus a SiLU-and-multiply pass ties with our fused one at Mixtral
+    # T=4096 and loses at fewer rows ("both" at T=1024: Mixtral 1723 us, Qwen-MoE 723 us, against "down" 1641 / 650)
+    if grouped_mm:
+        cfg["GROUPED_MM"] = "down"
+    return cfg
+
+
+def _grouped_mm_fn():
+    return getattr(torch, "_grouped_mm", None) or getattr(F, "grouped_mm", None)
+
+
+def _grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """`torch._grouped_mm`'s CUTLASS kernels: CUDA sm_90+, bf16 (its only dtype under Inductor)."""
+    return (device.type == "cuda" and dtype == torch.bfloat16 and _grouped_mm_fn() is not None
+            and torch.cuda.get_device_capability(_device_index(device)) >= (9, 0))
 
 
 def _device_index(device: torch.device) -> int:
@@ -472,7 +548,8 @@ def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, reno
     inter = two_i // 2
     S = T * top_k
     device = hidden.device
-    cfg = _config(S, E, H, inter, _smem_bytes(_device_index(device)) if device.type == "cuda" else 0)
+    cfg = _config(S, E, H, inter, _smem_bytes(_device_index(device)) if device.type == "cuda" else 0,
+                  _grouped_mm_ok(device, w_gate_up.dtype) and (H * 2) % 16 == 0 and (inter * 2) % 16 == 0)
     bm, bn, bk, warps, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"]
     down_bn, down_bk, split_k = cfg["DOWN_BLOCK_N"], cfg["DOWN_BLOCK_K"], cfg["SPLIT_K"]
     down_warps, down_stages = cfg.get("DOWN_WARPS", warps), cfg.get("DOWN_STAGES", stages)
@@ -488,7 +565,13 @@ def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, reno
         TOP_K=top_k, BLOCK_TOPK=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(E), SIGMOID=routing == "sigmoid",
         RENORMALIZE=renormalize)
 
-    if _use_align_kernel(S, E, bm):
+    grouped = cfg.get("GROUPED_MM", "")
+    if grouped == "both":
+        return _grouped_mm_moe(hidden, topk_weights, topk_ids, w_gate_up, w_down, launch)
+    if grouped:
+        assert grouped == "down" and cfg.get("H_SORTED"), f"GROUPED_MM {grouped!r} needs H_SORTED"
+        sorted_pair_ids, block_expert, padded_ends = align_pairs_to_blocks(topk_ids, E, bm, return_ends=True)
+    elif _use_align_kernel(S, E, bm):
         P = triton.cdiv(S + E * (bm - 1), bm) * bm
         sorted_pair_ids = _empty(P, dtype=torch.int32, device=device)
         block_expert = _empty(P // bm, dtype=torch.int32, device=device)
@@ -521,6 +604,12 @@ def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, reno
         W_TMA=gate_up_tma, NUM_PROGRAMS=programs,
         num_warps=warps,
         num_stages=stages)
+    if grouped == "down":  # padding rows of h hold garbage: their output rows are never read
+        y = _grouped_mm_fn()(h, w2.transpose(1, 2), offs=padded_ends)
+        rows = torch.empty(S + 1, dtype=torch.int32, device=device)  # row S: every padding row lands here
+        rows.scatter_(0, sorted_pair_ids.to(torch.int64),
+                      torch.arange(sorted_pair_ids.numel(), dtype=torch.int32, device=device))
+        return _topk_sum(y, rows, topk_weights, T, hidden.dtype, launch)
     if split_k == 1:
         pair_out = _empty(S, H, dtype=torch.float32, device=device)
     else:  # split-K adds partial sums atomically
@@ -532,6 +621,37 @@ def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, reno
         H_SORTED=h_sorted, PRECISION=precision, W_TMA=down_tma, H_TMA=down_tma and h_sorted,
         num_warps=down_warps, num_stages=down_stages)
     return pair_out.view(T, top_k, H).sum(dim=1).to(hidden.dtype)
+
+
+_EPILOGUE_BLOCK = 1024  # columns per program of the grouped_mm tier's SiLU-and-multiply and top-k sum
+
+
+def _topk_sum(y, rows, topk_weights, T, dtype, launch):
+    """out[t] = sum_j w[t, j] * y[rows[t * k + j]] (fp32 sum, one cast)."""
+    top_k, H = topk_weights.shape[1], y.shape[1]
+    out = _empty(T, H, dtype=dtype, device=y.device)
+    launch(_topk_sum_kernel)[(T, triton.cdiv(H, _EPILOGUE_BLOCK))](
+        y, rows, topk_weights, out, H, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK_N=_EPILOGUE_BLOCK)
+    return out
+
+
+def _grouped_mm_moe(hidden, topk_weights, topk_ids, w_gate_up, w_down, launch):
+    """The prefill tier on CUTLASS: pairs sorted by expert (no padding), x gathered into that order, the two grouped
+    GEMMs by `torch._grouped_mm` (offs = each expert's cumulative row end), SiLU-and-multiply and the weighted top-k
+    sum as small Triton kernels."""
+    T, H = hidden.shape
+    E, two_i, _ = w_gate_up.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    order, offs, rows = sort_pairs_by_expert(topk_ids, E)
+    x = hidden.to(w_gate_up.dtype).index_select(0, order // top_k)
+    grouped_mm = _grouped_mm_fn()
+    gate_up = grouped_mm(x, w_gate_up.contiguous().transpose(1, 2), offs=offs)  # [S, 2I]
+    h = _empty(order.numel(), inter, dtype=w_gate_up.dtype, device=hidden.device)
+    launch(_silu_mul_kernel)[(order.numel(), triton.cdiv(inter, _EPILOGUE_BLOCK))](
+        gate_up, h, inter, gate_up.stride(0), h.stride(0), BLOCK_N=_EPILOGUE_BLOCK)
+    y = grouped_mm(h, w_down.contiguous().transpose(1, 2), offs=offs)  # [S, H]
+    return _topk_sum(y, rows, topk_weights, T, hidden.dtype, launch)
 
 
 if HAS_TRITON:
