@@ -79,9 +79,13 @@ def routing_stats(block, x, top_k):
 
 def grouped_mm_moe(x, gate_weight, w1, w2, top_k, renormalize):
     """A minimal sort + torch._grouped_mm MoE (what the grouped form does without HF's overhead)."""
+    return grouped_mm_moe_of_logits(x, F.linear(x, gate_weight), w1, w2, top_k, renormalize)
+
+
+def grouped_mm_moe_of_logits(x, logits, w1, w2, top_k, renormalize):
+    """`grouped_mm_moe` from given router logits."""
     mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
     T, H = x.shape
-    logits = F.linear(x, gate_weight)
     weights, ids = torch.topk(torch.softmax(logits.float(), -1), top_k, -1)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)

@@ -16,13 +16,13 @@ import sys
 
 import torch
 
-from moe import SHAPES, bench, make_block
+from moe import SHAPES, bench, grouped_mm_moe_of_logits, make_block
 from moe_tune import inputs, kernel_us, load_before
 
 from sqcompile.kernels import fused_moe as fm
 
 
-def case(name: str, tokens: int, before, rounds: int, compiled: bool, hf: bool) -> dict:
+def case(name: str, tokens: int, before, rounds: int, compiled: bool, hf: bool, grouped_mm: bool = False) -> dict:
     shape = SHAPES[name]
     k, renormalize = shape["top_k"], shape["renormalize"]
     x, logits, w1, w2 = inputs(shape, tokens, torch.bfloat16, "cuda")
@@ -51,6 +51,12 @@ def case(name: str, tokens: int, before, rounds: int, compiled: bool, hf: bool) 
         with torch.no_grad():
             hf_c(x3)
         fns["hf_inductor"] = lambda: hf_c(x3)
+    if grouped_mm:  # benchmarks/moe.py's sort + torch._grouped_mm row (eager), on the same inputs
+        fns["torch_grouped_mm"] = lambda: grouped_mm_moe_of_logits(x, logits, w1, w2, k, renormalize)
+        with torch.no_grad():
+            checks["torch_grouped_mm_vs_reference"] = float((fns["torch_grouped_mm"]().float() - ref).norm()
+                                                            / ref.norm())
+        print(f"  torch_grouped_mm vs reference {checks['torch_grouped_mm_vs_reference']:.3g}", flush=True)
     times = {row: [] for row in fns}
     with torch.no_grad():
         for _ in range(rounds):
@@ -74,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-compile", action="store_true", help="eager rows only")
     ap.add_argument("--hf", action="store_true", help="also HF's block under torch.compile")
+    ap.add_argument("--grouped-mm", action="store_true", help="also benchmarks/moe.py's torch._grouped_mm row")
     ap.add_argument("--out", default="moe_before_after.json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -84,7 +91,8 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": []}
     for name in args.shapes.split(","):
         for tokens in (int(t) for t in args.tokens.split(",")):
-            results["cases"].append(case(name, tokens, before, args.rounds, not args.no_compile, args.hf))
+            results["cases"].append(case(name, tokens, before, args.rounds, not args.no_compile, args.hf,
+                                         args.grouped_mm))
             with open(args.out, "w") as f:  # partial results survive a cut-off run
                 json.dump(results, f, indent=1)
     return 0
