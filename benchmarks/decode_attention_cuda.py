@@ -39,6 +39,20 @@ VARIANTS = {"default": {}, "w4s4": dict(warps=4, stages=4, per_sm=4), "w4s4_sm8"
             # 64 rows x 33 splits = 2112 CTAs = 8 whole waves of 2 CTAs on each of 132 SMs (66: 16 waves)
             "w8s2_n33": dict(warps=8, stages=2, num_splits=33), "w8s2_n66": dict(warps=8, stages=2, num_splits=66),
             "w4s2_n33": dict(warps=4, stages=2, num_splits=33)}
+CHECKED = ("default", "w4s4", "w2s4_sm8")  # variants the correctness checks run
+
+
+def kernel_info(st, Hq, H, d, kw) -> dict:
+    """Registers per thread and resident CTAs per SM of the split kernel that variant `kw` runs (the driver's
+    numbers for the NVRTC build)."""
+    import ctypes
+
+    pl = dc.plan(d, Hq // H, st.kl.spec(), st.vl.spec(), kw.get("warps", 8), kw.get("stages", 2))
+    k = pl.compiled("sq_fast_decode")
+    lib, regs, ctas = ctypes.CDLL("libcuda.so.1"), ctypes.c_int(), ctypes.c_int()
+    lib.cuFuncGetAttribute(ctypes.byref(regs), 4, k.func)  # CU_FUNC_ATTRIBUTE_NUM_REGS
+    lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(ctas), k.func, 32 * pl.W, ctypes.c_size_t(pl.smem))
+    return dict(regs=regs.value, ctas_per_sm=ctas.value, smem=pl.smem)
 
 
 def checks(dev, gen, out):
@@ -61,7 +75,8 @@ def checks(dev, gen, out):
             m[:, 0] = True
         ref = fa.decode_attention_fast_reference(q, kp, vp, L, scale=1 / math.sqrt(d), kv_mask=m, **st.args)
         why = dc.supports(st.kl, st.vl, d, Hq // H, S)
-        for vname, kw in (("default", {}), ("w4s4", VARIANTS["w4s4"]), ("w2s4_sm8", VARIANTS["w2s4_sm8"])):
+        for vname in CHECKED:
+            kw = VARIANTS[vname]
             try:
                 o = dc.decode_attention_fast_cuda(q, kp, vp, L, scale=1 / math.sqrt(d), kv_mask=m, poison=True,
                                                   **st.args, **kw)
@@ -79,7 +94,7 @@ def checks(dev, gen, out):
     return ok_all
 
 
-def time_write(st, dev, gen, B=8, H=8, d=128, S=4096):
+def time_write(st, dev, gen, B=8, H=8, d=128, S=4096, kw=None):
     """P3: one decode step's quantize-on-write of one layer (B tokens, K and V): the torch form under Inductor
     (SQCOMPILE_WRITE_KERNEL=torch, several Inductor kernels), the one-launch Triton op called directly, and the
     op as `quantize_write_fast` decomposes under Inductor on CUDA. Also: the fraction of written bytes equal
@@ -128,15 +143,17 @@ def time_write(st, dev, gen, B=8, H=8, d=128, S=4096):
     q = torch.randn(B, 4 * H, d, device=dev, generator=gen).half()
     lens = torch.full((B,), S, dtype=torch.int32, device=dev)
 
+    kw = kw or {}
+
     def attend():
-        return dc.decode_attention_fast_cuda(q, kp, vp, lens, scale=1 / math.sqrt(d), **st.args)
+        return dc.decode_attention_fast_cuda(q, kp, vp, lens, scale=1 / math.sqrt(d), **st.args, **kw)
 
     t_attn = graph_us([attend])
     t_both = graph_us([lambda: (triton_op(key, val, kp, vp, pos), attend())])
     # the write inside the attention op's first launch (what sqcompile::decode_attention_fast_write runs)
     wr = (key, val, pos, basis, mean, ks, vs)
     kp3, vp3 = ref0_k.clone(), ref0_v.clone()
-    out_fused = dc.decode_attention_fast_cuda(q, kp3, vp3, lens, scale=1 / math.sqrt(d), **st.args, write=wr)
+    out_fused = dc.decode_attention_fast_cuda(q, kp3, vp3, lens, scale=1 / math.sqrt(d), **st.args, write=wr, **kw)
     out_sep = attend()  # kp/vp hold the Triton op's row
     fused_same = (float((kp3[:, :, S - 1] == ref_k[:, :, S - 1]).float().mean()),
                   float((vp3[:, :, S - 1] == ref_v[:, :, S - 1]).float().mean()))
@@ -149,7 +166,7 @@ def time_write(st, dev, gen, B=8, H=8, d=128, S=4096):
         st.args["v_groups"], 1 / math.sqrt(d), key, val, pos, mean, ks, vs)
     op_same = bool(torch.equal(kp4, kp3) and torch.equal(vp4, vp3) and torch.equal(out_op, out_fused))
     t_fused = graph_us([lambda: dc.decode_attention_fast_cuda(q, kp3, vp3, lens, scale=1 / math.sqrt(d), **st.args,
-                                                              write=wr)])
+                                                              write=wr, **kw)])
     return dict(inductor_torch_us=t_torch, triton_op_us=t_op, inductor_triton_us=t_comp,
                 equal_bytes_k=same[0], equal_bytes_v=same[1], compiled_equals_op=same_comp,
                 attention_us=t_attn, write_then_attention_us=t_both, write_increment_us=t_both - t_attn,
@@ -165,6 +182,10 @@ def main():
     ap.add_argument("--bits", type=float, nargs="+", default=[2.69, 3.25, 4.25])
     ap.add_argument("--tune", nargs="*", default=list(VARIANTS))
     ap.add_argument("--dump", default=None, help="write the generated CUDA source of the 2.69 plan here")
+    ap.add_argument("--repeat", type=int, default=1, help="time the --tune variants this many times, interleaved; "
+                    "each variant's median counts")
+    ap.add_argument("--skip-write", action="store_true", help="no P3 write timing")
+    ap.add_argument("--write-variants", nargs="+", default=["default"], help="variants the P3 timing runs")
     args = ap.parse_args()
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -193,18 +214,27 @@ def main():
             t = {}
             names = args.tune if bi == 0 else [min((r for r in res["tuning"] if r["S"] == S),
                                                    key=lambda r: r["us"])["variant"]]
-            for vname in names:
-                kw = VARIANTS[vname]
-                try:
-                    dc.decode_attention_fast_cuda(q, kp, vp, lens, scale=scale, **st.args, **kw)
-                    t[vname] = graph_us([lambda a=a, b_=b_, kw=kw: dc.decode_attention_fast_cuda(
-                        q, a, b_, lens, scale=scale, **st.args, **kw) for a, b_ in copies])
-                except Exception as exc:
-                    log(f"variant {vname}: {type(exc).__name__}: {str(exc)[:300]}")
-                    continue
+            runs: dict = {}
+            for rep in range(args.repeat if bi == 0 else 1):
+                for vname in names:
+                    kw = VARIANTS[vname]
+                    try:
+                        dc.decode_attention_fast_cuda(q, kp, vp, lens, scale=scale, **st.args, **kw)
+                        us = graph_us([lambda a=a, b_=b_, kw=kw: dc.decode_attention_fast_cuda(
+                            q, a, b_, lens, scale=scale, **st.args, **kw) for a, b_ in copies])
+                    except Exception as exc:
+                        log(f"variant {vname}: {type(exc).__name__}: {str(exc)[:300]}")
+                        continue
+                    if vname not in runs and S == args.seq[0]:
+                        info = kernel_info(st, Hq, H, d, kw)
+                        res.setdefault("kernels", {})[vname] = info
+                        log(f"variant {vname}: {info}")
+                    runs.setdefault(vname, []).append(us)
+                    log(f"S={S:6d} cuda {vname:10s} {us:8.1f} us{f' (repeat {rep})' if args.repeat > 1 else ''}")
+            for vname, us in runs.items():
+                t[vname] = sorted(us)[len(us) // 2]
                 if bi == 0:
-                    res["tuning"].append(dict(S=S, variant=vname, us=t[vname]))
-                log(f"S={S:6d} cuda {vname:10s} {t[vname]:8.1f} us")
+                    res["tuning"].append(dict(S=S, variant=vname, us=t[vname], runs=us))
             best = min(t, key=t.get)
             if bi == 0:  # host time per call, no CUDA graph (what an eager or Inductor caller pays)
                 import time
@@ -230,6 +260,12 @@ def main():
             t_sdpa = graph_us([lambda k16=k16, v16=v16: torch.nn.functional.scaled_dot_product_attention(
                 q[:, :, None], k16, v16, scale=scale, enable_gqa=True)])
             del k16, v16
+            if bi == 0:
+                for r in res["tuning"]:
+                    if r["S"] == S:
+                        r["sdpa_us"], r["x_sdpa"] = t_sdpa, t_sdpa / r["us"]
+                        log(f"S={S:6d} cuda {r['variant']:12s} median {r['us']:8.1f} us x{t_sdpa / r['us']:5.3f} "
+                            f"(runs {' '.join(f'{u:.1f}' for u in r['runs'])})")
             for impl, us, nbytes in (("fp16_sdpa", t_sdpa, 2 * B * H * S * d * 2),
                                      ("triton_fast", t_tri, B * H * S * (st.kb + st.vb)),
                                      ("cuda_fast", t[best], B * H * S * (st.kb + st.vb))):
@@ -242,17 +278,17 @@ def main():
             del kp, vp
             torch.cuda.empty_cache()
             json.dump(res, open(args.out, "w"), indent=1)
-    for bits in args.bits:
+    for bits, wv in [] if args.skip_write else [(b, v) for b in args.bits for v in args.write_variants]:
         st = FastSetup(bits, H, d, dev, gen, align=2)
         try:
-            w = time_write(st, dev, gen)
+            w = time_write(st, dev, gen, kw=VARIANTS[wv])
         except Exception as exc:
             log(f"write timing failed: {type(exc).__name__}: {str(exc)[:300]}")
             continue
         att = [r for r in res["rows"] if r["bits"] == bits and r["S"] == 4096 and r["impl"] == "cuda_fast"]
         a_us = att[0]["us"] if att else float("nan")
         best = min(w["triton_op_us"], w["inductor_triton_us"])
-        res.setdefault("write", []).append(dict(bits=bits, decode_4k_us=a_us, ratio=best / a_us, **w))
+        res.setdefault("write", []).append(dict(bits=bits, variant=wv, decode_4k_us=a_us, ratio=best / a_us, **w))
         log(f"P3 {bits}: write of one decode step, one layer (B=8): torch form under Inductor "
             f"{w['inductor_torch_us']:.1f} us; Triton op {w['triton_op_us']:.1f} us, under Inductor "
             f"{w['inductor_triton_us']:.1f} us (same bytes as the op: {w['compiled_equals_op']}); bytes equal to the "
@@ -260,7 +296,7 @@ def main():
             f"{a_us:.1f} us -> {100 * best / a_us:.0f}%; in one graph with the attention call "
             f"{w['write_then_attention_us']:.1f} vs {w['attention_us']:.1f} us alone: the write adds "
             f"{w['write_increment_us']:.1f} us ({100 * w['write_increment_us'] / w['attention_us']:.0f}%)")
-        log(f"P3 {bits} fused (the write in the attention op's query launch): {w['fused_us']:.1f} vs "
+        log(f"P3 {bits} {wv} fused (the write in the attention op's query launch): {w['fused_us']:.1f} vs "
             f"{w['attention_us']:.1f} us alone: the write adds {w['fused_increment_us']:.2f} us "
             f"({100 * w['fused_increment_us'] / w['attention_us']:.1f}%); bytes equal to the torch form K "
             f"{100 * w['fused_equal_bytes_k']:.1f}% V {100 * w['fused_equal_bytes_v']:.1f}%, other rows untouched: "
