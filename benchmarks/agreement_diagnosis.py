@@ -62,6 +62,10 @@ FEATURES = {
     "position-0 K/V + prefill K/V + newest token K/V exact": {"pos0", "prefill", "newest"},
 }
 MODES = tuple(FEATURES)
+# every row starts from the codes alone: SpectralCache's own exact sink and exact prompt (its defaults) off, so the
+# rows measure what each exact part is worth ("prefill K/V and first-token K/V exact" is what the defaults do;
+# unpadded, "position-0 K/V + prefill K/V exact")
+CODES_ONLY = dict(keep_sink=False, exact_prefill=False)
 # unpadded, the first real token is position 0: the first-token rows would repeat the position-0 rows
 UNPADDED_MODES = ("base", "prefill K/V exact", "newest token K/V exact", "position-0 K/V exact",
                   "position-0 K/V + newest token K/V exact", "position-0 K/V + prefill K/V exact",
@@ -185,13 +189,15 @@ def main():
             with torch.no_grad():
                 if not label.startswith("unpadded"):  # the padded batch of the test
                     mode["first"] = first
-                    cache = SpectralCache(model, profile=profile, bits=bits, max_cache_len=ids.shape[1] + NEW_TOKENS + 1)
+                    cache = SpectralCache(model, profile=profile, bits=bits, max_cache_len=ids.shape[1] + NEW_TOKENS + 1,
+                                         **CODES_ONLY)
                     mode["codec"] = cache.codec
                     lp, rlp = teacher_forced_logits(model, ids, mask, cont, cache).log_softmax(-1), ref_lp
                 else:  # each prompt alone, its first token at position 0
                     mode["first"], out = [0], []
                     for b, (i, msk) in enumerate(alone):
-                        cache = SpectralCache(model, profile=profile, bits=bits, max_cache_len=i.shape[1] + NEW_TOKENS + 1)
+                        cache = SpectralCache(model, profile=profile, bits=bits, max_cache_len=i.shape[1] + NEW_TOKENS + 1,
+                                              **CODES_ONLY)
                         mode["codec"] = cache.codec
                         out.append(teacher_forced_logits(model, i, msk, cont[b:b + 1], cache))
                     lp, rlp = torch.cat(out).log_softmax(-1), alone_lp

@@ -65,10 +65,10 @@ def fill_static(model, batch, ctx, steps):
     return cache
 
 
-def fill_spectral(model, batch, ctx, steps, bits, layout="planes"):
+def fill_spectral(model, batch, ctx, steps, bits, layout="planes", keep_sink=True):
     from sqcompile.cache import SpectralCache
 
-    cache = SpectralCache(model, bits=bits, max_cache_len=ctx + steps + 8, layout=layout)
+    cache = SpectralCache(model, bits=bits, max_cache_len=ctx + steps + 8, layout=layout, keep_sink=keep_sink)
     chunk = 4096
     for l, layer in enumerate(cache.layers):
         k0 = torch.zeros(batch, 8, 1, 128, device=DEV, dtype=torch.bfloat16)
@@ -132,6 +132,8 @@ def main():
     ap.add_argument("--layouts", nargs="+", default=["planes", "fast"], choices=["planes", "fast"],
                     help="SpectralCache layouts timed as sqcompile rows (planes: decode_attention; fast: decode_attention_fast)")
     ap.add_argument("--out", default="e2e_decode.json")
+    ap.add_argument("--sink", nargs="+", default=["on"], choices=["on", "off"],
+                    help="SpectralCache(keep_sink=...): 'on off' times both (the off rows get a _nosink suffix)")
     ap.add_argument("--cudagraphs", action="store_true",
                     help="both compiled rows as CUDA graphs (Inductor mode='reduce-overhead'; sqcompile "
                          "options={'cudagraphs': True}): no per-kernel host time")
@@ -177,10 +179,10 @@ def main():
                 del cache
             names = []
             if "sqcompile" in rows:
-                for lay in args.layouts:
-                    name = "sqcompile" if lay == "planes" else f"sqcompile_{lay}"
+                for lay, sink in ((lay, sink) for lay in args.layouts for sink in args.sink):
+                    name = ("sqcompile" if lay == "planes" else f"sqcompile_{lay}") + ("" if sink == "on" else "_nosink")
                     names.append(name)
-                    cache = fill_spectral(model, b, ctx, args.steps + 3, args.bits, lay)
+                    cache = fill_spectral(model, b, ctx, args.steps + 3, args.bits, lay, keep_sink=sink == "on")
                     calls0 = _cuda_calls()
                     row[f"{name}_ms"], first = time_decode(sqs[lay], cache, b, args.steps)
                     if lay == "fast":  # which decode kernel ran: the CUDA one counts its launches
@@ -213,7 +215,8 @@ def main():
         json.dump(summary, f, indent=1)
     print(f"\n{summary['device']}, Llama-3-8B shape ({args.layers} layers, random bf16 weights), sqcompile at "
           f"{args.bits} bits/element ({16 / args.bits:.2f}x)")
-    names = ["sqcompile" if lay == "planes" else f"sqcompile_{lay}" for lay in args.layouts]
+    names = [("sqcompile" if lay == "planes" else f"sqcompile_{lay}") + ("" if sink == "on" else "_nosink")
+             for lay in args.layouts for sink in args.sink]
     print("| context | batch | eager tok/s | Inductor+StaticCache tok/s | "
           + " | ".join(f"{n} tok/s | {n} / Inductor" for n in names) + " |")
     print("|---|---|---|---|" + "---|---|" * len(names))

@@ -9,6 +9,13 @@ eager attention, returns the dequantized cache in the model's own basis: correct
 with `sqcompile::decode_attention`, which reads the codes directly, and folds the value basis into
 v_proj/o_proj, so the compiled model never materialises FP16 K/V for the cache.
 
+The sink token (the first token of each sequence: RoPE position 0, told by the `position_ids` transformers
+passes to `update()`, else cache position 0) is also kept exact beside the codes, in float32 (`keep_sink`,
+`sqcompile.kernels.sink`): every read uses that copy instead of its codes. A multi-token update (a prompt, a
+chunk of one) attends to its own tokens' exact K/V (`exact_prefill`, issue #4's "prefill: attention over the fresh
+full-precision K/V"); every later step reads them from the codes. On SmolLM2-135M at 3.76x the two together cut
+the KL of the next-token distribution to FP32's from 0.044 to 0.020 (BENCHMARKS.md, issue #6).
+
 Writing past `max_cache_len` is an error that names the capacity (checked on the host in eager mode, by an
 async assert inside compiled graphs), never a silent wrap.
 """
@@ -22,6 +29,7 @@ from transformers.cache_utils import Cache, StaticLayer
 from .kernels import dequantize as _dequantize  # noqa: F401  (registers sqcompile::dequantize_packed)
 from .kernels import fast_cache as _fast_cache  # registers sqcompile::quantize_write_fast, dequantize_fast
 from .kernels import quantize_write as _quantize_write  # noqa: F401  (registers sqcompile::quantize_write)
+from .kernels import sink as _sink  # noqa: F401  (registers sqcompile::put_sink)
 from .kernels._bitplanes import kernel_args
 
 
@@ -37,9 +45,12 @@ class SpectralLayer(StaticLayer):
 
     is_compileable = True
 
-    def __init__(self, max_cache_len: int, codec, layer_idx: int, max_batch_size: Optional[int] = None):
+    def __init__(self, max_cache_len: int, codec, layer_idx: int, max_batch_size: Optional[int] = None,
+                 keep_sink: bool = True, exact_prefill: bool = True):
         super().__init__(max_cache_len=max_cache_len)
         self.layer_idx = layer_idx
+        self.keep_sink = bool(keep_sink)
+        self.exact_prefill = bool(exact_prefill)
         self.max_batch_size = max_batch_size
         lc = codec.layers[layer_idx]
         kf, vf = lc.key_format, lc.value_format
@@ -75,20 +86,72 @@ class SpectralLayer(StaticLayer):
         shape = (self.batch_size, self.num_heads, self.max_cache_len)
         self.keys = torch.zeros(*shape, self.k_row_bytes, dtype=torch.uint8, device=self.device)
         self.values = torch.zeros(*shape, self.v_row_bytes, dtype=torch.uint8, device=self.device)
+        statics = [self.keys, self.values, self.cumulative_length]
+        if self.keep_sink:  # the sink token's exact key (model basis) and value (storage basis), its cache position
+            self.sink_k = torch.zeros(*shape[:2], self.head_dim, dtype=torch.float32, device=self.device)
+            self.sink_v = torch.zeros_like(self.sink_k)
+            self.sink_pos = torch.full((self.batch_size,), -1, dtype=torch.int64, device=self.device)
+            statics += [self.sink_k, self.sink_v, self.sink_pos]
         for name in ("k_basis", "k_mean", "v_basis", "v_mean", "k_codebooks", "k_channel_scale", "v_codebooks",
                      "v_channel_scale", "k_qjl_proj"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(self.device))
         self.cumulative_length = self.cumulative_length.to(self.device)
+        statics[2] = self.cumulative_length
         if not _is_compiling():
-            for t in (self.keys, self.values, self.cumulative_length):
+            for t in statics:
                 torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
     @property
     def nbytes(self) -> int:
         return 0 if not self.is_initialized else self.keys.numel() + self.values.numel()
+
+    @property
+    def sink_nbytes(self) -> int:
+        """Bytes of the exact sink copy (8 * head_dim per batch row and kv-head; 0 without `keep_sink`)."""
+        if not (self.is_initialized and self.keep_sink):
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.sink_pos))
+
+    def reset(self) -> None:
+        super().reset()
+        if self.is_initialized and self.keep_sink:
+            self.sink_k.zero_(), self.sink_v.zero_(), self.sink_pos.fill_(-1)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.is_initialized and self.keep_sink:  # a sink cropped away is no sink
+            self.sink_pos.masked_fill_(self.sink_pos >= self.cumulative_length, -1)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.is_initialized and self.keep_sink:
+            for name in ("sink_k", "sink_v", "sink_pos"):
+                setattr(self, name, getattr(self, name).index_select(0, beam_idx.to(self.device)))
+
+    def _store_sink(self, key_states, v_store, positions, position_ids) -> None:
+        """Copy the new tokens' sink, if any: by `position_ids` [B|1, n], the token at RoPE position 0 that is not
+        followed by another position 0 (generate() gives left padding position 0, or 1 in older versions: the
+        first real token is the last of a run of zeros), else the token at cache position 0. A padding token
+        taken by mistake costs only the benefit: the attention mask still hides it."""
+        B, H, n, D = key_states.shape
+        if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == n \
+                and position_ids.shape[0] in (1, B):
+            pid = position_ids.to(self.device).expand(B, n)
+            after = torch.cat([pid[:, 1:], torch.ones_like(pid[:, :1])], 1)
+            first = (pid == 0) & (after != 0)
+        else:
+            first = (positions == 0)[None, :].expand(B, n)
+        has = first.any(-1)
+        idx = first.to(torch.int32).argmax(-1)  # the first such token per row
+        at = idx[:, None, None, None].expand(B, H, 1, D)
+        new_k = key_states.to(torch.float32).gather(2, at)[:, :, 0]
+        new_v = v_store.to(torch.float32).gather(2, at)[:, :, 0]
+        self.sink_k.copy_(torch.where(has[:, None, None], new_k, self.sink_k))
+        self.sink_v.copy_(torch.where(has[:, None, None], new_v, self.sink_v))
+        self.sink_pos.copy_(torch.where(has, positions[idx], self.sink_pos))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
@@ -108,13 +171,17 @@ class SpectralLayer(StaticLayer):
         # removes these two ops); keys are rotated inside quantize_write.
         v_store = torch.matmul(value_states.to(torch.float32) - self.v_mean[None, :, None, :],
                                self.v_basis.transpose(-1, -2))
+        if self.keep_sink:
+            self._store_sink(key_states, v_store, positions, _position_ids(args, kwargs))
+        # a prompt (any multi-token update) attends to its own tokens exactly
+        fresh = (positions, key_states, v_store) if n_new > 1 and self.exact_prefill else None
         if self.fast:
             torch.ops.sqcompile.quantize_write_fast(
                 key_states.to(torch.float32), v_store, self.keys, self.values, positions, self.k_basis, self.k_mean,
                 self.k_layout, self.v_layout)
             k_store = torch.ops.sqcompile.dequantize_fast(self.keys, self.k_layout, self.head_dim)
             v_store_hat = torch.ops.sqcompile.dequantize_fast(self.values, self.v_layout, self.head_dim)
-            return self._from_store(k_store, v_store_hat)
+            return self._from_store(k_store, v_store_hat, fresh)
         torch.ops.sqcompile.quantize_write(
             key_states.to(torch.float32), v_store, self.keys, self.values, positions, self.k_basis, self.k_mean,
             self.k_codebooks, self.k_channel_scale, self.v_codebooks, self.v_channel_scale, self.k_qjl_proj,
@@ -123,12 +190,32 @@ class SpectralLayer(StaticLayer):
                                                          self.k_groups, self.head_dim)
         v_store_hat = torch.ops.sqcompile.dequantize_packed(self.values, self.v_codebooks, self.v_channel_scale,
                                                             self.v_groups, self.head_dim)
-        return self._from_store(k_store, v_store_hat)
+        return self._from_store(k_store, v_store_hat, fresh)
 
-    def _from_store(self, k_store: torch.Tensor, v_store_hat: torch.Tensor):
+    def _from_store(self, k_store: torch.Tensor, v_store_hat: torch.Tensor, fresh=None):
+        """The model-basis K/V attention reads: the dequantized cache, the exact sink over its row, and for a
+        multi-token update (prefill) the new tokens' exact K/V over theirs: the prompt attends to itself in full
+        precision (issue #4), later steps read it compressed. Values are replaced in the storage basis (what SDPA
+        reads once o_proj absorbs the basis), keys in the model basis."""
+        if self.keep_sink:
+            v_store_hat = torch.ops.sqcompile.put_sink(v_store_hat, self.sink_v, self.sink_pos)
+        if fresh is not None:
+            v_store_hat = v_store_hat.index_copy(2, fresh[0], fresh[2].to(v_store_hat.dtype))
         k_hat = torch.matmul(k_store, self.k_basis) + self.k_mean[None, :, None, :]
         v_hat = torch.matmul(v_store_hat, self.v_basis) + self.v_mean[None, :, None, :]
+        if self.keep_sink:
+            k_hat = torch.ops.sqcompile.put_sink(k_hat, self.sink_k, self.sink_pos)
+        if fresh is not None:
+            k_hat = k_hat.index_copy(2, fresh[0], fresh[1].to(k_hat.dtype))
         return k_hat.to(self.dtype), v_hat.to(self.dtype)
+
+
+def _position_ids(args, kwargs) -> Optional[torch.Tensor]:
+    """The `position_ids` a model passed to `Cache.update` (transformers >= 5.2x: inside a `kwargs` dict), else None."""
+    for d in (kwargs, kwargs.get("kwargs"), kwargs.get("cache_kwargs"), *args):
+        if isinstance(d, dict) and isinstance(d.get("position_ids"), torch.Tensor):
+            return d["position_ids"]
+    return None
 
 
 class SpectralCache(Cache):
@@ -136,11 +223,14 @@ class SpectralCache(Cache):
 
     `profile` None gives the data-oblivious TurboQuant format. With `layout="fast"` the capacity is rounded
     up to a multiple of 8 tokens (the CUDA decode kernel copies whole 16-byte chunks). Pass it to `model(...)`/`model.generate(...)` as
-    `past_key_values`. `nbytes` is the memory the packed layers hold.
+    `past_key_values`. `nbytes` is the memory the packed layers hold; `sink_nbytes` that of the exact sink copies
+    (`keep_sink`, 8 * head_dim bytes per layer, batch row and kv-head). `exact_prefill`: a prompt attends to its
+    own exact K/V (the module docstring).
     """
 
     def __init__(self, model_or_config: Any, profile: Any = None, bits: float = 4.25, max_cache_len: int = 4096,
-                 max_batch_size: Optional[int] = None, method: Optional[str] = None, seed: int = 0, **codec_kwargs: Any):
+                 max_batch_size: Optional[int] = None, method: Optional[str] = None, seed: int = 0,
+                 keep_sink: bool = True, exact_prefill: bool = True, **codec_kwargs: Any):
         from .profile import SpectralProfile, model_fingerprint
         from .quant import build_codec
 
@@ -161,7 +251,8 @@ class SpectralCache(Cache):
         if self.codec.config.get("layout") == "fast":
             # whole 16-byte chunks per (batch, kv-head) plane for the CUDA decode kernel's copies
             max_cache_len = -(-max_cache_len // 8) * 8
-        layers = [SpectralLayer(max_cache_len, self.codec, i, max_batch_size) for i in range(fp["num_layers"])]
+        layers = [SpectralLayer(max_cache_len, self.codec, i, max_batch_size, keep_sink, exact_prefill)
+                  for i in range(fp["num_layers"])]
         super().__init__(layers=layers)
 
     @property
@@ -171,8 +262,13 @@ class SpectralCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the packed K/V of all layers."""
+        """Bytes held by the packed K/V of all layers (the exact sink copy apart: `sink_nbytes`)."""
         return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def sink_nbytes(self) -> int:
+        """Bytes of the exact sink token copies of all layers (a constant per batch row, not per token)."""
+        return sum(layer.sink_nbytes for layer in self.layers)
 
     def packed_bytes_per_token(self) -> int:
         """K+V bytes one token occupies across all layers and kv-heads (the bit accounting, exactly)."""

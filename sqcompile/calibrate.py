@@ -213,7 +213,7 @@ def _chunked_log_probs(model, ids: Tensor, codec=None, chunk: int = 64) -> Tenso
     ev._register_attention()
     previous = model.config._attn_implementation
     model.set_attn_implementation(ev.ATTN_NAME)
-    state = ev.EvalState(codec, [], fp16=codec is None)
+    state = ev.EvalState(codec, [], fp16=codec is None, keep_sink=True)  # as SpectralCache keeps the sink
     cache = ev.simulated_cache(state, model.config)
     kwarg = cache_kwarg(model)
     device = next(model.parameters()).device

@@ -139,9 +139,14 @@ def _qjl_enabled(codec, layer: int) -> bool:
 class EvalState:
     """Everything one evaluation run shares between the cache and the attention function."""
 
-    def __init__(self, codec, measure_layers: Sequence[int], fp16: bool = False):
+    def __init__(self, codec, measure_layers: Sequence[int], fp16: bool = False, keep_sink: bool = False,
+                 exact_fresh: bool = False):
         self.codec = codec
         self.fp16 = fp16
+        self.keep_sink = keep_sink  # the first token's K/V exact, as `SpectralCache(keep_sink=True)` keeps them
+        # a multi-token update's tokens attend to their own exact K/V, as SpectralCache's prefill does (off for the
+        # perplexity rows: fed in chunks, every token then reads the compressed cache, its own chunk included)
+        self.exact_fresh = exact_fresh
         self.measure_layers = set(measure_layers)
         self.exact: dict[int, tuple[Tensor, Tensor]] = {}  # exact K/V of the measured layers
         self.sketch: dict[int, Any] = {}  # per-layer QJL residual data, concatenated along tokens
@@ -188,14 +193,28 @@ def simulated_cache(state: EvalState, config):
                 v_store_hat = codec.fake_quant("value", layer_idx, _to_store(v.float(), vb, vm))
                 k_hat = _from_store(k_store_hat, kb, km).to(k.dtype)
                 v_hat = _from_store(v_store_hat, vb, vm).to(v.dtype)
+                first = state.keep_sink and self.get_seq_length(layer_idx) == 0
+                if first:  # the sink token (position 0 of the sequence) stays exact
+                    k_hat, v_hat = k_hat.clone(), v_hat.clone()
+                    k_hat[:, :, 0], v_hat[:, :, 0] = k[:, :, 0], v[:, :, 0]
                 if _qjl_enabled(codec, layer_idx):
                     sk = codec.qjl_sketch(layer_idx, k_store)  # (sign bits [B,H,S,m], norm [B,H,S])
+                    if first:  # no residual to correct on the exact sink: its norm 0
+                        bits, norm = sk
+                        norm = norm.clone()
+                        norm[:, :, 0] = 0
+                        sk = (bits, norm)
                     prev = state.sketch.get(layer_idx)
                     state.sketch[layer_idx] = sk if prev is None else _cat_tokens(prev, sk)
             cos = F.cosine_similarity(k_hat.float(), k.float(), dim=-1)
             state.cos_sum += cos.sum().item()
             state.cos_count += cos.numel()
-            return super().update(k_hat, v_hat, layer_idx, *args, **kwargs)
+            keys, values = super().update(k_hat, v_hat, layer_idx, *args, **kwargs)
+            n = k.shape[2]
+            if state.exact_fresh and n > 1:
+                keys, values = keys.clone(), values.clone()
+                keys[:, :, -n:], values[:, :, -n:] = k, v
+            return keys, values
 
     return SimulatedKVCache(config=config)
 
@@ -280,13 +299,14 @@ def _register_attention() -> None:
 # --- perplexity -----------------------------------------------------------------------------------
 @torch.no_grad()
 def run_row(model, ids: Tensor, codec=None, fp16: bool = False, measure_layers: Sequence[int] = (),
-            chunk: int = EVAL_CHUNK) -> tuple[float, EvalState]:
-    """Perplexity of `ids` [S] fed in chunks through the simulated cache; returns (ppl, state)."""
+            chunk: int = EVAL_CHUNK, keep_sink: bool = True) -> tuple[float, EvalState]:
+    """Perplexity of `ids` [S] fed in chunks through the simulated cache; returns (ppl, state). keep_sink: the
+    first token's K/V stay exact, as in `SpectralCache` (its default)."""
     global _ACTIVE
     _register_attention()
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
-    state = EvalState(codec, measure_layers, fp16=fp16)
+    state = EvalState(codec, measure_layers, fp16=fp16, keep_sink=keep_sink)
     cache = simulated_cache(state, model.config)
     kwarg = cache_kwarg(model)
     device = next(model.parameters()).device

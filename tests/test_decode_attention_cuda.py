@@ -8,6 +8,7 @@ the same checks run on the lent GPU in benchmarks/decode_attention_cuda.py.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -292,3 +293,73 @@ def test_fused_write_stores_what_the_write_op_stores(d, kg, vg, dtype, monkeypat
     dc.decode_attention_fast_cuda(q, kf, vf, lengths, **attn, write=(key, val, torch.tensor([T], device="cuda"),
                                                                      basis, mean, ks, vs))
     assert torch.equal(kf, kp) and torch.equal(vf, vp)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the lent GPU)")
+@pytest.mark.parametrize("G", [1, 4])
+def test_every_gpu_path_merges_the_exact_sink(G, monkeypatch):
+    """The exact sink token (sqcompile.kernels.sink) as one more split: the CUDA merge, the CUDA kernel with the
+    fused write, the op's dispatch and the two Triton kernels equal their torch references."""
+    # test_decode_attention sets TRITON_INTERPRET=1 on import (for its CPU tests): keep it out of this process
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    from sqcompile.kernels import decode_attention as da
+    from sqcompile.kernels import decode_attention_fast as fa
+    from sqcompile.kernels.fast_cache import layout_spec
+    from test_decode_attention import attention_args, make_format
+    from test_decode_attention import random_cache as random_planes
+
+    d, kg, vg = LAYOUTS[0]
+    kl, vl = _lay(d, kg), _lay(d, vg)
+    gen = torch.Generator(device="cuda").manual_seed(40 + G)
+    B, H, T = 3, 2, 264
+    kp = kl.quantize(torch.randn(B, H, T, d, device="cuda", generator=gen))
+    vp = vl.quantize(torch.randn(B, H, T, d, device="cuda", generator=gen))
+    q = torch.randn(B, H * G, d, device="cuda", generator=gen).half()
+    basis = torch.linalg.qr(torch.randn(H, d, d, device="cuda", generator=gen))[0]
+    lengths = torch.tensor([1, 200, T], device="cuda", dtype=torch.int32)
+    args = (q, kp, vp, lengths, basis, kl.column_factor(None, H, "cuda"), vl.column_factor(None, H, "cuda"),
+            kl.flat_groups(), vl.flat_groups(), 1 / math.sqrt(d))
+    mask = torch.rand(B, T, device="cuda", generator=gen) > 0.3
+    score = torch.randn(B, H * G, device="cuda", generator=gen) * 2 + 4
+    score[0, :1] = float("-inf")
+    value = torch.randn(B, H, d, device="cuda", generator=gen)
+    pos = torch.tensor([0, 130, -1], device="cuda", dtype=torch.int32)  # packed copies to skip (none in row 2)
+    sink = dict(kv_mask=mask, sink_score=score, sink_value=value, sink_pos=pos)
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    ref = fa.decode_attention_fast_reference(*args, **sink)
+    assert rel(fa.decode_attention_fast_reference(*args, kv_mask=mask), ref) > 1e-2  # the sink has a say
+    assert rel(dc.decode_attention_fast_cuda(*args, **sink, poison=True), ref) < 5e-3
+    assert rel(torch.ops.sqcompile.decode_attention_fast(*args, **sink), ref) < 5e-3
+    assert rel(fa.decode_attention_fast_triton(*args, **sink, poison=True), ref) < 5e-3
+    # the fused write: a position no one reads changes nothing but the row it writes
+    mean = torch.zeros(H, d, device="cuda")
+    key = torch.randn(B, H, 1, d, device="cuda", generator=gen)
+    wpos = torch.tensor([T - 1], device="cuda")
+    kf, vf = kp.clone(), vp.clone()
+    out = torch.ops.sqcompile.decode_attention_fast_write(q, kf, vf, *args[3:], key, key, wpos, mean, layout_spec(kl),
+                                                          layout_spec(vl), **sink)
+    mask_w = mask.clone()
+    mask_w[:, T - 1] = False  # the new row is masked out: the result must be the sink-merged attention above
+    out_w = torch.ops.sqcompile.decode_attention_fast_write(q, kp.clone(), vp.clone(), *args[3:], key, key, wpos, mean,
+                                                            layout_spec(kl), layout_spec(vl), kv_mask=mask_w,
+                                                            sink_score=score, sink_value=value, sink_pos=pos)
+    ref_w = fa.decode_attention_fast_reference(*args[:1], kf, vf, *args[3:], **sink)
+    assert rel(out, ref_w) < 5e-3
+    assert rel(out_w, fa.decode_attention_fast_reference(*args, kv_mask=mask_w, sink_score=score,
+                                                         sink_value=value, sink_pos=pos)) < 5e-3
+    # no mask at all: the kernel's own skip of the sink's packed copy (the mask-free tiles)
+    nomask = dict(sink_score=score, sink_value=value, sink_pos=pos)
+    assert rel(dc.decode_attention_fast_cuda(*args, **nomask, poison=True),
+               fa.decode_attention_fast_reference(*args, **nomask)) < 5e-3
+    # the bit-plane op's Triton kernels
+    kfmt, vfmt = make_format("turbo4", d, H, torch.Generator().manual_seed(1)), make_format("hybrid", d, H, torch.Generator().manual_seed(2))
+    pargs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
+             for k, v in attention_args(kfmt, vfmt, H, d, torch.Generator().manual_seed(3)).items()}
+    kpp = random_planes(kfmt, B, H, T, torch.Generator().manual_seed(4)).cuda()
+    vpp = random_planes(vfmt, B, H, T, torch.Generator().manual_seed(5)).cuda()
+    pref = da.decode_attention_reference(q.float(), kpp, vpp, lengths, scale=0.125, **sink, **pargs)
+    pout = da.decode_attention_triton(q.float(), kpp, vpp, lengths, scale=0.125, poison=True, **sink, **pargs)
+    assert rel(pout, pref) < 5e-3

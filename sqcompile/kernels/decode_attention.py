@@ -40,6 +40,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._bitplanes import CODEBOOK_STRIDE, MAX_GROUPS, QJL_CONST, PackedLayout, format_from_args
+from .sink import check_sink, merge_sink_reference, skip_mask
 
 LOG2E = 1.4426950408889634
 LAST_COMPILED: dict = {}  # kernel name -> the last CompiledKernel (n_regs, n_spills, asm) launched on a GPU
@@ -340,22 +341,40 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_reduce_kernel(OP, LSE, OUT, NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr,
-                          D: tl.constexpr, DP: tl.constexpr):
-    """One program per (batch, query head): out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)."""
+def _decode_reduce_kernel(OP, LSE, OUT, SINK_S, SINK_V, NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr,
+                          D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, HAS_SINK: tl.constexpr):
+    """One program per (batch, query head): out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M); with
+    HAS_SINK the exact sink token is one more split: lse SINK_S[row] (log2 units), o SINK_V[row // G]."""
     pid = tl.program_id(0)
     s = tl.arange(0, NSPLIT_P)
     d = tl.arange(0, DP)
     lse = tl.load(LSE + pid * NSPLIT + s, mask=s < NSPLIT, other=float("-inf"))
     m = tl.max(lse, 0)
+    if HAS_SINK:
+        ss = tl.load(SINK_S + pid)
+        m = tl.maximum(m, ss)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - m))
     o = tl.load(OP + (pid * NSPLIT + s)[:, None] * D + d[None, :],
                 mask=(s < NSPLIT)[:, None] & (d < D)[None, :], other=0.0)
     o = tl.where((lse == float("-inf"))[:, None], 0.0, o)
     tot = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(tot > 0, tot, 1.0)
+    acc = tl.sum(w[:, None] * o, 0)
+    if HAS_SINK:
+        ws = tl.where(ss == float("-inf"), 0.0, tl.exp2(ss - m))
+        acc += ws * tl.load(SINK_V + (pid // G) * D + d, mask=d < D, other=0.0)
+        tot += ws
+    out = acc / tl.where(tot > 0, tot, 1.0)
     tl.store(OUT + pid * D + d, out.to(OUT.dtype.element_ty), mask=d < D)
+
+
+def launch_reduce(launch, op, lse, out, sink_score, sink_value, G: int):
+    """The split reduction (one program per (batch, query head)), with the exact sink merged where given."""
+    B, Hq, nsplit, D = op.shape
+    has = sink_score is not None
+    launch(_decode_reduce_kernel)[(B * Hq,)](
+        op, lse, out, sink_score if has else lse, sink_value if has else op, NSPLIT=nsplit,
+        NSPLIT_P=_pow2(nsplit, 2), D=D, DP=_pow2(D, 16), G=G, HAS_SINK=has)
 
 
 # module-level constants the jit functions read as globals
@@ -437,17 +456,22 @@ def decode_attention_triton(
     k_groups: list[int], v_groups: list[int], qjl_dims: int, qjl_bits: int, scale: float,
     num_splits: int = 0, block_n: int = 64, unpack: int = 1, lookup: int = 1, num_warps: int = 4,
     num_stages: int = 2, maxnreg: Optional[int] = 128, poison: bool = False, _launch=None,
-    kv_mask: Optional[torch.Tensor] = None,
+    kv_mask: Optional[torch.Tensor] = None, sink_score: Optional[torch.Tensor] = None,
+    sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the two kernels (wrap_triton'd when called from the custom op, plain otherwise).
     Defaults = the fastest variant measured (benchmarks/decode_attention_RESULTS.md): 64-token blocks,
     bit-plane expansion + select-tree lookup, 4 warps, registers capped at 128 (more programs resident).
-    poison=True fills every buffer with NaN first (tests: each element must be written)."""
+    poison=True fills every buffer with NaN first (tests: each element must be written). sink_score [B, Hq]
+    (log2 units) / sink_value [B, Hkv, d] / sink_pos [B]: the exact sink token (`sqcompile.kernels.sink`), its
+    packed copy masked out, merged in the reduce."""
     B, Hq, D = q.shape
     Hkv, T = k_packed.shape[1], k_packed.shape[2]
     kl = PackedLayout.from_flat(D, k_groups, qjl_dims, qjl_bits)
     vl = PackedLayout.from_flat(D, v_groups)
     _check_args(q, k_packed, v_packed, lengths, kl, vl)
+    sink_score, sink_value, sink_pos = check_sink(q, sink_score, sink_value, sink_pos, Hkv)
+    kv_mask = skip_mask(kv_mask, sink_pos, B, T, q.device)
     G = Hq // Hkv
     nsplit = int(num_splits) if num_splits > 0 else default_num_splits(B, Hkv, T, block_n, q.device)
     launch = _launch or (lambda k: k if q.is_cuda else _interpreted(k))
@@ -488,9 +512,7 @@ def decode_attention_triton(
     )
     if hasattr(ck, "n_regs"):  # compiled on a GPU: keep the resource report for the benchmark
         LAST_COMPILED["decode_split"] = ck
-    launch(_decode_reduce_kernel)[(B * Hq,)](
-        op, lse, out, NSPLIT=nsplit, NSPLIT_P=_pow2(nsplit, 2), D=D, DP=_pow2(D, 16),
-    )
+    launch_reduce(launch, op, lse, out, sink_score, sink_value, G)
     return out
 
 
@@ -499,10 +521,12 @@ def decode_attention_reference(
     k_basis: torch.Tensor, k_codebooks: torch.Tensor, k_channel_scale: torch.Tensor,
     v_codebooks: torch.Tensor, v_channel_scale: torch.Tensor, k_qjl_proj: Optional[torch.Tensor],
     k_groups: list[int], v_groups: list[int], qjl_dims: int, qjl_bits: int, scale: float,
-    kv_mask: Optional[torch.Tensor] = None,
+    kv_mask: Optional[torch.Tensor] = None, sink_score: Optional[torch.Tensor] = None,
+    sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Plain torch: dequantize the whole cache with sqcompile.quant, rotate q, softmax attention.
-    kv_mask [B, T] (nonzero = attend) further masks tokens below the length (padding, windows)."""
+    kv_mask [B, T] (nonzero = attend) further masks tokens below the length (padding, windows);
+    sink_score / sink_value add the exact sink token (`sqcompile.kernels.sink.merge_sink_reference`)."""
     from sqcompile.quant import packing
 
     B, Hq, D = q.shape
@@ -524,12 +548,13 @@ def decode_attention_reference(
         corr = torch.einsum("bhgm,bhtm->bhgt", sq, signs) * knorm[:, :, None, :]
         scores = scores + corr * (QJL_CONST / qjl_bits)
     scores = scores * scale
+    sink_score, sink_value, sink_pos = check_sink(q, sink_score, sink_value, sink_pos, Hkv)
+    kv_mask = skip_mask(kv_mask, sink_pos, B, T, q.device)
     valid = torch.arange(T, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # [B, T]
     if kv_mask is not None:
         valid = valid & (kv_mask.to(q.device).expand(B, T) != 0)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    p = torch.softmax(scores, -1).nan_to_num(0.0)
-    out = torch.einsum("bhgt,bhtd->bhgd", p, v)  # stays in the value storage basis
+    out = merge_sink_reference(scores, v, sink_score, sink_value)  # stays in the value storage basis
     return out.reshape(B, Hq, D).to(q.dtype)
 
 
@@ -543,17 +568,23 @@ def decode_attention(
     k_basis: torch.Tensor, k_codebooks: torch.Tensor, k_channel_scale: torch.Tensor,
     v_codebooks: torch.Tensor, v_channel_scale: torch.Tensor, k_qjl_proj: Optional[torch.Tensor],
     k_groups: list[int], v_groups: list[int], qjl_dims: int, qjl_bits: int, scale: float,
-    num_splits: int = 0, kv_mask: Optional[torch.Tensor] = None,
+    num_splits: int = 0, kv_mask: Optional[torch.Tensor] = None, sink_score: Optional[torch.Tensor] = None,
+    sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Decode attention for q [B, Hq, d] over the packed cache; returns [B, Hq, d] in the value
     storage basis. k_basis [Hkv, d, d] (rows = storage basis vectors), codebooks [groups, 256],
     channel scales [Hkv, d], k_qjl_proj [Hkv, m, qjl_dims] or [m, qjl_dims] or None, groups flattened
-    (start, stop, bits, token_scale) quadruples, scale = the softmax scale. CUDA runs the Triton
-    kernels; any other device runs `decode_attention_reference`."""
+    (start, stop, bits, token_scale) quadruples, scale = the softmax scale, kv_mask [B|1, T] (nonzero = attend),
+    sink_score [B, Hq] / sink_value [B, Hkv, d] / sink_pos [B]: an exact token in place of the packed one at
+    sink_pos (`sqcompile.kernels.sink`: score in log2 units, without q . k_mean like the kernels' own; value in
+    the storage basis; sink_pos -1: no packed copy to skip, a -inf score: no exact token). CUDA runs the
+    Triton kernels; any other device runs `decode_attention_reference`."""
     if q.device.type != "cuda":
         return decode_attention_reference(q, k_packed, v_packed, lengths, k_basis, k_codebooks, k_channel_scale,
                                           v_codebooks, v_channel_scale, k_qjl_proj, k_groups, v_groups,
-                                          qjl_dims, qjl_bits, scale, kv_mask=kv_mask)
+                                          qjl_dims, qjl_bits, scale, kv_mask=kv_mask, sink_score=sink_score,
+                                          sink_value=sink_value, sink_pos=sink_pos)
     return decode_attention_triton(q, k_packed, v_packed, lengths, k_basis, k_codebooks, k_channel_scale,
                                    v_codebooks, v_channel_scale, k_qjl_proj, k_groups, v_groups, qjl_dims,
-                                   qjl_bits, scale, num_splits=num_splits, _launch=wrap_triton, kv_mask=kv_mask)
+                                   qjl_bits, scale, num_splits=num_splits, _launch=wrap_triton, kv_mask=kv_mask,
+                                   sink_score=sink_score, sink_value=sink_value, sink_pos=sink_pos)

@@ -45,6 +45,7 @@ from typing import Optional
 
 import torch
 
+from sqcompile.kernels.sink import check_sink
 from sqcompile.quant.fast_layout import FastLayout
 
 log = logging.getLogger(__name__)
@@ -501,7 +502,7 @@ class _Launch:
         self.op = torch.empty(B, Hq, self.nsplit, D, device=dev, dtype=torch.float32)
         self.lse = torch.empty(B, Hq, self.nsplit, device=dev, dtype=torch.float32)
         self.qkernel, self.kernel, self.mkernel, self.wkernel = (pl.compiled(n) for n in KERNELS)
-        self.qargs, self.args, self.margs = _Args("pppii"), _Args("pppppppppp" + "iiiii"), _Args("pppii")
+        self.qargs, self.args, self.margs = _Args("pppii"), _Args("pppppppppp" + "iiiii" + "p"), _Args("pppiippi")
         self.wargs = _Args("pppii" + "ppppppp" + "iiiiiiii")
 
 
@@ -549,7 +550,7 @@ def decode_attention_fast_cuda(
     k_basis: torch.Tensor, k_factor: torch.Tensor, v_factor: torch.Tensor,
     k_groups: list[int], v_groups: list[int], scale: float, kv_mask: Optional[torch.Tensor] = None,
     num_splits: int = 0, warps: int = 8, stages: int = 2, per_sm: int = 2, poison: bool = False,
-    write: Optional[tuple] = None,
+    write: Optional[tuple] = None, sink_score: Optional[torch.Tensor] = None, sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Same arguments and result as `decode_attention_fast_reference`; CUDA tensors only. Defaults from
     benchmarks/decode_attention_cuda.py on an H100 (fifth session): 8 warps, 2 stages, and at most `per_sm` = 2
@@ -561,7 +562,9 @@ def decode_attention_fast_cuda(
 
     write = (key, v_store, positions, k_basis, k_mean, k_layout, v_layout) first stores one new token per
     sequence ([B, Hkv, 1, d] key and storage-basis value, positions [1]) into k_packed / v_packed as
-    `sqcompile::quantize_write_fast` does, inside the query transform's launch (`write_supported` says when)."""
+    `sqcompile::quantize_write_fast` does, inside the query transform's launch (`write_supported` says when).
+    sink_score [B, Hq] / sink_value [B, Hkv, d] / sink_pos [B]: the exact sink token (`sqcompile.kernels.sink`):
+    the split kernel skips its packed copy at sink_pos, the merge launch takes it as one more split."""
     specs = None if write is None else (str(write[5]), str(write[6]))
     key = (tuple(q.shape), q.dtype, q.device, tuple(k_packed.shape), tuple(k_groups), tuple(v_groups), num_splits,
            warps, stages, per_sm, specs)
@@ -594,12 +597,15 @@ def decode_attention_fast_cuda(
         kv_mask = kv_mask.to(torch.uint8).expand(st.B, st.T).contiguous()
     if lengths.dtype != torch.int32 or lengths.device != q.device or not lengths.is_contiguous():
         lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
+    sink_score, sink_value, sink_pos = check_sink(q, sink_score, sink_value, sink_pos, st.Hkv)
     STATS["calls"] += 1
     _launch(st.kernel, (st.B * st.Hkv, st.nsplit, 1), (32 * st.warps, 1, 1), pl.smem,
             st.args.set((st.qf, k_packed, v_packed, lengths, kv_mask if kv_mask is not None else lengths, vf,
                          t["vpow"], t["vmeta"], st.op, st.lse, st.T, st.Hkv, st.nsplit, st.tps,
-                         int(kv_mask is not None))))
-    _launch(st.mkernel, (st.B * st.Hq, 1, 1), (st.D, 1, 1), 0, st.margs.set((st.op, st.lse, out, st.nsplit, st.qdt)))
+                         int(kv_mask is not None), 0 if sink_pos is None else sink_pos)))
+    _launch(st.mkernel, (st.B * st.Hq, 1, 1), (st.D, 1, 1), 0, st.margs.set((
+        st.op, st.lse, out, st.nsplit, st.qdt, 0 if sink_score is None else sink_score,
+        0 if sink_value is None else sink_value, st.Hq // st.Hkv)))
     return out
 
 
@@ -788,11 +794,12 @@ extern "C" __global__ void __launch_bounds__(W * 32) sq_fast_decode(
     const unsigned short* __restrict__ QF, const unsigned char* __restrict__ KP, const unsigned char* __restrict__ VP,
     const int* __restrict__ LEN, const unsigned char* __restrict__ KVM, const float* __restrict__ VF,
     const float* __restrict__ VPOW, const int* __restrict__ VMETA, float* __restrict__ OP, float* __restrict__ LSE,
-    int T, int Hkv, int nsplit, int tps, int has_mask) {{
+    int T, int Hkv, int nsplit, int tps, int has_mask, const int* __restrict__ SKIP) {{
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int bh = blockIdx.x, b = bh / Hkv, h = bh - b * Hkv, split = blockIdx.y;
   int len = LEN[b]; len = len < T ? len : T; len = len > 0 ? len : 0;
+  const int skip = SKIP ? SKIP[b] : -1;  // the exact sink's packed copy (sqcompile.kernels.sink), or none
   const int t_lo = split * tps * TN;
   int t_hi = t_lo + tps * TN; t_hi = t_hi < len ? t_hi : len;
   const int ntiles = t_hi > t_lo ? (t_hi - t_lo + TN - 1) / TN : 0;
@@ -855,13 +862,13 @@ extern "C" __global__ void __launch_bounds__(W * 32) sq_fast_decode(
 {KSCORES}
       sc[mt][0] = s0; sc[mt][1] = s1; sc[mt][2] = s2; sc[mt][3] = s3;
     }}
-    if (has_mask || t0 + TN > t_hi) {{
+    if (has_mask || t0 + TN > t_hi || (unsigned)(skip - t0) < (unsigned)TN) {{
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {{
 #pragma unroll
         for (int r = 0; r < 2; ++r) {{
           const int tok = t0 + mt * 16 + gid + 8 * r;
-          bool ok = tok < t_hi;
+          bool ok = tok < t_hi && tok != skip;
           if (ok && has_mask) ok = KVM[(long long)b * T + tok] != 0;
           if (!ok) {{
             sc[mt][2 * r] = SQ_NINF; sc[mt][2 * r + 1] = SQ_NINF;
@@ -952,12 +959,15 @@ extern "C" __global__ void __launch_bounds__(W * 32) sq_fast_decode(
   }}
 }}
 
-// out[row] = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), one CTA per (batch, query head), D threads
+// out[row] = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), one CTA per (batch, query head), D threads;
+// SINK_S (or null): the exact sink token as one more split, lse SINK_S[row], o SINK_V[row / g] (sqcompile.kernels.sink)
 extern "C" __global__ void sq_fast_merge(const float* __restrict__ OP, const float* __restrict__ LSE,
-                                         void* __restrict__ OUT, int nsplit, int qdtype) {{
+                                         void* __restrict__ OUT, int nsplit, int qdtype,
+                                         const float* __restrict__ SINK_S, const float* __restrict__ SINK_V, int g) {{
   const int row = blockIdx.x, j = threadIdx.x;
   const float* ls = LSE + (long long)row * nsplit;
-  float M = SQ_NINF;
+  const float ss = SINK_S ? SINK_S[row] : SQ_NINF;
+  float M = ss;
   for (int sp = 0; sp < nsplit; ++sp) M = fmaxf(M, ls[sp]);
   float den = 0.f, num = 0.f;
   if (M != SQ_NINF) {{
@@ -965,6 +975,10 @@ extern "C" __global__ void sq_fast_merge(const float* __restrict__ OP, const flo
       if (ls[sp] == SQ_NINF) continue;
       const float w = ex2(ls[sp] - M);
       den += w; num += w * OP[((long long)row * nsplit + sp) * D + j];
+    }}
+    if (ss != SQ_NINF) {{
+      const float w = ex2(ss - M);
+      den += w; num += w * SINK_V[(long long)(row / g) * D + j];
     }}
   }}
   const float o = den > 0.f ? num / den : 0.f;
@@ -1021,19 +1035,20 @@ def _available(choice: str, q, k_packed, k_groups, v_groups) -> Optional[str]:
 
 _LIB = torch.library.Library("sqcompile", "FRAGMENT")  # noqa: TOR901  (defines into the shared namespace)
 _LIB.define("decode_attention_fast_cuda(Tensor q, Tensor k_packed, Tensor v_packed, Tensor lengths, Tensor k_basis, "
-            "Tensor k_factor, Tensor v_factor, int[] k_groups, int[] v_groups, float scale, Tensor? kv_mask=None) "
-            "-> Tensor")
+            "Tensor k_factor, Tensor v_factor, int[] k_groups, int[] v_groups, float scale, Tensor? kv_mask=None, "
+            "Tensor? sink_score=None, Tensor? sink_value=None, Tensor? sink_pos=None) -> Tensor")
 
 
 def decode_attention_fast_cuda_op(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups,
-                                  scale, kv_mask=None):
+                                  scale, kv_mask=None, sink_score=None, sink_value=None, sink_pos=None):
     """`decode_attention_fast_cuda` as an opaque op (the kernel launches through ctypes, which tracing cannot
     see into); `decode_attention_fast` calls it when `available` returns None. Registered with
     torch.library.Library rather than `custom_op`: the latter's Python wrappers cost ~0.2 ms of host time per
     call under cProfile on the lent H200 (benchmarks/profile_host.py)."""
     try:
         return decode_attention_fast_cuda(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
-                                          v_groups, scale, kv_mask=kv_mask)
+                                          v_groups, scale, kv_mask=kv_mask, sink_score=sink_score,
+                                          sink_value=sink_value, sink_pos=sink_pos)
     except RuntimeError as exc:  # NVRTC or the driver refused the kernel: remember, use the Triton kernel
         if os.environ.get(ENV) == "cuda":
             raise
@@ -1045,25 +1060,27 @@ def decode_attention_fast_cuda_op(q, k_packed, v_packed, lengths, k_basis, k_fac
         log.warning("CUDA decode kernel unavailable (%s); using the Triton kernel", exc)
         from sqcompile.kernels.decode_attention_fast import decode_attention_fast_triton
         return decode_attention_fast_triton(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
-                                            v_groups, scale, kv_mask=kv_mask)
+                                            v_groups, scale, kv_mask=kv_mask, sink_score=sink_score,
+                                            sink_value=sink_value, sink_pos=sink_pos)
 
 
 _LIB.impl("decode_attention_fast_cuda", decode_attention_fast_cuda_op, "CUDA")
 _LIB.define("decode_attention_fast_cuda_write(Tensor q, Tensor(a!) k_packed, Tensor(b!) v_packed, Tensor lengths, "
             "Tensor k_basis, Tensor k_factor, Tensor v_factor, int[] k_groups, int[] v_groups, float scale, "
             "Tensor key, Tensor v_store, Tensor positions, Tensor k_mean, str k_layout, str v_layout, "
-            "Tensor? kv_mask=None) -> Tensor")
+            "Tensor? kv_mask=None, Tensor? sink_score=None, Tensor? sink_value=None, Tensor? sink_pos=None) -> Tensor")
 
 
 def decode_attention_fast_cuda_write_op(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
                                         v_groups, scale, key, v_store, positions, k_mean, k_layout, v_layout,
-                                        kv_mask=None):
+                                        kv_mask=None, sink_score=None, sink_value=None, sink_pos=None):
     """`decode_attention_fast_cuda` with the decode step's write in its first launch (see
     `sqcompile::decode_attention_fast_write`, which calls this where `write_supported` allows)."""
     try:
         return decode_attention_fast_cuda(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
                                           v_groups, scale, kv_mask=kv_mask,
-                                          write=(key, v_store, positions, k_basis, k_mean, k_layout, v_layout))
+                                          write=(key, v_store, positions, k_basis, k_mean, k_layout, v_layout),
+                                          sink_score=sink_score, sink_value=sink_value, sink_pos=sink_pos)
     except RuntimeError as exc:  # NVRTC or the driver refused the kernel (before any launch): write, then attend
         if os.environ.get(ENV) == "cuda":
             raise
@@ -1071,18 +1088,19 @@ def decode_attention_fast_cuda_write_op(q, k_packed, v_packed, lengths, k_basis,
         torch.ops.sqcompile.quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean,
                                                 k_layout, v_layout)
         return decode_attention_fast_cuda_op(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
-                                             v_groups, scale, kv_mask)
+                                             v_groups, scale, kv_mask, sink_score, sink_value, sink_pos)
 
 
 _LIB.impl("decode_attention_fast_cuda_write", decode_attention_fast_cuda_write_op, "CUDA")
 
 
 @torch.library.register_fake("sqcompile::decode_attention_fast_cuda")
-def _(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale, kv_mask=None):
+def _(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale, kv_mask=None,
+      sink_score=None, sink_value=None, sink_pos=None):
     return torch.empty_like(q)
 
 
 @torch.library.register_fake("sqcompile::decode_attention_fast_cuda_write")
 def _(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale, key, v_store,
-      positions, k_mean, k_layout, v_layout, kv_mask=None):
+      positions, k_mean, k_layout, v_layout, kv_mask=None, sink_score=None, sink_value=None, sink_pos=None):
     return torch.empty_like(q)

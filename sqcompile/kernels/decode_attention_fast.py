@@ -31,7 +31,8 @@ Kernel 1 (`_fast_split_kernel`), one program per (batch, kv-head, split):
 
 Measured (H100, benchmarks/decode_attention_fast_RESULTS.md): correct; 1.2-1.3x FP16 SDPA at 64K, 0.9-1.0x
 at 4K, 2.4-4.2x faster than the bit-plane op at 64K; ~5.2 SASS instructions per K/V element (unpack 1.16).
-Kernel 2 (`_fast_reduce_kernel`), one program per (batch, query head): merges the splits.
+Kernel 2 (`decode_attention._decode_reduce_kernel`, shared with the bit-plane op), one program per (batch, query
+head): merges the splits, and the exact sink token where one is given (`sqcompile.kernels.sink`).
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from sqcompile.kernels import decode_attention_cuda as _cuda
+from sqcompile.kernels.decode_attention import launch_reduce
+from sqcompile.kernels.sink import check_sink, merge_sink_reference, skip_mask
 from sqcompile.quant.fast_layout import FastLayout
 
 LOG2E = 1.4426950408889634
@@ -386,25 +389,6 @@ def _fast_split_kernel(
     tl.store(LSE + row, lse, mask=g < G)
 
 
-@triton.jit
-def _fast_reduce_kernel(OP, LSE, OUT, NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr, D: tl.constexpr,
-                        DP: tl.constexpr):
-    """One program per (batch, query head): out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)."""
-    pid = tl.program_id(0)
-    s = tl.arange(0, NSPLIT_P)
-    d = tl.arange(0, DP)
-    lse = tl.load(LSE + pid * NSPLIT + s, mask=s < NSPLIT, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - m))
-    o = tl.load(OP + (pid * NSPLIT + s)[:, None] * D + d[None, :],
-                mask=(s < NSPLIT)[:, None] & (d < D)[None, :], other=0.0)
-    o = tl.where((lse == float("-inf"))[:, None], 0.0, o)
-    tot = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(tot > 0, tot, 1.0)
-    tl.store(OUT + pid * D + d, out.to(OUT.dtype.element_ty), mask=d < D)
-
-
 # ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
@@ -470,18 +454,22 @@ def decode_attention_fast_triton(
     num_splits: int = 0, block_n: int = 128, num_warps: int = 4, num_stages: int = 1,
     maxnreg: Optional[int] = None, mode: Optional[int] = None, per_sm: int = 0, trans_k: int = 0, lazy: int = 1,
     poison: bool = False, _launch=None, kv_mask: Optional[torch.Tensor] = None,
+    sink_score: Optional[torch.Tensor] = None, sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch split + reduce. Defaults = the fastest variant measured on an H100 (RESULTS.md):
     128-token blocks, 4 warps, no software pipelining (num_stages=1); ~4 programs per SM below 32K
     cache tokens, ~8 from 32K on (per_sm=0 picks). mode: 2 = inline PTX unpack (CUDA default), 0/1 =
     plain Triton (interpreter default 0). poison=True fills every buffer with NaN first (tests).
     kv_mask [B, T] or [1, T] (bool/int, nonzero = attend; T = cache capacity) further masks tokens below
-    the length (padding, sliding windows)."""
+    the length (padding, sliding windows); sink_score / sink_value: the exact sink token, merged in the reduce
+    (`sqcompile::decode_attention_fast`)."""
     B, Hq, D = q.shape
     Hkv, T = k_packed.shape[1], k_packed.shape[2]
     kl = FastLayout.from_flat(D, k_groups, [1.0] * (len(k_groups) // 4))
     vl = FastLayout.from_flat(D, v_groups, [1.0] * (len(v_groups) // 4))
     _check(q, k_packed, v_packed, kl, vl)
+    sink_score, sink_value, sink_pos = check_sink(q, sink_score, sink_value, sink_pos, Hkv)
+    kv_mask = skip_mask(kv_mask, sink_pos, B, T, q.device)
     G = Hq // Hkv
     if mode is None:
         mode = 2 if q.is_cuda else 0
@@ -518,8 +506,7 @@ def decode_attention_fast_triton(
     )
     if hasattr(ck, "n_regs"):
         LAST_COMPILED["fast_split"] = ck
-    launch(_fast_reduce_kernel)[(B * Hq,)](op, lse, out, NSPLIT=nsplit, NSPLIT_P=_pow2(nsplit, 2), D=D,
-                                           DP=_pow2(D))
+    launch_reduce(launch, op, lse, out, sink_score, sink_value, G)
     return out
 
 
@@ -527,9 +514,11 @@ def decode_attention_fast_reference(
     q: torch.Tensor, k_packed: torch.Tensor, v_packed: torch.Tensor, lengths: torch.Tensor,
     k_basis: torch.Tensor, k_factor: torch.Tensor, v_factor: torch.Tensor,
     k_groups: list[int], v_groups: list[int], scale: float, kv_mask: Optional[torch.Tensor] = None,
+    sink_score: Optional[torch.Tensor] = None, sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Plain torch: unpack codes with FastLayout, dequantize (factor = step [x channel scale]), softmax.
-    kv_mask [B, T] (nonzero = attend) further masks tokens below the length (padding, windows)."""
+    kv_mask [B, T] (nonzero = attend) further masks tokens below the length (padding, windows);
+    sink_score / sink_value add the exact sink token (`sqcompile.kernels.sink.merge_sink_reference`)."""
     B, Hq, D = q.shape
     Hkv, T = k_packed.shape[1], k_packed.shape[2]
     G = Hq // Hkv
@@ -551,12 +540,13 @@ def decode_attention_fast_reference(
     v = deq(vl, v_packed, v_factor)
     q_store = torch.einsum("bhgd,hed->bhge", q.float().reshape(B, Hkv, G, D), k_basis.float())
     scores = torch.einsum("bhgd,bhtd->bhgt", q_store, k) * scale
+    sink_score, sink_value, sink_pos = check_sink(q, sink_score, sink_value, sink_pos, Hkv)
+    kv_mask = skip_mask(kv_mask, sink_pos, B, T, q.device)
     valid = torch.arange(T, device=q.device)[None, :] < lengths.to(q.device)[:, None]
     if kv_mask is not None:
         valid = valid & (kv_mask.to(q.device).expand(B, T) != 0)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    p = torch.softmax(scores, -1).nan_to_num(0.0)
-    out = torch.einsum("bhgt,bhtd->bhgd", p, v)
+    out = merge_sink_reference(scores, v, sink_score, sink_value)
     return out.reshape(B, Hq, D).to(q.dtype)
 
 
@@ -565,24 +555,28 @@ def decode_attention_fast(
     q: torch.Tensor, k_packed: torch.Tensor, v_packed: torch.Tensor, lengths: torch.Tensor,
     k_basis: torch.Tensor, k_factor: torch.Tensor, v_factor: torch.Tensor,
     k_groups: list[int], v_groups: list[int], scale: float, num_splits: int = 0,
-    kv_mask: Optional[torch.Tensor] = None,
+    kv_mask: Optional[torch.Tensor] = None, sink_score: Optional[torch.Tensor] = None,
+    sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Decode attention for q [B, Hq, d] over the fast packed cache; [B, Hq, d] in the value storage
     basis. k_groups / v_groups: (start, stop, bits, token) quadruples flattened
     (`FastLayout.flat_groups`); k_factor / v_factor [Hkv, d] float32 = `FastLayout.column_factor`
     (step x channel scale); scale = the softmax scale; kv_mask [B, T] or [1, T] or None (nonzero = attend)
-    further masks tokens below the length. CUDA runs the hand-written CUDA kernel
+    further masks tokens below the length; sink_score [B, Hq] / sink_value [B, Hkv, d] / sink_pos [B]: an exact
+    token in place of the packed one at sink_pos (as in `sqcompile::decode_attention`). CUDA runs the hand-written CUDA kernel
     (`sqcompile.kernels.decode_attention_cuda`, 3-4x faster) where it supports the layout, else the Triton
     kernels; other devices run `decode_attention_fast_reference`."""
     if q.device.type != "cuda":
         return decode_attention_fast_reference(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor,
-                                               k_groups, v_groups, scale, kv_mask=kv_mask)
+                                               k_groups, v_groups, scale, kv_mask=kv_mask,
+                                               sink_score=sink_score, sink_value=sink_value, sink_pos=sink_pos)
     if num_splits == 0 and _cuda.available(q, k_packed, k_groups, v_groups) is None:
         return torch.ops.sqcompile.decode_attention_fast_cuda(q, k_packed, v_packed, lengths, k_basis, k_factor,
-                                                              v_factor, k_groups, v_groups, scale, kv_mask)
+                                                              v_factor, k_groups, v_groups, scale, kv_mask,
+                                                              sink_score, sink_value, sink_pos)
     return decode_attention_fast_triton(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
                                         v_groups, scale, num_splits=num_splits, _launch=wrap_triton,
-                                        kv_mask=kv_mask)
+                                        kv_mask=kv_mask, sink_score=sink_score, sink_value=sink_value, sink_pos=sink_pos)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,11 +587,13 @@ _LIB = torch.library.Library("sqcompile", "FRAGMENT")  # noqa: TOR901  (defines 
 _LIB.define(
     "decode_attention_fast_write(Tensor q, Tensor(a!) k_packed, Tensor(b!) v_packed, Tensor lengths, "
     "Tensor k_basis, Tensor k_factor, Tensor v_factor, int[] k_groups, int[] v_groups, float scale, Tensor key, "
-    "Tensor v_store, Tensor positions, Tensor k_mean, str k_layout, str v_layout, Tensor? kv_mask=None) -> Tensor")
+    "Tensor v_store, Tensor positions, Tensor k_mean, str k_layout, str v_layout, Tensor? kv_mask=None, "
+    "Tensor? sink_score=None, Tensor? sink_value=None, Tensor? sink_pos=None) -> Tensor")
 
 
 def decode_attention_fast_write(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups,
-                                scale, key, v_store, positions, k_mean, k_layout, v_layout, kv_mask=None):
+                                scale, key, v_store, positions, k_mean, k_layout, v_layout, kv_mask=None, sink_score=None,
+                                sink_value=None, sink_pos=None):
     """`sqcompile::quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout,
     v_layout)` and then `sqcompile::decode_attention_fast(q, k_packed, v_packed, lengths, ...)`: what the
     substitution pass puts in a decode step's graph when nothing else reads the packed cache in between. On
@@ -608,11 +604,12 @@ def decode_attention_fast_write(q, k_packed, v_packed, lengths, k_basis, k_facto
         if _write_fusable(q.shape[-1], k_layout, v_layout, tuple(key.shape)):
             return torch.ops.sqcompile.decode_attention_fast_cuda_write(
                 q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale, key,
-                v_store, positions, k_mean, k_layout, v_layout, kv_mask)
+                v_store, positions, k_mean, k_layout, v_layout, kv_mask, sink_score, sink_value, sink_pos)
     torch.ops.sqcompile.quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout,
                                             v_layout)
     return torch.ops.sqcompile.decode_attention_fast(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor,
-                                                     k_groups, v_groups, scale, kv_mask=kv_mask)
+                                                     k_groups, v_groups, scale, kv_mask=kv_mask,
+                                                     sink_score=sink_score, sink_value=sink_value, sink_pos=sink_pos)
 
 
 @functools.lru_cache(maxsize=256)
@@ -627,5 +624,5 @@ _LIB.impl("decode_attention_fast_write", decode_attention_fast_write, "Composite
 
 @torch.library.register_fake("sqcompile::decode_attention_fast_write")
 def _(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale, key, v_store,
-      positions, k_mean, k_layout, v_layout, kv_mask=None):
+      positions, k_mean, k_layout, v_layout, kv_mask=None, sink_score=None, sink_value=None, sink_pos=None):
     return torch.empty_like(q)

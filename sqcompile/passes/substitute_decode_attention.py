@@ -14,6 +14,11 @@ keeps the cache's online value rotation of the new tokens, so compiled and eager
 FP16 K nor V of the cache is ever materialised. A multi-token query (prefill) keeps SDPA over the
 dequantized cache. A boolean [B, 1, 1, T] mask (padding, sliding window) is passed to the kernel per token;
 an additive float mask (a bias such as ALiBi) keeps SDPA.
+
+With the cache's exact sink token (`keep_sink`), the read is `put_sink(k_hat, sink_k, sink_pos)` for keys and
+`put_sink(dequantize(values), sink_v, sink_pos) @ basis + mean` for values (a prefill also puts its own exact rows
+over them by `index_copy`); a decode step hands the op the sink's exact score, value and position: the kernel skips
+the packed copy and merges the exact token as one more split (`sqcompile.kernels.sink`).
 """
 from __future__ import annotations
 
@@ -52,18 +57,42 @@ def _strip_to(n):
     return n
 
 
-def _match_read(base: fx.Node, dequant) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
-    """base = dequantize_packed(packed) @ basis + mean[None, :, None, :] -> (dequant node, basis, mean)."""
-    base = _strip_to(base)
+def _is_put_sink(n) -> bool:
+    from ..kernels import sink as _s  # noqa: F401  (registers sqcompile::put_sink)
+
+    ops = torch.ops.sqcompile
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in (ops.put_sink, ops.put_sink.default)
+
+
+def _peel(n):
+    """n through the rows a cache puts over its dequantized read (the exact sink: put_sink; a prefill's own
+    tokens: index_copy) -> (the read, those nodes outermost first)."""
+    over = []
+    n = _strip_to(n)
+    while _is_put_sink(n) or (is_op(n, "index_copy") and isinstance(n.args[0], fx.Node)):
+        over.append(n)
+        n = _strip_to(n.args[0])
+    return n, over
+
+
+def _match_read(base: fx.Node, dequant) -> Optional[dict]:
+    """base = over(dequantize_packed(packed)) @ basis + mean[None, :, None, :], wrapped in more of `_peel`'s rows
+    -> {dq, basis, mean, store: what the matmul reads, sink: the put_sink node or None, sink_inner: whether the
+    sink is put in the storage basis}."""
+    base, outer = _peel(base)
     if not is_op(base, "add") or not is_op(base.args[0], "matmul"):
         return None
     mm = base.args[0]
-    dq = mm.args[0]
+    dq, inner = _peel(mm.args[0])
     if not (isinstance(dq, fx.Node) and dq.op == "call_function" and dq.target in dequant):
+        return None
+    sinks = [n for n in outer + inner if _is_put_sink(n)]
+    if len(sinks) > 1:
         return None
     mean = base.args[1]
     mean = mean.args[0] if is_op(mean, "getitem") else mean
-    return dq, mm.args[1], mean
+    return dict(dq=dq, basis=mm.args[1], mean=mean, store=_strip_to(mm.args[0]), sink=sinks[0] if sinks else None,
+                sink_inner=bool(sinks) and sinks[0] in inner)
 
 
 def upgrade_spectral_sites(gm: fx.GraphModule, sites: list[Site]) -> None:
@@ -93,8 +122,15 @@ def _attn_of(gm: fx.GraphModule, site: Site) -> Optional[fx.Node]:
 
 
 def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
-    k_dq, _, _ = k_read
-    v_dq, v_basis, v_mean = v_read
+    k_dq, k_sink = k_read["dq"], k_read["sink"]
+    v_dq, v_basis, v_mean, v_sink = v_read["dq"], v_read["basis"], v_read["mean"], v_read["sink"]
+    if (k_sink is None) != (v_sink is None):
+        raise _Unproven("the exact sink replaces only one of K and V")
+    if k_sink is not None:
+        if k_sink.args[2] is not v_sink.args[2]:
+            raise _Unproven("K and V sinks have different positions")
+        if k_read["sink_inner"] or not v_read["sink_inner"]:
+            raise _Unproven("the sink is not on the model-basis keys and the storage-basis values")
     k_packed, v_packed = k_dq.args[0], v_dq.args[0]
     writers = [u for u in k_packed.users if u.op == "call_function" and u.target in qwrite and u.args[2] is k_packed]
     if len(writers) != 1 or writers[0].args[3] is not v_packed:
@@ -138,8 +174,10 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
     site.kv_write = "spectral"
     site.rope = site.rope or False
     site.nodes.update(spectral=True, attn=attn, out=attn, q=q, qwrite=qw, v_store=v_store, new_v=new_v,
-                      v_linear=v_lin, v_offset=v_offset, o_linear=o_lin, v_dq=v_dq, v_basis=v_basis, v_mean=v_mean, decode=decode,
-                      k_packed=k_packed, v_packed=v_packed)
+                      v_linear=v_lin, v_offset=v_offset, o_linear=o_lin, v_basis=v_basis, v_mean=v_mean, decode=decode,
+                      k_packed=k_packed, v_packed=v_packed, k_sink=k_sink, v_sink=v_sink,
+                      # what SDPA reads of V in the storage basis once o_proj absorbs the basis
+                      v_dq=v_read["store"])
 
 
 def _erase_dead(nodes: list) -> None:
@@ -199,6 +237,14 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
         kv_mask = None
         if isinstance(mask, fx.Node):  # [B|1, 1, 1, T] bool -> [B, T]: padding and windows, read per token
             kv_mask = gm.graph.call_function(operator.getitem, (mask, (slice(None), 0, 0)))
+        sink = {}
+        if nodes.get("k_sink") is not None:  # the exact sink: its score, value and position (its codes are skipped)
+            from ..kernels.sink import sink_inputs
+
+            k_sink, v_sink = nodes["k_sink"], nodes["v_sink"]
+            both = gm.graph.call_function(sink_inputs, (q3, k_sink.args[1], a[6], k_sink.args[2], kv_mask, float(scale)))
+            sink = {"sink_score": gm.graph.call_function(operator.getitem, (both, 0)), "sink_value": v_sink.args[1],
+                    "sink_pos": gm.graph.call_function(operator.getitem, (both, 1))}
         if _is_fast_write(qw):
             # (key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout, v_layout): layouts are str
             from ..quant.fast_layout import FastLayout
@@ -207,11 +253,11 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
             k_fac, v_fac = (_column_factor(gm, site, lay, q, attn) for lay in (kl, vl))
             out = gm.graph.call_function(torch.ops.sqcompile.decode_attention_fast.default,
                                          (q3, a[2], a[3], lengths, a[5], k_fac, v_fac, kl.flat_groups(),
-                                          vl.flat_groups(), float(scale)), {"kv_mask": kv_mask})
+                                          vl.flat_groups(), float(scale)), {"kv_mask": kv_mask, **sink})
         else:
             out = gm.graph.call_function(torch.ops.sqcompile.decode_attention.default,
                                          (q3, a[2], a[3], lengths, a[5], a[7], a[8], a[9], a[10], a[11], a[12],
-                                          a[13], a[14], a[15], float(scale)), {"kv_mask": kv_mask})
+                                          a[13], a[14], a[15], float(scale)), {"kv_mask": kv_mask, **sink})
         out4 = gm.graph.call_method("unsqueeze", (out, 2))
     old_inputs = list(attn.all_input_nodes)
     attn.replace_all_uses_with(out4)

@@ -1,0 +1,193 @@
+"""The exact sink token (sqcompile.kernels.sink): put_sink, the decode ops' extra split (torch reference and
+Triton under TRITON_INTERPRET=1, outputs poisoned first), and how SpectralCache finds and keeps the sink."""
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sqcompile.kernels import decode_attention as da  # noqa: E402
+from sqcompile.kernels import decode_attention_fast as fa  # noqa: E402
+from sqcompile.kernels.sink import put_sink, sink_inputs  # noqa: E402
+from sqcompile.quant.fast_layout import layout_for_budget  # noqa: E402
+from test_decode_attention import attention_args, make_format  # noqa: E402
+from test_decode_attention import random_cache as random_planes  # noqa: E402
+from test_decode_attention_fast import make_args, random_cache, rel_err  # noqa: E402
+
+
+def test_put_sink_replaces_one_row_per_batch_row():
+    x = torch.randn(3, 2, 5, 4)
+    sink = torch.randn(3, 2, 4)
+    out = put_sink(x, sink, torch.tensor([0, -1, 4]))
+    assert torch.equal(out[0, :, 0], sink[0]) and torch.equal(out[0, :, 1:], x[0, :, 1:])
+    assert torch.equal(out[1], x[1])  # no sink in this row
+    assert torch.equal(out[2, :, 4], sink[2]) and torch.equal(out[2, :, :4], x[2, :, :4])
+    with pytest.raises(ValueError, match="sink_pos"):
+        put_sink(x, sink, torch.tensor([0, 1]))
+
+
+def _fast_dequant(lay, packed, fac):
+    """Storage coordinates of packed rows, as the kernels read them (codes * level step * token scale)."""
+    codes, scales = lay.unpack(packed)
+    parts = []
+    for gr, c, s in zip(lay.groups, codes, scales):
+        if gr.bits == 0:
+            parts.append(torch.zeros(*packed.shape[:3], gr.n))
+            continue
+        x = (c.float() - gr.offset) * fac.float()[None, :, None, gr.start:gr.stop]
+        parts.append(x * s[..., None] if gr.stores_scale else x)
+    return torch.cat(parts, -1)
+
+
+def test_sink_with_its_own_dequantized_values_changes_nothing():
+    """Masking a token's codes out and handing its (dequantized) key and value in as the exact sink gives the
+    same attention: sink_inputs' score (scale, log2 units, no q . k_mean) matches the kernels' convention."""
+    gen = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, d, T = 2, 8, 2, 64, 24
+    kl, vl = layout_for_budget(3.25, d)
+    args = make_args(kl, vl, Hkv, gen)
+    kp, vp = random_cache(kl, B, Hkv, T, gen), random_cache(vl, B, Hkv, T, gen)
+    q = torch.randn(B, Hq, d, generator=gen)
+    lens = torch.tensor([T, 17], dtype=torch.int32)
+    mean = torch.randn(Hkv, d, generator=gen)
+    pos = torch.tensor([0, 5])
+    k_store = _fast_dequant(kl, kp, args["k_factor"])  # [B, Hkv, T, d]
+    v_store = _fast_dequant(vl, vp, args["v_factor"])
+    at = torch.arange(B)
+    k_model = torch.einsum("bhe,hed->bhd", k_store[at, :, pos], args["k_basis"]) + mean  # exact key of the sink
+    score, pos32 = sink_inputs(q, k_model, mean, pos, None, scale := 0.3 / math.sqrt(d))
+    assert pos32.dtype == torch.int32 and pos32.tolist() == [0, 5]
+    plain = fa.decode_attention_fast_reference(q, kp, vp, lens, scale=scale, **args)
+    sunk = fa.decode_attention_fast_reference(q, kp, vp, lens, scale=scale, sink_score=score,
+                                              sink_value=v_store[at, :, pos], sink_pos=pos32, **args)
+    assert rel_err(sunk, plain) < 1e-5
+    other = fa.decode_attention_fast_reference(q, kp, vp, lens, scale=scale, sink_score=score,
+                                               sink_value=v_store[at, :, pos], sink_pos=pos32 + 1, **args)
+    assert rel_err(other, plain) > 1e-3  # skipping another token's codes is seen
+    # a sink the attention mask hides (a padding token taken for one) has no say
+    hide = torch.ones(B, T, dtype=torch.bool)
+    hide[1, :6] = False
+    score2, _ = sink_inputs(q, k_model, mean, pos, hide, scale)
+    assert torch.isinf(score2[1]).all() and torch.isfinite(score2[0]).all()
+    masked = fa.decode_attention_fast_reference(q, kp, vp, lens, scale=scale, kv_mask=hide, **args)
+    sunk2 = fa.decode_attention_fast_reference(q, kp, vp, lens, scale=scale, kv_mask=hide, sink_score=score2,
+                                               sink_value=v_store[at, :, pos], sink_pos=pos32, **args)
+    assert rel_err(sunk2[1], masked[1]) < 1e-5
+
+
+def _sink(B, Hq, Hkv, d, gen):
+    score = torch.randn(B, Hq, generator=gen) * 2 + 8  # log2 units: a sink that draws real weight
+    score[-1, :2] = float("-inf")  # rows (query heads) without a sink
+    pos = torch.tensor([3] + [-1] * (B - 1), dtype=torch.int32)  # a packed copy to skip; a row without one
+    return dict(sink_score=score, sink_value=torch.randn(B, Hkv, d, generator=gen), sink_pos=pos)
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_fast_triton_sink_matches_reference(interp, G):
+    gen = torch.Generator().manual_seed(10 + G)
+    B, Hkv, d, T = 2, 2, 64, 40
+    Hq = G * Hkv
+    kl, vl = layout_for_budget(2.69, d)
+    args = make_args(kl, vl, Hkv, gen)
+    kp, vp = random_cache(kl, B, Hkv, T, gen), random_cache(vl, B, Hkv, T, gen)
+    q = torch.randn(B, Hq, d, generator=gen)
+    lens = torch.tensor([T, 9], dtype=torch.int32)
+    sink = _sink(B, Hq, Hkv, d, gen)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 0] = False
+    ref = fa.decode_attention_fast_reference(q, kp, vp, lens, scale=0.1, kv_mask=mask, **sink, **args)
+    out = fa.decode_attention_fast_triton(q, kp, vp, lens, scale=0.1, num_splits=3, block_n=16, poison=True,
+                                          kv_mask=mask, **sink, **args)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 2e-3, rel_err(out, ref)
+    plain = fa.decode_attention_fast_reference(q, kp, vp, lens, scale=0.1, kv_mask=mask, **args)
+    assert rel_err(plain, ref) > 1e-2  # the sink has a say
+
+
+def test_planes_triton_sink_matches_reference(interp):
+    gen = torch.Generator().manual_seed(21)
+    B, Hq, Hkv, d, T = 2, 8, 2, 64, 33
+    kfmt, vfmt = make_format("turbo4", d, Hkv, gen), make_format("hybrid", d, Hkv, gen)
+    args = attention_args(kfmt, vfmt, Hkv, d, gen)
+    kp, vp = random_planes(kfmt, B, Hkv, T, gen), random_planes(vfmt, B, Hkv, T, gen)
+    q = torch.randn(B, Hq, d, generator=gen)
+    lens = torch.tensor([T, 1], dtype=torch.int32)
+    sink = _sink(B, Hq, Hkv, d, gen)
+    ref = da.decode_attention_reference(q, kp, vp, lens, scale=0.125, **sink, **args)
+    out = da.decode_attention_triton(q, kp, vp, lens, scale=0.125, num_splits=2, block_n=16, poison=True,
+                                     **sink, **args)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 2e-3, rel_err(out, ref)
+
+
+def test_sink_arguments_are_checked():
+    gen = torch.Generator().manual_seed(2)
+    kl, vl = layout_for_budget(2.69, 64)
+    args = make_args(kl, vl, 1, gen)
+    kp, vp = random_cache(kl, 1, 1, 8, gen), random_cache(vl, 1, 1, 8, gen)
+    q, lens = torch.randn(1, 2, 64), torch.tensor([8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="all three or none"):
+        fa.decode_attention_fast_reference(q, kp, vp, lens, scale=0.1, sink_score=torch.zeros(1, 2), **args)
+    with pytest.raises(ValueError, match=r"sink_value \[1, 1, 64\]"):
+        fa.decode_attention_fast_reference(q, kp, vp, lens, scale=0.1, sink_score=torch.zeros(1, 2),
+                                           sink_value=torch.zeros(1, 2, 64), sink_pos=torch.zeros(1), **args)
+
+
+# ------------------------------------------------------------------------------------------------
+# the cache
+# ------------------------------------------------------------------------------------------------
+
+def _tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("pad_position", [0, 1])
+def test_cache_keeps_the_first_real_token_exact(pad_position):
+    """Left padding (generate() gives pads position 0 in transformers 5.2x, 1 before): the sink is the first real
+    token; every read returns its exact key; reset forgets it."""
+    from sqcompile.cache import SpectralCache
+
+    model = _tiny()
+    ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, pad_position)
+    cache = SpectralCache(model, bits=2.69, max_cache_len=16)
+    seen = {}
+    layer = cache.layers[1]
+    update = layer.update
+
+    def spy(key_states, value_states, *a, **kw):
+        seen.setdefault("keys", []).append(key_states.detach().clone())
+        out = update(key_states, value_states, *a, **kw)
+        seen["out"] = out[0]
+        return out
+
+    layer.update = spy
+    with torch.no_grad():  # the prompt, then one decode step that reads it from the cache
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        assert torch.allclose(seen["out"][:, :, :7], seen["keys"][0], atol=1e-6)  # a prompt attends to itself exactly
+        model(input_ids=ids[:, -1:], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+              position_ids=pos[:, -1:] + 1, past_key_values=cache, use_cache=True)
+    assert layer.sink_pos.tolist() == [0, 3]
+    key = seen["keys"][0]
+    for b, p in ((0, 0), (1, 3)):
+        assert torch.allclose(seen["out"][b, :, p], key[b, :, p], atol=1e-6)
+        assert torch.allclose(layer.sink_k[b], key[b, :, p].float())
+    assert (seen["out"][1, :, 4] - key[1, :, 4]).abs().max() > 1e-3  # the other tokens are read quantized
+    assert cache.sink_nbytes == 2 * (2 * 2 * 2 * 16 * 4 + 2 * 8)
+    cache.reset()
+    assert layer.sink_pos.tolist() == [-1, -1]
+    off = SpectralCache(model, bits=2.69, max_cache_len=16, keep_sink=False)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=off, use_cache=True)
+    assert off.sink_nbytes == 0 and not hasattr(off.layers[0], "sink_pos")
