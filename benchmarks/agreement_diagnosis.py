@@ -60,12 +60,23 @@ FEATURES = {
     "position-0 K/V + newest token K/V exact": {"pos0", "newest"},
     "position-0 K/V + prefill K/V exact": {"pos0", "prefill"},
     "position-0 K/V + prefill K/V + newest token K/V exact": {"pos0", "prefill", "newest"},
+    # SpectralCache's own options (seventh session), no simulated part: its defaults, and each of the two alone
+    "SpectralCache defaults (exact sink + exact prompt)": {"cache:defaults"},
+    "SpectralCache exact sink only": {"cache:sink"},
+    "SpectralCache exact prompt only": {"cache:prompt"},
 }
+CACHE_OPTIONS = {"cache:defaults": {}, "cache:sink": dict(exact_prefill=False), "cache:prompt": dict(keep_sink=False)}
 MODES = tuple(FEATURES)
 # every row starts from the codes alone: SpectralCache's own exact sink and exact prompt (its defaults) off, so the
 # rows measure what each exact part is worth ("prefill K/V and first-token K/V exact" is what the defaults do;
 # unpadded, "position-0 K/V + prefill K/V exact")
 CODES_ONLY = dict(keep_sink=False, exact_prefill=False)
+
+
+def cache_options(m: str) -> dict:
+    """SpectralCache keyword arguments of a row: its own options for the "SpectralCache ..." rows, else codes only."""
+    own = [CACHE_OPTIONS[f] for f in FEATURES[m] if f in CACHE_OPTIONS]
+    return own[0] if own else CODES_ONLY
 # unpadded, the first real token is position 0: the first-token rows would repeat the position-0 rows
 UNPADDED_MODES = ("base", "prefill K/V exact", "newest token K/V exact", "position-0 K/V exact",
                   "position-0 K/V + newest token K/V exact", "position-0 K/V + prefill K/V exact",
@@ -190,14 +201,14 @@ def main():
                 if not label.startswith("unpadded"):  # the padded batch of the test
                     mode["first"] = first
                     cache = SpectralCache(model, profile=profile, bits=bits, max_cache_len=ids.shape[1] + NEW_TOKENS + 1,
-                                         **CODES_ONLY)
+                                         **cache_options(m))
                     mode["codec"] = cache.codec
                     lp, rlp = teacher_forced_logits(model, ids, mask, cont, cache).log_softmax(-1), ref_lp
                 else:  # each prompt alone, its first token at position 0
                     mode["first"], out = [0], []
                     for b, (i, msk) in enumerate(alone):
                         cache = SpectralCache(model, profile=profile, bits=bits, max_cache_len=i.shape[1] + NEW_TOKENS + 1,
-                                              **CODES_ONLY)
+                                              **cache_options(m))
                         mode["codec"] = cache.codec
                         out.append(teacher_forced_logits(model, i, msk, cont[b:b + 1], cache))
                     lp, rlp = torch.cat(out).log_softmax(-1), alone_lp
