@@ -61,16 +61,16 @@ FEATURES = {
     "position-0 K/V + prefill K/V exact": {"pos0", "prefill"},
     "position-0 K/V + prefill K/V + newest token K/V exact": {"pos0", "prefill", "newest"},
     # SpectralCache's own options (seventh session), no simulated part: its defaults, and each of the two alone
-    "SpectralCache defaults (exact sink + exact prompt)": {"cache:defaults"},
+    "SpectralCache defaults (exact sink + exact new tokens)": {"cache:defaults"},
     "SpectralCache exact sink only": {"cache:sink"},
-    "SpectralCache exact prompt only": {"cache:prompt"},
+    "SpectralCache exact new tokens only": {"cache:new"},
 }
-CACHE_OPTIONS = {"cache:defaults": {}, "cache:sink": dict(exact_prefill=False), "cache:prompt": dict(keep_sink=False)}
+CACHE_OPTIONS = {"cache:defaults": {}, "cache:sink": dict(exact_new=False), "cache:new": dict(keep_sink=False)}
 MODES = tuple(FEATURES)
-# every row starts from the codes alone: SpectralCache's own exact sink and exact prompt (its defaults) off, so the
-# rows measure what each exact part is worth ("prefill K/V and first-token K/V exact" is what the defaults do;
-# unpadded, "position-0 K/V + prefill K/V exact")
-CODES_ONLY = dict(keep_sink=False, exact_prefill=False)
+# every row starts from the codes alone: SpectralCache's own exact sink and exact new tokens (its defaults) off, so
+# the rows measure what each exact part is worth ("prefill K/V and first-token K/V exact" plus "newest" is what the
+# defaults do; unpadded, "position-0 K/V + prefill K/V + newest token K/V exact")
+CODES_ONLY = dict(keep_sink=False, exact_new=False)
 
 
 def cache_options(m: str) -> dict:

@@ -11,10 +11,10 @@ v_proj/o_proj, so the compiled model never materialises FP16 K/V for the cache.
 
 The sink token (the first token of each sequence: RoPE position 0, told by the `position_ids` transformers
 passes to `update()`, else cache position 0) is also kept exact beside the codes, in float32 (`keep_sink`,
-`sqcompile.kernels.sink`): every read uses that copy instead of its codes. A multi-token update (a prompt, a
-chunk of one) attends to its own tokens' exact K/V (`exact_prefill`, issue #4's "prefill: attention over the fresh
-full-precision K/V"); every later step reads them from the codes. On SmolLM2-135M at 3.76x the two together cut
-the KL of the next-token distribution to FP32's from 0.044 to 0.020 (BENCHMARKS.md, issue #6).
+`sqcompile.kernels.sink`): every read uses that copy instead of its codes. An update's new tokens attend to their
+own exact K/V (`exact_new`): a prompt to itself (issue #4's "prefill: attention over the fresh full-precision K/V"),
+a decode step to its own token; every later step reads them from the codes. On SmolLM2-135M at 3.76x the two
+together cut the KL of the next-token distribution to FP32's from 0.044 to 0.017 (BENCHMARKS.md, issue #6).
 
 Writing past `max_cache_len` is an error that names the capacity (checked on the host in eager mode, by an
 async assert inside compiled graphs), never a silent wrap.
@@ -46,11 +46,11 @@ class SpectralLayer(StaticLayer):
     is_compileable = True
 
     def __init__(self, max_cache_len: int, codec, layer_idx: int, max_batch_size: Optional[int] = None,
-                 keep_sink: bool = True, exact_prefill: bool = True):
+                 keep_sink: bool = True, exact_new: bool = True):
         super().__init__(max_cache_len=max_cache_len)
         self.layer_idx = layer_idx
         self.keep_sink = bool(keep_sink)
-        self.exact_prefill = bool(exact_prefill)
+        self.exact_new = bool(exact_new)
         self.max_batch_size = max_batch_size
         lc = codec.layers[layer_idx]
         kf, vf = lc.key_format, lc.value_format
@@ -173,8 +173,8 @@ class SpectralLayer(StaticLayer):
                                self.v_basis.transpose(-1, -2))
         if self.keep_sink:
             self._store_sink(key_states, v_store, positions, _position_ids(args, kwargs))
-        # a prompt (any multi-token update) attends to its own tokens exactly
-        fresh = (positions, key_states, v_store) if n_new > 1 and self.exact_prefill else None
+        # the new tokens attend to their own exact K/V (a prompt to itself, a decode step to its token)
+        fresh = (positions, key_states, v_store) if self.exact_new else None
         if self.fast:
             torch.ops.sqcompile.quantize_write_fast(
                 key_states.to(torch.float32), v_store, self.keys, self.values, positions, self.k_basis, self.k_mean,
@@ -193,10 +193,10 @@ class SpectralLayer(StaticLayer):
         return self._from_store(k_store, v_store_hat, fresh)
 
     def _from_store(self, k_store: torch.Tensor, v_store_hat: torch.Tensor, fresh=None):
-        """The model-basis K/V attention reads: the dequantized cache, the exact sink over its row, and for a
-        multi-token update (prefill) the new tokens' exact K/V over theirs: the prompt attends to itself in full
-        precision (issue #4), later steps read it compressed. Values are replaced in the storage basis (what SDPA
-        reads once o_proj absorbs the basis), keys in the model basis."""
+        """The model-basis K/V attention reads: the dequantized cache, the exact sink over its row, and the new
+        tokens' exact K/V over theirs (`fresh`: a prompt attends to itself in full precision, issue #4; a decode
+        step to its own token); later steps read them compressed. Values are replaced in the storage basis (what
+        SDPA reads once o_proj absorbs the basis), keys in the model basis."""
         if self.keep_sink:
             v_store_hat = torch.ops.sqcompile.put_sink(v_store_hat, self.sink_v, self.sink_pos)
         if fresh is not None:
@@ -224,13 +224,13 @@ class SpectralCache(Cache):
     `profile` None gives the data-oblivious TurboQuant format. With `layout="fast"` the capacity is rounded
     up to a multiple of 8 tokens (the CUDA decode kernel copies whole 16-byte chunks). Pass it to `model(...)`/`model.generate(...)` as
     `past_key_values`. `nbytes` is the memory the packed layers hold; `sink_nbytes` that of the exact sink copies
-    (`keep_sink`, 8 * head_dim bytes per layer, batch row and kv-head). `exact_prefill`: a prompt attends to its
-    own exact K/V (the module docstring).
+    (`keep_sink`, 8 * head_dim bytes per layer, batch row and kv-head). `exact_new`: an update's new tokens attend
+    to their own exact K/V (the module docstring).
     """
 
     def __init__(self, model_or_config: Any, profile: Any = None, bits: float = 4.25, max_cache_len: int = 4096,
                  max_batch_size: Optional[int] = None, method: Optional[str] = None, seed: int = 0,
-                 keep_sink: bool = True, exact_prefill: bool = True, **codec_kwargs: Any):
+                 keep_sink: bool = True, exact_new: bool = True, **codec_kwargs: Any):
         from .profile import SpectralProfile, model_fingerprint
         from .quant import build_codec
 
@@ -251,7 +251,7 @@ class SpectralCache(Cache):
         if self.codec.config.get("layout") == "fast":
             # whole 16-byte chunks per (batch, kv-head) plane for the CUDA decode kernel's copies
             max_cache_len = -(-max_cache_len // 8) * 8
-        layers = [SpectralLayer(max_cache_len, self.codec, i, max_batch_size, keep_sink, exact_prefill)
+        layers = [SpectralLayer(max_cache_len, self.codec, i, max_batch_size, keep_sink, exact_new)
                   for i in range(fp["num_layers"])]
         super().__init__(layers=layers)
 

@@ -144,7 +144,7 @@ class EvalState:
         self.codec = codec
         self.fp16 = fp16
         self.keep_sink = keep_sink  # the first token's K/V exact, as `SpectralCache(keep_sink=True)` keeps them
-        # a multi-token update's tokens attend to their own exact K/V, as SpectralCache's prefill does (off for the
+        # an update's new tokens attend to their own exact K/V, as SpectralCache(exact_new=True) does (off for the
         # perplexity rows: fed in chunks, every token then reads the compressed cache, its own chunk included)
         self.exact_fresh = exact_fresh
         self.measure_layers = set(measure_layers)
@@ -211,7 +211,7 @@ def simulated_cache(state: EvalState, config):
             state.cos_count += cos.numel()
             keys, values = super().update(k_hat, v_hat, layer_idx, *args, **kwargs)
             n = k.shape[2]
-            if state.exact_fresh and n > 1:
+            if state.exact_fresh:
                 keys, values = keys.clone(), values.clone()
                 keys[:, :, -n:], values[:, :, -n:] = k, v
             return keys, values

@@ -354,6 +354,11 @@ def test_every_gpu_path_merges_the_exact_sink(G, monkeypatch):
     nomask = dict(sink_score=score, sink_value=value, sink_pos=pos)
     assert rel(dc.decode_attention_fast_cuda(*args, **nomask, poison=True),
                fa.decode_attention_fast_reference(*args, **nomask)) < 5e-3
+    # a value per query head (the sink and a step's new token merged into one split, `extra_inputs`)
+    per_head = dict(sink_score=score, sink_value=torch.randn(B, H * G, d, device="cuda", generator=gen), sink_pos=pos)
+    ref_h = fa.decode_attention_fast_reference(*args, **per_head)
+    assert rel(dc.decode_attention_fast_cuda(*args, **per_head, poison=True), ref_h) < 5e-3
+    assert rel(fa.decode_attention_fast_triton(*args, **per_head, poison=True), ref_h) < 5e-3
     # the bit-plane op's Triton kernels
     kfmt, vfmt = make_format("turbo4", d, H, torch.Generator().manual_seed(1)), make_format("hybrid", d, H, torch.Generator().manual_seed(2))
     pargs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)

@@ -43,17 +43,21 @@ def _fast_dequant(lay, packed, fac):
     return torch.cat(parts, -1)
 
 
-def test_sink_with_its_own_dequantized_values_changes_nothing():
-    """Masking a token's codes out and handing its (dequantized) key and value in as the exact sink gives the
-    same attention: sink_inputs' score (scale, log2 units, no q . k_mean) matches the kernels' convention."""
-    gen = torch.Generator().manual_seed(3)
-    B, Hq, Hkv, d, T = 2, 8, 2, 64, 24
+def _fast_case(seed: int, B: int, Hq: int, Hkv: int, d: int, T: int):
+    """A random fast-layout cache at 3.25 bits: (layouts, op arguments, packed K/V, q, key mean)."""
+    gen = torch.Generator().manual_seed(seed)
     kl, vl = layout_for_budget(3.25, d)
     args = make_args(kl, vl, Hkv, gen)
     kp, vp = random_cache(kl, B, Hkv, T, gen), random_cache(vl, B, Hkv, T, gen)
-    q = torch.randn(B, Hq, d, generator=gen)
+    return kl, vl, args, kp, vp, torch.randn(B, Hq, d, generator=gen), torch.randn(Hkv, d, generator=gen)
+
+
+def test_sink_with_its_own_dequantized_values_changes_nothing():
+    """Masking a token's codes out and handing its (dequantized) key and value in as the exact sink gives the
+    same attention: sink_inputs' score (scale, log2 units, no q . k_mean) matches the kernels' convention."""
+    B, Hq, Hkv, d, T = 2, 8, 2, 64, 24
+    kl, vl, args, kp, vp, q, mean = _fast_case(3, B, Hq, Hkv, d, T)
     lens = torch.tensor([T, 17], dtype=torch.int32)
-    mean = torch.randn(Hkv, d, generator=gen)
     pos = torch.tensor([0, 5])
     k_store = _fast_dequant(kl, kp, args["k_factor"])  # [B, Hkv, T, d]
     v_store = _fast_dequant(vl, vp, args["v_factor"])
@@ -134,7 +138,7 @@ def test_sink_arguments_are_checked():
         fa.decode_attention_fast_reference(q, kp, vp, lens, scale=0.1, sink_score=torch.zeros(1, 2), **args)
     with pytest.raises(ValueError, match=r"sink_value \[1, 1, 64\]"):
         fa.decode_attention_fast_reference(q, kp, vp, lens, scale=0.1, sink_score=torch.zeros(1, 2),
-                                           sink_value=torch.zeros(1, 2, 64), sink_pos=torch.zeros(1), **args)
+                                           sink_value=torch.zeros(1, 3, 64), sink_pos=torch.zeros(1), **args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,3 +195,33 @@ def test_cache_keeps_the_first_real_token_exact(pad_position):
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=off, use_cache=True)
     assert off.sink_nbytes == 0 and not hasattr(off.layers[0], "sink_pos")
+
+
+@pytest.mark.parametrize("sink_at", [0, 9, None])
+def test_extra_split_of_sink_and_new_token_with_their_own_values_changes_nothing(interp, sink_at):
+    """A decode step's exact tokens (`extra_inputs`: the sink and the step's own new token, merged into one split
+    with a value per query head) carrying their own dequantized K/V give the attention of the plain cache: the op
+    reads up to the new token, skips the sink's codes, and counts a sink that is the new token once. The Triton
+    kernel (interpreted, output poisoned) equals the reference with that split."""
+    from sqcompile.kernels.sink import extra_inputs
+
+    B, Hq, Hkv, d, T = 2, 8, 2, 64, 16
+    kl, vl, args, kp, vp, q, mean = _fast_case(7, B, Hq, Hkv, d, T)
+    new_at = 9
+    k_store, v_store = _fast_dequant(kl, kp, args["k_factor"]), _fast_dequant(vl, vp, args["v_factor"])
+    k_model = torch.einsum("bhte,hed->bhtd", k_store, args["k_basis"]) + mean[None, :, None, :]
+    scale = 0.25 / math.sqrt(d)
+    new = (k_model[:, :, new_at:new_at + 1], v_store[:, :, new_at:new_at + 1], torch.tensor([new_at]))
+    sink = None if sink_at is None else (k_model[:, :, sink_at], v_store[:, :, sink_at],
+                                         torch.full((B,), sink_at, dtype=torch.long))
+    score, value, pos = extra_inputs(q, mean, None, scale, sink=sink, new=new)
+    assert value.shape == ((B, Hq, d) if sink is not None else (B, Hkv, d))
+    plain = fa.decode_attention_fast_reference(q, kp, vp, torch.full((B,), new_at + 1, dtype=torch.int32),
+                                               scale=scale, **args)
+    upto = torch.full((B,), new_at, dtype=torch.int32)  # the new token's codes are not read
+    ref = fa.decode_attention_fast_reference(q, kp, vp, upto, scale=scale, sink_score=score, sink_value=value,
+                                             sink_pos=pos, **args)
+    assert rel_err(ref, plain) < 1e-5
+    out = fa.decode_attention_fast_triton(q, kp, vp, upto, scale=scale, num_splits=2, block_n=16, poison=True,
+                                          sink_score=score, sink_value=value, sink_pos=pos, **args)
+    assert rel_err(out, ref) < 2e-3

@@ -372,6 +372,8 @@ def launch_reduce(launch, op, lse, out, sink_score, sink_value, G: int):
     """The split reduction (one program per (batch, query head)), with the exact sink merged where given."""
     B, Hq, nsplit, D = op.shape
     has = sink_score is not None
+    if has:  # the value per kv-head (row // G) or per query head (G = 1)
+        G = Hq // sink_value.shape[1]
     launch(_decode_reduce_kernel)[(B * Hq,)](
         op, lse, out, sink_score if has else lse, sink_value if has else op, NSPLIT=nsplit,
         NSPLIT_P=_pow2(nsplit, 2), D=D, DP=_pow2(D, 16), G=G, HAS_SINK=has)

@@ -605,7 +605,7 @@ def decode_attention_fast_cuda(
                          int(kv_mask is not None), 0 if sink_pos is None else sink_pos)))
     _launch(st.mkernel, (st.B * st.Hq, 1, 1), (st.D, 1, 1), 0, st.margs.set((
         st.op, st.lse, out, st.nsplit, st.qdt, 0 if sink_score is None else sink_score,
-        0 if sink_value is None else sink_value, st.Hq // st.Hkv)))
+        0 if sink_value is None else sink_value, st.Hq // (st.Hkv if sink_value is None else sink_value.shape[1]))))
     return out
 
 

@@ -60,31 +60,65 @@ def sink_inputs(q: torch.Tensor, sink_k: torch.Tensor, k_mean: torch.Tensor, sin
     return s, sink_pos.to(torch.int32)
 
 
+def extra_inputs(q: torch.Tensor, k_mean: torch.Tensor, kv_mask: Optional[torch.Tensor], scale: float,
+                 sink: Optional[tuple] = None, new: Optional[tuple] = None):
+    """The decode op's one extra split for the exact tokens of a step: the sink (sink_k, sink_v, sink_pos) and/or
+    the step's own new token (key [B, Hkv, 1, d] model basis, v_store [B, Hkv, 1, d] storage basis, position
+    [1]). Returns (sink_score [B, Hq], sink_value [B, Hkv or Hq, d], sink_pos int32 [B]); with `new` the op
+    reads the packed cache up to, not including, the new token's position (the caller passes that length).
+
+    Both exact: one split holding the two tokens, score log2(2^s_sink + 2^s_new), value their softmax-weighted
+    mean per query head; a sink that is the new token itself counts once."""
+    B, Hq, D = q.shape
+    if new is None:
+        return sink_inputs(q, sink[0], k_mean, sink[2], kv_mask, scale)
+    key, v_new, position = new
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    qg = q.float().reshape(B, Hkv, G, D)
+    kc = key.float()[:, :, 0] - k_mean.float().reshape(1, Hkv, D)
+    s_new = torch.einsum("bhgd,bhd->bhg", qg, kc) * (float(scale) * LOG2E)  # [B, Hkv, G]
+    v_new = v_new.float()[:, :, 0]
+    if sink is None:
+        return s_new.reshape(B, Hq), v_new, torch.full((B,), -1, dtype=torch.int32, device=q.device)
+    s_sink, pos = sink_inputs(q, sink[0], k_mean, sink[2], kv_mask, scale)
+    s_sink = torch.where((pos.long() == position.reshape(1).long())[:, None], float("-inf"), s_sink)
+    s_sink = s_sink.reshape(B, Hkv, G)
+    m = torch.maximum(s_sink, s_new)
+    w_sink, w_new = torch.exp2(s_sink - m), torch.exp2(s_new - m)  # s_new is finite: m too, and 2^-inf = 0
+    tot = w_sink + w_new
+    value = (w_sink[..., None] * sink[1].float()[:, :, None, :] + w_new[..., None] * v_new[:, :, None, :]) / tot[..., None]
+    return (m + torch.log2(tot)).reshape(B, Hq), value.reshape(B, Hq, D), pos
+
+
 def merge_sink_reference(scores: torch.Tensor, v: torch.Tensor, sink_score: Optional[torch.Tensor],
                          sink_value: Optional[torch.Tensor]):
     """The references' form of the merge: scores [B, Hkv, G, T] (natural-log units, masked with -inf),
     v [B, Hkv, T, d] -> softmax attention over the T tokens and, where given, one more token with score
-    sink_score [B, Hq] (log2 units) / ln 2 and value sink_value [B, Hkv, d]. Returns [B, Hkv, G, d]."""
+    sink_score [B, Hq] (log2 units) / ln 2 and value sink_value [B, Hkv, d] (or [B, Hq, d]: one per query head).
+    Returns [B, Hkv, G, d]."""
     if sink_score is None:
         p = torch.softmax(scores, -1).nan_to_num(0.0)
         return torch.einsum("bhgt,bhtd->bhgd", p, v)
     B, Hkv, G, _ = scores.shape
     s = sink_score.float().reshape(B, Hkv, G, 1) / LOG2E
     p = torch.softmax(torch.cat([scores, s], -1), -1).nan_to_num(0.0)
-    return torch.einsum("bhgt,bhtd->bhgd", p[..., :-1], v) + p[..., -1:] * sink_value.float()[:, :, None, :]
+    value = sink_value.float().reshape(B, Hkv, -1, sink_value.shape[-1])  # [B, Hkv, 1 or G, d]
+    return torch.einsum("bhgt,bhtd->bhgd", p[..., :-1], v) + p[..., -1:] * value
 
 
 def check_sink(q: torch.Tensor, sink_score: Optional[torch.Tensor], sink_value: Optional[torch.Tensor],
                sink_pos: Optional[torch.Tensor], kv_heads: int):
-    """All three or none: sink_score [B, Hq], sink_value [B, Hkv, d], sink_pos [B] (the cache position of the
-    sink's packed copy, which the kernels skip; -1: none). Returns float32, float32, int32, contiguous."""
+    """All three or none: sink_score [B, Hq], sink_value [B, Hkv, d] or [B, Hq, d] (one per query head),
+    sink_pos [B] (the cache position of the sink's packed copy, which the kernels skip; -1: none). Returns
+    float32, float32, int32, contiguous."""
     given = [t is not None for t in (sink_score, sink_value, sink_pos)]
     if any(given) and not all(given):
         raise ValueError("sink_score, sink_value and sink_pos go together (all three or none)")
     if sink_score is None:
         return None, None, None
     B, Hq, D = q.shape
-    if tuple(sink_score.shape) != (B, Hq) or tuple(sink_value.shape) != (B, kv_heads, D) \
+    if tuple(sink_score.shape) != (B, Hq) or tuple(sink_value.shape) not in ((B, kv_heads, D), (B, Hq, D)) \
             or tuple(sink_pos.shape) != (B,):
         raise ValueError(f"sink_score must be [{B}, {Hq}], sink_value [{B}, {kv_heads}, {D}] and sink_pos [{B}], got "
                          f"{tuple(sink_score.shape)} / {tuple(sink_value.shape)} / {tuple(sink_pos.shape)}")

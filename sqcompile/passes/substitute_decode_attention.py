@@ -78,7 +78,7 @@ def _peel(n):
 def _match_read(base: fx.Node, dequant) -> Optional[dict]:
     """base = over(dequantize_packed(packed)) @ basis + mean[None, :, None, :], wrapped in more of `_peel`'s rows
     -> {dq, basis, mean, store: what the matmul reads, sink: the put_sink node or None, sink_inner: whether the
-    sink is put in the storage basis}."""
+    sink is put in the storage basis, fresh / fresh_inner: the same for the index_copy of the new tokens' rows}."""
     base, outer = _peel(base)
     if not is_op(base, "add") or not is_op(base.args[0], "matmul"):
         return None
@@ -87,12 +87,14 @@ def _match_read(base: fx.Node, dequant) -> Optional[dict]:
     if not (isinstance(dq, fx.Node) and dq.op == "call_function" and dq.target in dequant):
         return None
     sinks = [n for n in outer + inner if _is_put_sink(n)]
-    if len(sinks) > 1:
+    fresh = [n for n in outer + inner if not _is_put_sink(n)]
+    if len(sinks) > 1 or len(fresh) > 1:
         return None
     mean = base.args[1]
     mean = mean.args[0] if is_op(mean, "getitem") else mean
     return dict(dq=dq, basis=mm.args[1], mean=mean, store=_strip_to(mm.args[0]), sink=sinks[0] if sinks else None,
-                sink_inner=bool(sinks) and sinks[0] in inner)
+                sink_inner=bool(sinks) and sinks[0] in inner, fresh=fresh[0] if fresh else None,
+                fresh_inner=bool(fresh) and fresh[0] in inner)
 
 
 def upgrade_spectral_sites(gm: fx.GraphModule, sites: list[Site]) -> None:
@@ -131,11 +133,19 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
             raise _Unproven("K and V sinks have different positions")
         if k_read["sink_inner"] or not v_read["sink_inner"]:
             raise _Unproven("the sink is not on the model-basis keys and the storage-basis values")
+    k_fresh, v_fresh = k_read["fresh"], v_read["fresh"]
+    if (k_fresh is None) != (v_fresh is None):
+        raise _Unproven("the new tokens' exact rows replace only one of K and V")
     k_packed, v_packed = k_dq.args[0], v_dq.args[0]
     writers = [u for u in k_packed.users if u.op == "call_function" and u.target in qwrite and u.args[2] is k_packed]
     if len(writers) != 1 or writers[0].args[3] is not v_packed:
         raise _Unproven("packed K/V are not written by exactly one quantize_write of this layer")
     qw = writers[0]
+    if k_fresh is not None and not (
+            k_read["fresh_inner"] is False and v_read["fresh_inner"] is True
+            and k_fresh.args[2] is qw.args[4] and v_fresh.args[2] is qw.args[4]
+            and _strip_to(k_fresh.args[3]) is _strip_to(qw.args[0]) and _strip_to(v_fresh.args[3]) is _strip_to(qw.args[1])):
+        raise _Unproven("the exact rows put over the read are not the tokens this step writes")
     v_store = _strip_to(qw.args[1])
     if not (is_op(v_store, "matmul") and is_op(v_store.args[0], "sub")):
         raise _Unproven("the value written is not (v - mean) @ basis^T")
@@ -175,7 +185,7 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
     site.rope = site.rope or False
     site.nodes.update(spectral=True, attn=attn, out=attn, q=q, qwrite=qw, v_store=v_store, new_v=new_v,
                       v_linear=v_lin, v_offset=v_offset, o_linear=o_lin, v_basis=v_basis, v_mean=v_mean, decode=decode,
-                      k_packed=k_packed, v_packed=v_packed, k_sink=k_sink, v_sink=v_sink,
+                      k_packed=k_packed, v_packed=v_packed, k_sink=k_sink, v_sink=v_sink, exact_new=k_fresh is not None,
                       # what SDPA reads of V in the storage basis once o_proj absorbs the basis
                       v_dq=v_read["store"])
 
@@ -227,7 +237,8 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
     with gm.graph.inserting_before(attn):
         q3 = gm.graph.call_method("select", (q, 2, 0))
         last = gm.graph.call_method("max", (positions,))
-        length = gm.graph.call_function(torch.add, (last, 1))
+        # the step's own token exact (its rows put over the read): the kernel reads the cache up to it, not it
+        length = last if nodes.get("exact_new") else gm.graph.call_function(torch.add, (last, 1))
         length = gm.graph.call_method("to", (length, torch.int32))
         batch = gm.graph.call_method("size", (q, 0))  # symbolic under dynamic shapes
         lengths = gm.graph.call_method("reshape", (length, (1,)))
@@ -238,13 +249,17 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
         if isinstance(mask, fx.Node):  # [B|1, 1, 1, T] bool -> [B, T]: padding and windows, read per token
             kv_mask = gm.graph.call_function(operator.getitem, (mask, (slice(None), 0, 0)))
         sink = {}
-        if nodes.get("k_sink") is not None:  # the exact sink: its score, value and position (its codes are skipped)
-            from ..kernels.sink import sink_inputs
+        if nodes.get("k_sink") is not None or nodes.get("exact_new"):
+            # the exact tokens as the op's extra split: the sink (its codes skipped) and/or this step's own token
+            from ..kernels.sink import extra_inputs
 
             k_sink, v_sink = nodes["k_sink"], nodes["v_sink"]
-            both = gm.graph.call_function(sink_inputs, (q3, k_sink.args[1], a[6], k_sink.args[2], kv_mask, float(scale)))
-            sink = {"sink_score": gm.graph.call_function(operator.getitem, (both, 0)), "sink_value": v_sink.args[1],
-                    "sink_pos": gm.graph.call_function(operator.getitem, (both, 1))}
+            exact_sink = None if k_sink is None else (k_sink.args[1], v_sink.args[1], k_sink.args[2])
+            new = (a[0], a[1], positions) if nodes.get("exact_new") else None
+            ex = gm.graph.call_function(extra_inputs, (q3, a[6], kv_mask, float(scale)),
+                                        {"sink": exact_sink, "new": new})
+            sink = {name: gm.graph.call_function(operator.getitem, (ex, i))
+                    for i, name in enumerate(("sink_score", "sink_value", "sink_pos"))}
         if _is_fast_write(qw):
             # (key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout, v_layout): layouts are str
             from ..quant.fast_layout import FastLayout
