@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from moe import SHAPES, bench, grouped_mm_moe_of_logits, make_block
-from moe_tune import inputs, kernel_us, load_before
+from moe import SHAPES, grouped_mm_moe_of_logits, make_block
+from moe_tune import inputs, interleaved_medians, load_before
 
 from sqcompile.kernels import fused_moe as fm
 
@@ -57,18 +57,11 @@ def case(name: str, tokens: int, before, rounds: int, compiled: bool, hf: bool, 
             checks["torch_grouped_mm_vs_reference"] = float((fns["torch_grouped_mm"]().float() - ref).norm()
                                                             / ref.norm())
         print(f"  torch_grouped_mm vs reference {checks['torch_grouped_mm_vs_reference']:.3g}", flush=True)
-    times = {row: [] for row in fns}
     with torch.no_grad():
-        for _ in range(rounds):
-            for row, fn in fns.items():
-                times[row].append(bench(fn))
-        rows = {}
-        for row, fn in fns.items():
-            t = sorted(times[row])
-            rows[row] = {"us": t[len(t) // 2], "us_rounds": [round(v, 1) for v in times[row]],
-                         "kernels_us": kernel_us(fn)}
-            print(f"  {row:16s} {rows[row]['us']:9.1f} us (min {t[0]:.1f} max {t[-1]:.1f})  {rows[row]['kernels_us']}",
-                  flush=True)
+        rows = interleaved_medians(fns, rounds)
+    for row, r in rows.items():
+        print(f"  {row:16s} {r['us']:9.1f} us (min {min(r['us_rounds']):.1f} max {max(r['us_rounds']):.1f})  "
+              f"{r['kernels_us']}", flush=True)
     return {"shape": name, "tokens": tokens, "rounds": rounds, "checks": checks, "rows": rows}
 
 

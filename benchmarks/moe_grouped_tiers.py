@@ -16,7 +16,7 @@ import sys
 import torch
 
 from moe import SHAPES, bench, grouped_mm_moe_of_logits
-from moe_tune import inputs, kernel_us
+from moe_tune import inputs, interleaved_medians
 
 from sqcompile.kernels import fused_moe as fm
 
@@ -64,18 +64,11 @@ def case(name: str, tokens: int, rounds: int, inductor: bool) -> dict:
         ref = fm.fused_moe_reference(x, logits, w1, w2, k, renormalize).float()
         checks = {row: float((fn().float() - ref).norm() / ref.norm()) for row, fn in fns.items()}
     print(f"{name} T={tokens} checks {checks}", flush=True)
-    times = {row: [] for row in fns}
     with torch.no_grad():
-        for _ in range(rounds):
-            for row, fn in fns.items():
-                times[row].append(bench(fn))
-        rows = {}
-        for row, fn in fns.items():
-            t = sorted(times[row])
-            rows[row] = {"us": t[len(t) // 2], "us_rounds": [round(v, 1) for v in times[row]],
-                         "kernels_us": kernel_us(fn, top=10)}
-            print(f"  {row:18s} {rows[row]['us']:9.1f} us (min {t[0]:.1f} max {t[-1]:.1f})  {rows[row]['kernels_us']}",
-                  flush=True)
+        rows = interleaved_medians(fns, rounds, top=10)
+        for row, r in rows.items():
+            print(f"  {row:18s} {r['us']:9.1f} us (min {min(r['us_rounds']):.1f} max {max(r['us_rounds']):.1f})  "
+                  f"{r['kernels_us']}", flush=True)
         # the two CUTLASS GEMMs alone, on the "both" tier's operands
         weights, ids = fm.route(logits, k, renormalize, "softmax")
         order, offs, _ = fm.sort_pairs_by_expert(ids, E)

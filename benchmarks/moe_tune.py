@@ -131,6 +131,21 @@ def kernel_us(fn, iters: int = 3, top: int = 8) -> dict:
     return {k: round(v, 1) for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:top]}
 
 
+def interleaved_medians(fns: dict, rounds: int, top: int = 8, profile: bool = True) -> dict:
+    """Time every fn of `fns` in `rounds` interleaved rounds (clock drift under sustained load hits every row alike):
+    per name the median us, each round's us, and the `top` longest kernels' device times (`kernel_us`)."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(bench(fn))
+    rows = {}
+    for name, fn in fns.items():
+        t = sorted(times[name])
+        rows[name] = {"us": float(t[len(t) // 2]), "us_rounds": [round(v, 1) for v in times[name]],
+                      "kernels_us": kernel_us(fn, top=top) if profile else {}}
+    return rows
+
+
 def candidates(shape: dict, tokens: int, dtype, device, cands: list, dense_reference: bool, rounds: int = 1,
                before=None) -> dict:
     """A fixed list of candidates, each `{"name": ..., "config": {...}}` applied over `_config`'s choice.
@@ -175,16 +190,10 @@ def candidates(shape: dict, tokens: int, dtype, device, cands: list, dense_refer
             print(f"  {name:24s} {rows[name]['error']}", flush=True)
     if "before" in fns:
         rows["before"]["rel_err"] = float((fns["before"]().float() - ref).norm() / ref.norm().clamp_min(1e-30))
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(bench(fn))
-    for name, fn in fns.items():
-        rows[name]["us_rounds"] = [round(t, 1) for t in times[name]]
-        rows[name]["us"] = float(sorted(times[name])[len(times[name]) // 2])
-        rows[name]["kernels_us"] = kernel_us(fn) if device == "cuda" else {}
-        print(f"  {name:24s} {rows[name]['us']:9.1f} us  (min {min(times[name]):.1f} max {max(times[name]):.1f}) "
-              f"err {rows[name].get('rel_err', float('nan')):.1e}  {rows[name]['kernels_us']}", flush=True)
+    for name, timed in interleaved_medians(fns, rounds, profile=device == "cuda").items():
+        rows[name].update(timed)
+        print(f"  {name:24s} {timed['us']:9.1f} us  (min {min(timed['us_rounds']):.1f} max {max(timed['us_rounds']):.1f}) "
+              f"err {rows[name].get('rel_err', float('nan')):.1e}  {timed['kernels_us']}", flush=True)
     result = {"tokens": tokens, "rounds": rounds, "rows": list(rows.values())}
     if dense_reference and device == "cuda":
         rows_per_expert = tokens * k // E
