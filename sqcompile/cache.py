@@ -86,21 +86,19 @@ class SpectralLayer(StaticLayer):
         shape = (self.batch_size, self.num_heads, self.max_cache_len)
         self.keys = torch.zeros(*shape, self.k_row_bytes, dtype=torch.uint8, device=self.device)
         self.values = torch.zeros(*shape, self.v_row_bytes, dtype=torch.uint8, device=self.device)
-        statics = [self.keys, self.values, self.cumulative_length]
         if self.keep_sink:  # the sink token's exact key (model basis) and value (storage basis), its cache position
             self.sink_k = torch.zeros(*shape[:2], self.head_dim, dtype=torch.float32, device=self.device)
             self.sink_v = torch.zeros_like(self.sink_k)
             self.sink_pos = torch.full((self.batch_size,), -1, dtype=torch.int64, device=self.device)
-            statics += [self.sink_k, self.sink_v, self.sink_pos]
         for name in ("k_basis", "k_mean", "v_basis", "v_mean", "k_codebooks", "k_channel_scale", "v_codebooks",
                      "v_channel_scale", "k_qjl_proj"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(self.device))
         self.cumulative_length = self.cumulative_length.to(self.device)
-        statics[2] = self.cumulative_length
         if not _is_compiling():
-            for t in statics:
+            sink = (self.sink_k, self.sink_v, self.sink_pos) if self.keep_sink else ()
+            for t in (self.keys, self.values, self.cumulative_length, *sink):
                 torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 

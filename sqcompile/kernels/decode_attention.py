@@ -368,15 +368,14 @@ def _decode_reduce_kernel(OP, LSE, OUT, SINK_S, SINK_V, NSPLIT: tl.constexpr, NS
     tl.store(OUT + pid * D + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
-def launch_reduce(launch, op, lse, out, sink_score, sink_value, G: int):
-    """The split reduction (one program per (batch, query head)), with the exact sink merged where given."""
+def launch_reduce(launch, op, lse, out, sink_score, sink_value):
+    """The split reduction (one program per (batch, query head)), with the exact sink merged where given: its
+    value per kv-head (row // G) or per query head (G = 1)."""
     B, Hq, nsplit, D = op.shape
     has = sink_score is not None
-    if has:  # the value per kv-head (row // G) or per query head (G = 1)
-        G = Hq // sink_value.shape[1]
     launch(_decode_reduce_kernel)[(B * Hq,)](
         op, lse, out, sink_score if has else lse, sink_value if has else op, NSPLIT=nsplit,
-        NSPLIT_P=_pow2(nsplit, 2), D=D, DP=_pow2(D, 16), G=G, HAS_SINK=has)
+        NSPLIT_P=_pow2(nsplit, 2), D=D, DP=_pow2(D, 16), G=Hq // sink_value.shape[1] if has else 1, HAS_SINK=has)
 
 
 # module-level constants the jit functions read as globals
@@ -514,7 +513,7 @@ def decode_attention_triton(
     )
     if hasattr(ck, "n_regs"):  # compiled on a GPU: keep the resource report for the benchmark
         LAST_COMPILED["decode_split"] = ck
-    launch_reduce(launch, op, lse, out, sink_score, sink_value, G)
+    launch_reduce(launch, op, lse, out, sink_score, sink_value)
     return out
 
 
@@ -577,7 +576,7 @@ def decode_attention(
     storage basis. k_basis [Hkv, d, d] (rows = storage basis vectors), codebooks [groups, 256],
     channel scales [Hkv, d], k_qjl_proj [Hkv, m, qjl_dims] or [m, qjl_dims] or None, groups flattened
     (start, stop, bits, token_scale) quadruples, scale = the softmax scale, kv_mask [B|1, T] (nonzero = attend),
-    sink_score [B, Hq] / sink_value [B, Hkv, d] / sink_pos [B]: an exact token in place of the packed one at
+    sink_score [B, Hq] / sink_value [B, Hkv or Hq, d] / sink_pos [B]: an exact token in place of the packed one at
     sink_pos (`sqcompile.kernels.sink`: score in log2 units, without q . k_mean like the kernels' own; value in
     the storage basis; sink_pos -1: no packed copy to skip, a -inf score: no exact token). CUDA runs the
     Triton kernels; any other device runs `decode_attention_reference`."""

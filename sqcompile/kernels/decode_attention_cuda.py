@@ -550,7 +550,8 @@ def decode_attention_fast_cuda(
     k_basis: torch.Tensor, k_factor: torch.Tensor, v_factor: torch.Tensor,
     k_groups: list[int], v_groups: list[int], scale: float, kv_mask: Optional[torch.Tensor] = None,
     num_splits: int = 0, warps: int = 8, stages: int = 2, per_sm: int = 2, poison: bool = False,
-    write: Optional[tuple] = None, sink_score: Optional[torch.Tensor] = None, sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
+    write: Optional[tuple] = None, sink_score: Optional[torch.Tensor] = None,
+    sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Same arguments and result as `decode_attention_fast_reference`; CUDA tensors only. Defaults from
     benchmarks/decode_attention_cuda.py on an H100 (fifth session): 8 warps, 2 stages, and at most `per_sm` = 2
@@ -605,7 +606,7 @@ def decode_attention_fast_cuda(
                          int(kv_mask is not None), 0 if sink_pos is None else sink_pos)))
     _launch(st.mkernel, (st.B * st.Hq, 1, 1), (st.D, 1, 1), 0, st.margs.set((
         st.op, st.lse, out, st.nsplit, st.qdt, 0 if sink_score is None else sink_score,
-        0 if sink_value is None else sink_value, st.Hq // (st.Hkv if sink_value is None else sink_value.shape[1]))))
+        0 if sink_value is None else sink_value, 1 if sink_value is None else st.Hq // sink_value.shape[1])))
     return out
 
 

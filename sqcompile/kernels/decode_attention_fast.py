@@ -506,7 +506,7 @@ def decode_attention_fast_triton(
     )
     if hasattr(ck, "n_regs"):
         LAST_COMPILED["fast_split"] = ck
-    launch_reduce(launch, op, lse, out, sink_score, sink_value, G)
+    launch_reduce(launch, op, lse, out, sink_score, sink_value)
     return out
 
 

@@ -8,10 +8,11 @@ row has none). Reads use the exact copy in place of the token's codes:
 
 - eager (and prefill under the backend): `sqcompile::put_sink` overwrites the token's row of the dequantized
   K / storage-basis V;
-- compiled decode steps: the substitution pass hands the decode op the sink's score (`sink_inputs`: log2 units,
-  the kernels' own), value and position; the kernel skips the token's packed copy (one compare per token of
-  the tile that holds it; a [B, T] mask read per token cost the CUDA kernel 20% at 32K tokens, batch 8) and
-  its split reduction merges the exact token as one more split (`merge_sink_reference` is the torch form).
+- compiled decode steps: the substitution pass hands the decode op one extra split (`extra_inputs`: the sink and,
+  with `exact_new`, the step's own new token; scores in log2 units, the kernels' own) and the sink's position;
+  the kernel skips the sink's packed copy (one compare per tile; a [B, T] mask read per token cost the CUDA
+  kernel 20% at 32K tokens, batch 8), reads the cache up to the new token, and its split reduction merges the
+  extra split (`merge_sink_reference` is the torch form).
 
 The cost: 8 * head_dim bytes per (layer, batch row, kv-head), whatever the context length.
 """
@@ -41,18 +42,23 @@ def _(x, sink, sink_pos):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _scores(q: torch.Tensor, k: torch.Tensor, k_mean: torch.Tensor, scale: float) -> torch.Tensor:
+    """[B, Hkv, G] = scale * log2(e) * q . (k - k_mean) for exact keys k [B, Hkv, d]: the kernels' score units (they
+    drop q . k_mean from every score: the same for all tokens of a query)."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    kc = k.float() - k_mean.float().reshape(1, Hkv, D)
+    return torch.einsum("bhgd,bhd->bhg", q.float().reshape(B, Hkv, Hq // Hkv, D), kc) * (float(scale) * LOG2E)
+
+
 def sink_inputs(q: torch.Tensor, sink_k: torch.Tensor, k_mean: torch.Tensor, sink_pos: torch.Tensor,
                 kv_mask: Optional[torch.Tensor], scale: float):
     """What a decode op needs for the exact sink: (sink_score [B, Hq] float32 = scale * log2(e) *
     q . (k_sink - k_mean), -inf for rows without a sink or whose mask hides it; sink_pos as int32 [B]).
 
-    q [B, Hq, d] (model basis, after RoPE); sink_k [B, Hkv, d] exact keys; k_mean [Hkv, d]. The kernels drop
-    q . k_mean from every score (it is the same for all tokens of a query), so the sink's score drops it too."""
-    B, Hq, D = q.shape
-    Hkv = sink_k.shape[1]
-    kc = (sink_k.float() - k_mean.float().reshape(1, Hkv, D))
-    s = torch.einsum("bhgd,bhd->bhg", q.float().reshape(B, Hkv, Hq // Hkv, D), kc).reshape(B, Hq)
-    s = torch.where((sink_pos >= 0)[:, None], s * (float(scale) * LOG2E), float("-inf"))
+    q [B, Hq, d] (model basis, after RoPE); sink_k [B, Hkv, d] exact keys; k_mean [Hkv, d]."""
+    B, Hq, _ = q.shape
+    s = torch.where((sink_pos >= 0)[:, None], _scores(q, sink_k, k_mean, scale).reshape(B, Hq), float("-inf"))
     if kv_mask is not None:
         # the mask hides the sink too (a padding token taken for one, a window past it): so does its score
         allowed = kv_mask.expand(B, kv_mask.shape[-1]) != 0
@@ -75,9 +81,7 @@ def extra_inputs(q: torch.Tensor, k_mean: torch.Tensor, kv_mask: Optional[torch.
     key, v_new, position = new
     Hkv = key.shape[1]
     G = Hq // Hkv
-    qg = q.float().reshape(B, Hkv, G, D)
-    kc = key.float()[:, :, 0] - k_mean.float().reshape(1, Hkv, D)
-    s_new = torch.einsum("bhgd,bhd->bhg", qg, kc) * (float(scale) * LOG2E)  # [B, Hkv, G]
+    s_new = _scores(q, key[:, :, 0], k_mean, scale)  # [B, Hkv, G]
     v_new = v_new.float()[:, :, 0]
     if sink is None:
         return s_new.reshape(B, Hq), v_new, torch.full((B,), -1, dtype=torch.int32, device=q.device)
@@ -120,7 +124,8 @@ def check_sink(q: torch.Tensor, sink_score: Optional[torch.Tensor], sink_value: 
     B, Hq, D = q.shape
     if tuple(sink_score.shape) != (B, Hq) or tuple(sink_value.shape) not in ((B, kv_heads, D), (B, Hq, D)) \
             or tuple(sink_pos.shape) != (B,):
-        raise ValueError(f"sink_score must be [{B}, {Hq}], sink_value [{B}, {kv_heads}, {D}] and sink_pos [{B}], got "
+        raise ValueError(f"sink_score must be [{B}, {Hq}], sink_value [{B}, {kv_heads}, {D}] (or [{B}, {Hq}, {D}]) and "
+                         f"sink_pos [{B}], got "
                          f"{tuple(sink_score.shape)} / {tuple(sink_value.shape)} / {tuple(sink_pos.shape)}")
     return (sink_score.to(torch.float32).contiguous(), sink_value.to(torch.float32).contiguous(),
             sink_pos.to(device=q.device, dtype=torch.int32).contiguous())

@@ -16,9 +16,10 @@ dequantized cache. A boolean [B, 1, 1, T] mask (padding, sliding window) is pass
 an additive float mask (a bias such as ALiBi) keeps SDPA.
 
 With the cache's exact sink token (`keep_sink`), the read is `put_sink(k_hat, sink_k, sink_pos)` for keys and
-`put_sink(dequantize(values), sink_v, sink_pos) @ basis + mean` for values (a prefill also puts its own exact rows
-over them by `index_copy`); a decode step hands the op the sink's exact score, value and position: the kernel skips
-the packed copy and merges the exact token as one more split (`sqcompile.kernels.sink`).
+`put_sink(dequantize(values), sink_v, sink_pos) @ basis + mean` for values; with `exact_new` the step's own tokens
+are put over their rows too (`index_copy`). A decode step hands the op one extra split holding the exact sink and
+its own token (`sqcompile.kernels.sink.extra_inputs`) and the sink's position: the kernel skips the sink's codes,
+reads the cache up to the new token, and merges the extra split.
 """
 from __future__ import annotations
 
@@ -141,11 +142,12 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
     if len(writers) != 1 or writers[0].args[3] is not v_packed:
         raise _Unproven("packed K/V are not written by exactly one quantize_write of this layer")
     qw = writers[0]
-    if k_fresh is not None and not (
-            k_read["fresh_inner"] is False and v_read["fresh_inner"] is True
-            and k_fresh.args[2] is qw.args[4] and v_fresh.args[2] is qw.args[4]
-            and _strip_to(k_fresh.args[3]) is _strip_to(qw.args[0]) and _strip_to(v_fresh.args[3]) is _strip_to(qw.args[1])):
-        raise _Unproven("the exact rows put over the read are not the tokens this step writes")
+    if k_fresh is not None:
+        model_basis_keys = not k_read["fresh_inner"] and v_read["fresh_inner"]
+        at_written = k_fresh.args[2] is qw.args[4] and v_fresh.args[2] is qw.args[4]
+        written = _strip_to(k_fresh.args[3]) is _strip_to(qw.args[0]) and _strip_to(v_fresh.args[3]) is _strip_to(qw.args[1])
+        if not (model_basis_keys and at_written and written):
+            raise _Unproven("the exact rows put over the read are not the tokens this step writes")
     v_store = _strip_to(qw.args[1])
     if not (is_op(v_store, "matmul") and is_op(v_store.args[0], "sub")):
         raise _Unproven("the value written is not (v - mean) @ basis^T")
