@@ -326,9 +326,13 @@ if HAS_TRITON:
             acc_gate = tl.dot(x, wg, acc_gate, input_precision=PRECISION)
             acc_up = tl.dot(x, wu, acc_up, input_precision=PRECISION)
         h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
-        h_row = offs_m if H_SORTED else pair  # H_SORTED: h in block order (contiguous rows for the down kernel)
-        tl.store(h_ptr + h_row[:, None] * stride_hs + offs_n[None, :],
-                 h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+        if H_SORTED:  # h in block order (contiguous rows for the down GEMM), padding rows included: zeros there,
+            # since the down GEMM multiplies them too and, under the power cap, zeros cost less than stale data
+            tl.store(h_ptr + offs_m[:, None] * stride_hs + offs_n[None, :],
+                     tl.where(row_ok[:, None], h, 0.0).to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
+        else:
+            tl.store(h_ptr + pair[:, None] * stride_hs + offs_n[None, :],
+                     h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
@@ -461,8 +465,8 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
     `benchmarks/moe_tune.py` picked on an H100 and an H200 (BENCHMARKS.md), which need about 192 KB of shared
     memory per program; `smem_bytes` (the device's opt-in limit, 0 = unknown) below that takes 3 or 2 stages.
     Many rows per expert also take TMA loads (TMA, DOWN_TMA; used only on sm_90+ with 16-byte aligned rows),
-    h in block order (H_SORTED), x gathered into block order so that its tiles come by TMA too (X_SORTED) and
-    persistent gate/up programs (PERSISTENT: programs per SM, 0 = one per tile).
+    h in block order (H_SORTED; its padding rows zero), x gathered into block order so that its tiles come by TMA
+    too (X_SORTED; wide FFNs only) and persistent gate/up programs (PERSISTENT: programs per SM, 0 = one per tile).
     GROUPED_MM ("down": our gate/up kernel, then `torch._grouped_mm` for the down GEMM; "both": both GEMMs by
     `torch._grouped_mm`) where `grouped_mm` says the device has its CUTLASS kernels (`_grouped_mm_ok`).
     `_config_override` (tests, the tuner) replaces the choice."""
@@ -489,7 +493,11 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
     # (benchmarks/results/moe_before_after_h100_mixtral.json; candidates in moe_cands_h100_r2_*.json)
     cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, GROUP_M=8,
                DOWN_BLOCK_N=256, DOWN_BLOCK_K=64, DOWN_WARPS=8, DOWN_STAGES=stages, DOWN_GROUP_M=32, SPLIT_K=1,
-               TMA=True, H_SORTED=True, PERSISTENT=1, X_SORTED=True)
+               TMA=True, H_SORTED=True, PERSISTENT=1)
+    # x by TMA from a block-ordered copy: the gate/up kernel gains more than the copy costs only with a wide FFN
+    # (H100 under Inductor: Mixtral T=4096 gate/up 2995 -> 2814 us for a 45 us copy; Qwen-MoE, I = 1408: 661 -> 645 us
+    # for a 78 us copy; benchmarks/results/moe_gaps_h100_8th.json, moe_before_after_h100_8th_qwen.json)
+    cfg["X_SORTED"] = inter >= 8192
     # CUTLASS's down GEMM beats ours; its gate/up plus a SiLU-and-multiply pass ties with our fused one at Mixtral
     # T=4096 and loses at fewer rows ("both" at T=1024: Mixtral 1723 us, Qwen-MoE 723 us, against "down" 1641 / 650)
     if grouped_mm:
@@ -607,8 +615,9 @@ def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, reno
     if (gate_up_tma or down_tma) and device.type == "cuda":
         _set_tma_allocator()
     x_tma = gate_up_tma and bool(cfg.get("X_SORTED", False))
-    if x_tma:  # x gathered into block order (padding rows: the last token's x; their h rows are never read)
-        x = x.index_select(0, torch.clamp(sorted_pair_ids // top_k, max=T - 1)).to(w1.dtype)
+    if x_tma:  # x gathered into block order, padding rows zero (as the kernel's masked gather gives them)
+        x_rows = x.index_select(0, torch.clamp(sorted_pair_ids // top_k, max=T - 1))
+        x = torch.where((sorted_pair_ids < S)[:, None], x_rows, 0.0).to(w1.dtype)
     gate_up_tiles = num_blocks * triton.cdiv(inter, bn)
     programs = min(gate_up_tiles, _num_programs(cfg.get("PERSISTENT", 0), device))
     launch(_gate_up_kernel)[(programs or gate_up_tiles,)](
