@@ -131,10 +131,12 @@ def traced_loop(fn, path: str, iters: int = 6) -> dict:
             gaps.append([round(e["ts"] - prev_end, 1), prev_name[:40], e["name"][:40]])
             prev_end, prev_name = e["ts"] + e["dur"], e["name"]
         gaps.append([round(gpu[b]["ts"] - prev_end, 1), prev_name[:40], "marker"])
-        calls.append({"span_us": round(gpu[b]["ts"] - start, 1), "kernel_sum_us": round(sum(e["dur"] for e in inner), 1),
+        calls.append({"span_us": round(gpu[b]["ts"] - start, 1),
+                      "kernel_sum_us": round(sum(e["dur"] for e in inner), 1),
                       "kernels": len(inner), "gap_sum_us": round(sum(g[0] for g in gaps), 1),
                       "top_gaps": sorted(gaps, reverse=True)[:4],
-                      "longest": sorted(([e["name"][:50], round(e["dur"], 1)] for e in inner), key=lambda v: -v[1])[:4]})
+                      "longest": sorted(([e["name"][:50], round(e["dur"], 1)] for e in inner),
+                                        key=lambda v: -v[1])[:4]})
     return {"calls": calls}
 
 

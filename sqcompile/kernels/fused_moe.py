@@ -39,7 +39,8 @@ Prefill on Hopper (`_config` fields TMA, H_SORTED, PERSISTENT): weight tiles com
 kernel over the contiguous weights as [E * 2I, H] and [E * H, I] (a tile that runs past an expert's rows reads the
 next rows or zeros; those columns are masked at the store); h is stored in block order so that the down kernel reads
 its tiles by TMA too; the gate/up kernel runs one program per SM, each walking tiles in `_grouped_tile` order. The
-token rows of x are a gather (cp.async loads). Device-side descriptors need a scratch allocator: `_set_tma_allocator`.
+token rows of x are a gather (cp.async loads), or with a wide FFN (X_SORTED) a copy of x in block order made first and
+read by TMA. Device-side descriptors need a scratch allocator: `_set_tma_allocator`.
 
 Prefill with `torch._grouped_mm` (`_config` field GROUPED_MM; CUDA sm_90+, bf16): "down" (the default there) keeps
 the gate/up kernel above (h in block order) and runs the down GEMM as CUTLASS's grouped GEMM over the padded rows
@@ -312,7 +313,7 @@ if HAS_TRITON:
         for k0 in range(0, H, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < H
-            if X_TMA:  # x already in block order: rows pid_m * BLOCK_M.. (padding rows hold some token's x)
+            if X_TMA:  # x already in block order: rows pid_m * BLOCK_M.. (padding rows zero)
                 x = x_desc.load([pid_m * BLOCK_M, k0])
             else:
                 x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -326,14 +327,9 @@ if HAS_TRITON:
             acc_gate = tl.dot(x, wg, acc_gate, input_precision=PRECISION)
             acc_up = tl.dot(x, wu, acc_up, input_precision=PRECISION)
         h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
-        if H_SORTED:  # h in block order (contiguous rows for the down GEMM), padding rows included: zeros there,
-            # since the down GEMM multiplies them too (zeros rather than stale data: less power under the 700 W cap
-            # that sustained prefill runs at; not measured alone)
-            tl.store(h_ptr + offs_m[:, None] * stride_hs + offs_n[None, :],
-                     tl.where(row_ok[:, None], h, 0.0).to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
-        else:
-            tl.store(h_ptr + pair[:, None] * stride_hs + offs_n[None, :],
-                     h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+        h_row = offs_m if H_SORTED else pair  # H_SORTED: h in block order (contiguous rows for the down kernel)
+        tl.store(h_ptr + h_row[:, None] * stride_hs + offs_n[None, :],
+                 h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
@@ -466,7 +462,7 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
     `benchmarks/moe_tune.py` picked on an H100 and an H200 (BENCHMARKS.md), which need about 192 KB of shared
     memory per program; `smem_bytes` (the device's opt-in limit, 0 = unknown) below that takes 3 or 2 stages.
     Many rows per expert also take TMA loads (TMA, DOWN_TMA; used only on sm_90+ with 16-byte aligned rows),
-    h in block order (H_SORTED; its padding rows zero), x gathered into block order so that its tiles come by TMA
+    h in block order (H_SORTED), x gathered into block order so that its tiles come by TMA
     too (X_SORTED; wide FFNs only) and persistent gate/up programs (PERSISTENT: programs per SM, 0 = one per tile).
     GROUPED_MM ("down": our gate/up kernel, then `torch._grouped_mm` for the down GEMM; "both": both GEMMs by
     `torch._grouped_mm`) where `grouped_mm` says the device has its CUTLASS kernels (`_grouped_mm_ok`).
@@ -496,8 +492,9 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
                DOWN_BLOCK_N=256, DOWN_BLOCK_K=64, DOWN_WARPS=8, DOWN_STAGES=stages, DOWN_GROUP_M=32, SPLIT_K=1,
                TMA=True, H_SORTED=True, PERSISTENT=1)
     # x by TMA from a block-ordered copy: the gate/up kernel gains more than the copy costs only with a wide FFN
-    # (H100 under Inductor: Mixtral T=4096 gate/up 2995 -> 2814 us for a 45 us copy; Qwen-MoE, I = 1408: 661 -> 645 us
-    # for a 78 us copy; benchmarks/results/moe_gaps_h100_8th.json, moe_before_after_h100_8th_qwen.json)
+    # (H100 under Inductor, kernel times: Mixtral T=4096 gate/up 2995 -> 2814 us for a 45 us copy; Qwen-MoE, I = 1408:
+    # 661 -> 645 us for a 78 us copy). The power-capped timed loop does not resolve the Mixtral gain (-1% to +3.5%
+    # in three runs; BENCHMARKS.md, eighth session).
     cfg["X_SORTED"] = inter >= 8192
     # CUTLASS's down GEMM beats ours; its gate/up plus a SiLU-and-multiply pass ties with our fused one at Mixtral
     # T=4096 and loses at fewer rows ("both" at T=1024: Mixtral 1723 us, Qwen-MoE 723 us, against "down" 1641 / 650)
