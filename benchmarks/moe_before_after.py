@@ -80,6 +80,10 @@ def main(argv=None) -> int:
         print("benchmarks/moe_before_after.py needs a CUDA GPU", file=sys.stderr)
         return 2
     torch._dynamo.config.cache_size_limit = 64
+    # the on-disk caches key on the graph dynamo sees (one call of the op), not on the op's Python body: on a warm
+    # machine they hand back a graph compiled from an earlier version of fused_moe.py
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     before = load_before(args.before)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": []}
     for name in args.shapes.split(","):

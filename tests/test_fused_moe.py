@@ -222,14 +222,16 @@ def run_triton_checks() -> None:
     for cfg in gpu_configs:
         check(cfg, 5, 8)
         checked += 1
-    # the prefill path (TMA descriptors, h in block order, persistent gate/up programs) with full and partial blocks,
-    # next to the same tiles with pointer loads and one program per tile
+    # the prefill path (TMA descriptors, x and h in block order, persistent gate/up programs) with full and partial
+    # blocks, next to x gathered row by row in the kernel, and the same tiles with pointer loads, one program per tile
     prefill = gpu_configs[2]
-    assert prefill["TMA"] and prefill["H_SORTED"] and prefill["PERSISTENT"]
-    for cfg in (prefill, dict(prefill, TMA=False, H_SORTED=False, PERSISTENT=0)):
+    assert prefill["TMA"] and prefill["H_SORTED"] and prefill["PERSISTENT"] and not prefill["X_SORTED"]
+    for cfg in (prefill, dict(prefill, X_SORTED=True), dict(prefill, TMA=False, H_SORTED=False, PERSISTENT=0)):
         check(cfg, 150, 4, skew=True)
         checked += 1
     # the grouped_mm tiers (torch._grouped_mm for the down GEMM or both GEMMs), an empty expert included
+    check(dict(prefill, GROUPED_MM="down", X_SORTED=True), 150, 4, skew=True)
+    checked += 1
     for tier in ("down", "both"):
         check(dict(prefill, GROUPED_MM=tier), 150, 4, skew=True)
         check(dict(prefill, GROUPED_MM=tier), 3, 8)

@@ -39,7 +39,8 @@ Prefill on Hopper (`_config` fields TMA, H_SORTED, PERSISTENT): weight tiles com
 kernel over the contiguous weights as [E * 2I, H] and [E * H, I] (a tile that runs past an expert's rows reads the
 next rows or zeros; those columns are masked at the store); h is stored in block order so that the down kernel reads
 its tiles by TMA too; the gate/up kernel runs one program per SM, each walking tiles in `_grouped_tile` order. The
-token rows of x are a gather (cp.async loads). Device-side descriptors need a scratch allocator: `_set_tma_allocator`.
+token rows of x are a gather (cp.async loads), or with a wide FFN (X_SORTED) a copy of x in block order made first and
+read by TMA. Device-side descriptors need a scratch allocator: `_set_tma_allocator`.
 
 Prefill with `torch._grouped_mm` (`_config` field GROUPED_MM; CUDA sm_90+, bf16): "down" (the default there) keeps
 the gate/up kernel above (h in block order) and runs the down GEMM as CUTLASS's grouped GEMM over the padded rows
@@ -284,11 +285,11 @@ if HAS_TRITON:
         return pid_m, pid_n
 
     @triton.jit
-    def _gate_up_tile(tile, x_ptr, w_ptr, w_desc, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+    def _gate_up_tile(tile, x_ptr, x_desc, w_ptr, w_desc, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
                       S, H, INTER, NUM_BLOCKS, stride_xt, stride_we, stride_wn, stride_hs,
                       TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, H_SORTED: tl.constexpr,
-                      PRECISION: tl.constexpr, W_TMA: tl.constexpr):
+                      PRECISION: tl.constexpr, W_TMA: tl.constexpr, X_TMA: tl.constexpr):
         """One output tile of `_gate_up_kernel`: BLOCK_M pairs of one expert x BLOCK_N gate/up columns."""
         pid_m, pid_n = _grouped_tile(tile, NUM_BLOCKS, tl.cdiv(INTER, BLOCK_N), GROUP_M)
         expert = tl.load(block_expert_ptr + pid_m)
@@ -312,7 +313,10 @@ if HAS_TRITON:
         for k0 in range(0, H, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < H
-            x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if X_TMA:  # x already in block order: rows pid_m * BLOCK_M.. (padding rows zero)
+                x = x_desc.load([pid_m * BLOCK_M, k0])
+            else:
+                x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             if W_TMA:
                 wg = w_desc.load([gate_row, k0]).T
                 wu = w_desc.load([gate_row + INTER, k0]).T
@@ -332,28 +336,35 @@ if HAS_TRITON:
                         S, H, INTER, NUM_BLOCKS, W_ROWS, stride_xt, stride_we, stride_wn, stride_hs,
                         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, H_SORTED: tl.constexpr,
-                        PRECISION: tl.constexpr, W_TMA: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+                        PRECISION: tl.constexpr, W_TMA: tl.constexpr, X_TMA: tl.constexpr,
+                        NUM_PROGRAMS: tl.constexpr):
         """h[p, n] = silu(x[t] . Wg[e, n]) * (x[t] . Wu[e, n]) for the BLOCK_M pairs p of one block.
 
         Grid (num_blocks * cdiv(I, BLOCK_N),), ordered by `_grouped_tile`, or (NUM_PROGRAMS,) persistent programs
         that walk the same tiles in the same order. Gate rows are w[e, n], up rows w[e, I + n]; both tiles share
         the x tile, and the SiLU-and-multiply runs on the fp32 accumulators. W_TMA: weight tiles by TMA from a
-        descriptor over w as [E * 2I, H] (W_ROWS = E * 2I; w contiguous).
+        descriptor over w as [E * 2I, H] (W_ROWS = E * 2I; w contiguous). X_TMA: x is already gathered into block
+        order ([NUM_BLOCKS * BLOCK_M, H], row r = the token of sorted pair r) and its tiles come by TMA too.
         """
+        if X_TMA:
+            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[NUM_BLOCKS * BLOCK_M, H], strides=[stride_xt, 1],
+                                               block_shape=[BLOCK_M, BLOCK_K])
+        else:
+            x_desc = x_ptr
         if W_TMA:
             w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, H], strides=[stride_wn, 1],
                                                block_shape=[BLOCK_N, BLOCK_K])
         else:
             w_desc = w_ptr
         if NUM_PROGRAMS == 0:
-            _gate_up_tile(tl.program_id(0), x_ptr, w_ptr, w_desc, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+            _gate_up_tile(tl.program_id(0), x_ptr, x_desc, w_ptr, w_desc, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
                           S, H, INTER, NUM_BLOCKS, stride_xt, stride_we, stride_wn, stride_hs,
-                          TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, H_SORTED, PRECISION, W_TMA)
+                          TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, H_SORTED, PRECISION, W_TMA, X_TMA)
         else:
             for tile in range(tl.program_id(0), NUM_BLOCKS * tl.cdiv(INTER, BLOCK_N), NUM_PROGRAMS):
-                _gate_up_tile(tile, x_ptr, w_ptr, w_desc, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+                _gate_up_tile(tile, x_ptr, x_desc, w_ptr, w_desc, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
                               S, H, INTER, NUM_BLOCKS, stride_xt, stride_we, stride_wn, stride_hs,
-                              TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, H_SORTED, PRECISION, W_TMA)
+                              TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, H_SORTED, PRECISION, W_TMA, X_TMA)
 
     @triton.jit
     def _down_kernel(h_ptr, w_ptr, out_ptr, topk_weights_ptr, sorted_pair_ids_ptr, block_expert_ptr,
@@ -451,7 +462,8 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
     `benchmarks/moe_tune.py` picked on an H100 and an H200 (BENCHMARKS.md), which need about 192 KB of shared
     memory per program; `smem_bytes` (the device's opt-in limit, 0 = unknown) below that takes 3 or 2 stages.
     Many rows per expert also take TMA loads (TMA, DOWN_TMA; used only on sm_90+ with 16-byte aligned rows),
-    h in block order (H_SORTED) and persistent gate/up programs (PERSISTENT: programs per SM, 0 = one per tile).
+    h in block order (H_SORTED), x gathered into block order so that its tiles come by TMA
+    too (X_SORTED; wide FFNs only) and persistent gate/up programs (PERSISTENT: programs per SM, 0 = one per tile).
     GROUPED_MM ("down": our gate/up kernel, then `torch._grouped_mm` for the down GEMM; "both": both GEMMs by
     `torch._grouped_mm`) where `grouped_mm` says the device has its CUTLASS kernels (`_grouped_mm_ok`).
     `_config_override` (tests, the tuner) replaces the choice."""
@@ -479,6 +491,11 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
     cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, GROUP_M=8,
                DOWN_BLOCK_N=256, DOWN_BLOCK_K=64, DOWN_WARPS=8, DOWN_STAGES=stages, DOWN_GROUP_M=32, SPLIT_K=1,
                TMA=True, H_SORTED=True, PERSISTENT=1)
+    # x by TMA from a block-ordered copy: the gate/up kernel gains more than the copy costs only with a wide FFN
+    # (H100 under Inductor, kernel times: Mixtral T=4096 gate/up 2995 -> 2814 us for a 45 us copy; Qwen-MoE, I = 1408:
+    # 661 -> 645 us for a 78 us copy). The power-capped timed loop does not resolve the Mixtral gain (-1% to +3.5%
+    # in three runs; BENCHMARKS.md, eighth session).
+    cfg["X_SORTED"] = inter >= 8192
     # CUTLASS's down GEMM beats ours; its gate/up plus a SiLU-and-multiply pass ties with our fused one at Mixtral
     # T=4096 and loses at fewer rows ("both" at T=1024: Mixtral 1723 us, Qwen-MoE 723 us, against "down" 1641 / 650)
     if grouped_mm:
@@ -595,13 +612,17 @@ def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, reno
     down_tma = bool(cfg.get("DOWN_TMA", cfg.get("TMA", False))) and tma_ok and split_k == 1
     if (gate_up_tma or down_tma) and device.type == "cuda":
         _set_tma_allocator()
+    x_tma = gate_up_tma and bool(cfg.get("X_SORTED", False))
+    if x_tma:  # x gathered into block order, padding rows zero (as the kernel's masked gather gives them)
+        x_rows = x.index_select(0, torch.clamp(sorted_pair_ids // top_k, max=T - 1))
+        x = torch.where((sorted_pair_ids < S)[:, None], x_rows, 0.0).to(w1.dtype)
     gate_up_tiles = num_blocks * triton.cdiv(inter, bn)
     programs = min(gate_up_tiles, _num_programs(cfg.get("PERSISTENT", 0), device))
     launch(_gate_up_kernel)[(programs or gate_up_tiles,)](
         x, w1, h, sorted_pair_ids, block_expert, S, H, inter, num_blocks, E * two_i,
         x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, H_SORTED=h_sorted, PRECISION=precision,
-        W_TMA=gate_up_tma, NUM_PROGRAMS=programs,
+        W_TMA=gate_up_tma, X_TMA=x_tma, NUM_PROGRAMS=programs,
         num_warps=warps,
         num_stages=stages)
     if grouped == "down":  # padding rows of h hold garbage: their output rows are never read
