@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from sqcompile.kernels.sink import OUTLIER_TOKENS
+
 DEV = "cuda"
 HIDDEN, FFN, HEADS, VOCAB = 4096, 14336, 32, 128256
 
@@ -65,10 +67,16 @@ def fill_static(model, batch, ctx, steps):
     return cache
 
 
-def fill_spectral(model, batch, ctx, steps, bits, layout="planes", keep_sink=True):
+def row_name(layout: str, sink: str, outliers: int, all_outliers: list) -> str:
+    return (("sqcompile" if layout == "planes" else f"sqcompile_{layout}") + ("" if sink == "on" else "_nosink")
+            + ("" if outliers == all_outliers[0] else f"_out{outliers}"))
+
+
+def fill_spectral(model, batch, ctx, steps, bits, layout="planes", keep_sink=True, outlier_tokens=None):
     from sqcompile.cache import SpectralCache
 
-    cache = SpectralCache(model, bits=bits, max_cache_len=ctx + steps + 8, layout=layout, keep_sink=keep_sink)
+    extra = {} if outlier_tokens is None else dict(outlier_tokens=outlier_tokens)
+    cache = SpectralCache(model, bits=bits, max_cache_len=ctx + steps + 8, layout=layout, keep_sink=keep_sink, **extra)
     chunk = 4096
     for l, layer in enumerate(cache.layers):
         k0 = torch.zeros(batch, 8, 1, 128, device=DEV, dtype=torch.bfloat16)
@@ -87,6 +95,10 @@ def fill_spectral(model, batch, ctx, steps, bits, layout="planes", keep_sink=Tru
                                                layer.v_channel_scale, layer.k_qjl_proj, layer.k_groups, layer.v_groups,
                                                layer.qjl_dims, layer.qjl_bits)
         layer.cumulative_length.fill_(ctx)
+        if layer.slots:  # exact tokens as a prompt would leave them: the sink at 0, outliers spread over the context
+            layer.sink_k.normal_(), layer.sink_v.normal_()
+            layer.sink_pos.copy_(torch.linspace(0, ctx - 1, layer.slots, device=DEV).long()[None].expand(batch, -1))
+            layer.sink_crit.fill_(0.0)  # decode steps' keys replace them: the selection runs as in a real run
     return cache
 
 
@@ -95,16 +107,28 @@ def _cuda_calls() -> int:
     return dc.STATS["calls"]
 
 
-def time_decode(step_fn, cache, batch, steps, warmup=2):
-    """Median time of one decode step (ms) and the time of the very first call (s, includes compilation)."""
+def time_decode(step_fn, cache, batch, steps, warmup=2, profile=None):
+    """Median time of one decode step (ms) and the time of the very first call (s, includes compilation);
+    `profile`: a label, to cProfile the first call and print its top functions by cumulative time."""
     x = torch.randint(0, min(1000, VOCAB), (batch, 1), device=DEV)
     times = []
+    prof = None
+    if profile:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
     t0 = time.perf_counter()
     with torch.no_grad():
         step_fn(input_ids=x, past_key_values=cache, use_cache=True)
         if DEV == "cuda":
             torch.cuda.synchronize()
         first = time.perf_counter() - t0
+        if prof is not None:
+            import pstats
+            prof.disable()
+            print(f"--- first call of {profile}: {first:.1f} s")
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(r"sqcompile|compile_fx|codecache|nvrtc|autotune|"
+                                                                    r"cudagraph|fx_passes|graph_lowering|scheduler", 25)
         for i in range(warmup + steps):
             if DEV == "cuda":
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -134,6 +158,10 @@ def main():
     ap.add_argument("--out", default="e2e_decode.json")
     ap.add_argument("--sink", nargs="+", default=["on"], choices=["on", "off"],
                     help="SpectralCache(keep_sink=...): 'on off' times both (the off rows get a _nosink suffix)")
+    ap.add_argument("--outliers", nargs="+", type=int, default=[OUTLIER_TOKENS],
+                    help="SpectralCache(outlier_tokens=...): rows after the first get an _out<N> suffix")
+    ap.add_argument("--profile-compile", action="store_true",
+                    help="cProfile each row's first call (compilation) and print its top functions")
     ap.add_argument("--cudagraphs", action="store_true",
                     help="both compiled rows as CUDA graphs (Inductor mode='reduce-overhead'; sqcompile "
                          "options={'cudagraphs': True}): no per-kernel host time")
@@ -174,17 +202,21 @@ def main():
                 del cache
             if "inductor" in rows:
                 cache = fill_static(model, b, ctx, args.steps + 3)
-                row["inductor_ms"], first = time_decode(inductor, cache, b, args.steps)
+                row["inductor_ms"], first = time_decode(inductor, cache, b, args.steps, profile=(
+                    "inductor" if args.profile_compile and "inductor" not in compile_times else None))
                 compile_times.setdefault("inductor", first)
                 del cache
             names = []
             if "sqcompile" in rows:
-                for lay, sink in ((lay, sink) for lay in args.layouts for sink in args.sink):
-                    name = ("sqcompile" if lay == "planes" else f"sqcompile_{lay}") + ("" if sink == "on" else "_nosink")
+                for lay, sink, out in ((lay, sink, out) for lay in args.layouts for sink in args.sink
+                                       for out in args.outliers):
+                    name = row_name(lay, sink, out, args.outliers)
                     names.append(name)
-                    cache = fill_spectral(model, b, ctx, args.steps + 3, args.bits, lay, keep_sink=sink == "on")
+                    cache = fill_spectral(model, b, ctx, args.steps + 3, args.bits, lay, keep_sink=sink == "on",
+                                          outlier_tokens=out)
                     calls0 = _cuda_calls()
-                    row[f"{name}_ms"], first = time_decode(sqs[lay], cache, b, args.steps)
+                    row[f"{name}_ms"], first = time_decode(sqs[lay], cache, b, args.steps, profile=(
+                        name if args.profile_compile and name not in compile_times else None))
                     if lay == "fast":  # which decode kernel ran: the CUDA one counts its launches
                         row[f"{name}_cuda_kernel_launches"] = _cuda_calls() - calls0
                     compile_times.setdefault(name, first)
@@ -215,8 +247,8 @@ def main():
         json.dump(summary, f, indent=1)
     print(f"\n{summary['device']}, Llama-3-8B shape ({args.layers} layers, random bf16 weights), sqcompile at "
           f"{args.bits} bits/element ({16 / args.bits:.2f}x)")
-    names = [("sqcompile" if lay == "planes" else f"sqcompile_{lay}") + ("" if sink == "on" else "_nosink")
-             for lay in args.layouts for sink in args.sink]
+    names = [row_name(lay, sink, out, args.outliers) for lay in args.layouts for sink in args.sink
+             for out in args.outliers]
     print("| context | batch | eager tok/s | Inductor+StaticCache tok/s | "
           + " | ".join(f"{n} tok/s | {n} / Inductor" for n in names) + " |")
     print("|---|---|---|---|" + "---|---|" * len(names))

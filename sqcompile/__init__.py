@@ -24,5 +24,24 @@ def __getattr__(name: str):
 __version__ = "0.1.0"
 
 
+def _register_backend() -> None:
+    """backend="spectralquant" by name also where the package is imported but not installed: an install registers
+    it through its entry point (pyproject.toml), which torch loads itself (registering it here too would then be a
+    duplicate); a checkout on PYTHONPATH has none."""
+    from importlib.metadata import entry_points
+
+    from torch._dynamo import register_backend
+
+    if "spectralquant" in entry_points(group="torch_dynamo_backends").names:
+        return
+    try:
+        register_backend(spectralquant, name="spectralquant")
+    except AssertionError:  # registered already (an earlier import)
+        pass
+
+
+_register_backend()
+
+
 __all__ = ["spectralquant", "Options", "Site", "SpectralProfile", "Report", "explain", "calibrate", "optimize",
            "Optimized", "SpectralCache"]

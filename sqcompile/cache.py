@@ -46,10 +46,12 @@ class SpectralLayer(StaticLayer):
     is_compileable = True
 
     def __init__(self, max_cache_len: int, codec, layer_idx: int, max_batch_size: Optional[int] = None,
-                 keep_sink: bool = True, exact_new: bool = True):
+                 keep_sink: bool = True, exact_new: bool = True, outlier_tokens: int = 0):
         super().__init__(max_cache_len=max_cache_len)
         self.layer_idx = layer_idx
         self.keep_sink = bool(keep_sink)
+        self.outlier_tokens = _check_outliers(outlier_tokens, self.keep_sink)
+        self.slots = int(self.keep_sink) + self.outlier_tokens  # exact tokens per batch row: sink first, then outliers
         self.exact_new = bool(exact_new)
         self.max_batch_size = max_batch_size
         lc = codec.layers[layer_idx]
@@ -86,10 +88,11 @@ class SpectralLayer(StaticLayer):
         shape = (self.batch_size, self.num_heads, self.max_cache_len)
         self.keys = torch.zeros(*shape, self.k_row_bytes, dtype=torch.uint8, device=self.device)
         self.values = torch.zeros(*shape, self.v_row_bytes, dtype=torch.uint8, device=self.device)
-        if self.keep_sink:  # the sink token's exact key (model basis) and value (storage basis), its cache position
-            self.sink_k = torch.zeros(*shape[:2], self.head_dim, dtype=torch.float32, device=self.device)
+        if self.slots:  # the exact tokens' keys (model basis), values (storage basis), cache positions, criteria
+            self.sink_k = torch.zeros(*shape[:2], self.slots, self.head_dim, dtype=torch.float32, device=self.device)
             self.sink_v = torch.zeros_like(self.sink_k)
-            self.sink_pos = torch.full((self.batch_size,), -1, dtype=torch.int64, device=self.device)
+            self.sink_pos = torch.full((self.batch_size, self.slots), -1, dtype=torch.int64, device=self.device)
+            self.sink_crit = torch.full((self.batch_size, self.slots), float("-inf"), device=self.device)
         for name in ("k_basis", "k_mean", "v_basis", "v_mean", "k_codebooks", "k_channel_scale", "v_codebooks",
                      "v_channel_scale", "k_qjl_proj"):
             t = getattr(self, name)
@@ -97,7 +100,7 @@ class SpectralLayer(StaticLayer):
                 setattr(self, name, t.to(self.device))
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not _is_compiling():
-            sink = (self.sink_k, self.sink_v, self.sink_pos) if self.keep_sink else ()
+            sink = (self.sink_k, self.sink_v, self.sink_pos, self.sink_crit) if self.slots else ()
             for t in (self.keys, self.values, self.cumulative_length, *sink):
                 torch._dynamo.mark_static_address(t)
         self.is_initialized = True
@@ -108,48 +111,43 @@ class SpectralLayer(StaticLayer):
 
     @property
     def sink_nbytes(self) -> int:
-        """Bytes of the exact sink copy (8 * head_dim per batch row and kv-head; 0 without `keep_sink`)."""
-        if not (self.is_initialized and self.keep_sink):
+        """Bytes of the exact tokens' copies (8 * head_dim per exact slot, batch row and kv-head, plus 12 per slot
+        and row for its position and criterion; 0 without slots)."""
+        if not (self.is_initialized and self.slots):
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.sink_pos))
+        return sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.sink_pos, self.sink_crit))
 
     def reset(self) -> None:
         super().reset()
-        if self.is_initialized and self.keep_sink:
-            self.sink_k.zero_(), self.sink_v.zero_(), self.sink_pos.fill_(-1)
+        if self.is_initialized and self.slots:
+            self.sink_k.zero_(), self.sink_v.zero_(), self.sink_pos.fill_(-1), self.sink_crit.fill_(float("-inf"))
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
-        if self.is_initialized and self.keep_sink:  # a sink cropped away is no sink
-            self.sink_pos.masked_fill_(self.sink_pos >= self.cumulative_length, -1)
+        if self.is_initialized and self.slots:  # an exact token cropped away is none
+            gone = self.sink_pos >= self.cumulative_length
+            self.sink_pos.masked_fill_(gone, -1), self.sink_crit.masked_fill_(gone, float("-inf"))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.is_initialized and self.keep_sink:
-            for name in ("sink_k", "sink_v", "sink_pos"):
-                setattr(self, name, getattr(self, name).index_select(0, beam_idx.to(self.device)))
+        if self.is_initialized and self.slots:
+            for t in (self.sink_k, self.sink_v, self.sink_pos, self.sink_crit):  # in place: static addresses
+                t.copy_(t.index_select(0, beam_idx.to(self.device)))
 
-    def _store_sink(self, key_states, v_store, positions, position_ids) -> None:
-        """Copy the new tokens' sink, if any: by `position_ids` [B|1, n], the token at RoPE position 0 that is not
-        followed by another position 0 (generate() gives left padding position 0, or 1 in older versions: the
-        first real token is the last of a run of zeros), else the token at cache position 0. A padding token
-        taken by mistake costs only the benefit: the attention mask still hides it."""
-        B, H, n, D = key_states.shape
-        if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == n \
-                and position_ids.shape[0] in (1, B):
-            pid = position_ids.to(self.device).expand(B, n)
-            after = torch.cat([pid[:, 1:], torch.ones_like(pid[:, :1])], 1)
-            first = (pid == 0) & (after != 0)
-        else:
-            first = (positions == 0)[None, :].expand(B, n)
-        has = first.any(-1)
-        idx = first.to(torch.int32).argmax(-1)  # the first such token per row
-        at = idx[:, None, None, None].expand(B, H, 1, D)
-        new_k = key_states.to(torch.float32).gather(2, at)[:, :, 0]
-        new_v = v_store.to(torch.float32).gather(2, at)[:, :, 0]
-        self.sink_k.copy_(torch.where(has[:, None, None], new_k, self.sink_k))
-        self.sink_v.copy_(torch.where(has[:, None, None], new_v, self.sink_v))
-        self.sink_pos.copy_(torch.where(has, positions[idx], self.sink_pos))
+    def _store_exact(self, key_states, v_store, positions, position_ids) -> None:
+        """Copy the new tokens that become exact slots. Slot 0 (`keep_sink`): the sink, by `position_ids` [B|1, n]
+        the token at RoPE position 0 that is not followed by another position 0 (generate() gives left padding
+        position 0, or 1 in older versions: the first real token is the last of a run of zeros), else the token at
+        cache position 0. The other slots (`outlier_tokens`): the tokens of the row so far whose keys lie farthest
+        from the calibrated key mean (sum over kv-heads of ||k - k_mean||^2), the sink and padding (RoPE position 0,
+        or before the row's first real token) not counted; a new token takes the slot of the nearest one held. A
+        padding token taken by mistake costs only the benefit: the attention mask still hides it. The work is one op
+        (`sqcompile::store_exact`), one node for Inductor."""
+        pid = position_ids if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 \
+            and position_ids.shape[-1] == key_states.shape[-2] and position_ids.shape[0] in (1, key_states.shape[0]) \
+            else None
+        torch.ops.sqcompile.store_exact(self.sink_k, self.sink_v, self.sink_pos, self.sink_crit, key_states, v_store,
+                                        positions, pid, self.k_mean, self.keep_sink, self.outlier_tokens)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
@@ -169,8 +167,8 @@ class SpectralLayer(StaticLayer):
         # removes these two ops); keys are rotated inside quantize_write.
         v_store = torch.matmul(value_states.to(torch.float32) - self.v_mean[None, :, None, :],
                                self.v_basis.transpose(-1, -2))
-        if self.keep_sink:
-            self._store_sink(key_states, v_store, positions, _position_ids(args, kwargs))
+        if self.slots:
+            self._store_exact(key_states, v_store, positions, _position_ids(args, kwargs))
         # the new tokens attend to their own exact K/V (a prompt to itself, a decode step to its token)
         fresh = (positions, key_states, v_store) if self.exact_new else None
         if self.fast:
@@ -195,17 +193,27 @@ class SpectralLayer(StaticLayer):
         tokens' exact K/V over theirs (`fresh`: a prompt attends to itself in full precision, issue #4; a decode
         step to its own token); later steps read them compressed. Values are replaced in the storage basis (what
         SDPA reads once o_proj absorbs the basis), keys in the model basis."""
-        if self.keep_sink:
+        if self.slots:
             v_store_hat = torch.ops.sqcompile.put_sink(v_store_hat, self.sink_v, self.sink_pos)
         if fresh is not None:
             v_store_hat = v_store_hat.index_copy(2, fresh[0], fresh[2].to(v_store_hat.dtype))
         k_hat = torch.matmul(k_store, self.k_basis) + self.k_mean[None, :, None, :]
         v_hat = torch.matmul(v_store_hat, self.v_basis) + self.v_mean[None, :, None, :]
-        if self.keep_sink:
+        if self.slots:
             k_hat = torch.ops.sqcompile.put_sink(k_hat, self.sink_k, self.sink_pos)
         if fresh is not None:
             k_hat = k_hat.index_copy(2, fresh[0], fresh[1].to(k_hat.dtype))
         return k_hat.to(self.dtype), v_hat.to(self.dtype)
+
+
+def _check_outliers(outlier_tokens: Any, keep_sink: bool) -> int:
+    from .kernels.sink import MAX_SLOTS
+
+    room = MAX_SLOTS - int(keep_sink)
+    if isinstance(outlier_tokens, bool) or not isinstance(outlier_tokens, int) or not 0 <= outlier_tokens <= room:
+        raise ValueError(f"outlier_tokens must be an int in 0..{room} (the decode kernels skip at most {MAX_SLOTS} "
+                         f"exact tokens per row, the sink included), got {outlier_tokens!r}")
+    return outlier_tokens
 
 
 def _position_ids(args, kwargs) -> Optional[torch.Tensor]:
@@ -228,7 +236,8 @@ class SpectralCache(Cache):
 
     def __init__(self, model_or_config: Any, profile: Any = None, bits: float = 4.25, max_cache_len: int = 4096,
                  max_batch_size: Optional[int] = None, method: Optional[str] = None, seed: int = 0,
-                 keep_sink: bool = True, exact_new: bool = True, **codec_kwargs: Any):
+                 keep_sink: bool = True, exact_new: bool = True, outlier_tokens: int = _sink.OUTLIER_TOKENS,
+                 **codec_kwargs: Any):
         from .profile import SpectralProfile, model_fingerprint
         from .quant import build_codec
 
@@ -249,7 +258,8 @@ class SpectralCache(Cache):
         if self.codec.config.get("layout") == "fast":
             # whole 16-byte chunks per (batch, kv-head) plane for the CUDA decode kernel's copies
             max_cache_len = -(-max_cache_len // 8) * 8
-        layers = [SpectralLayer(max_cache_len, self.codec, i, max_batch_size, keep_sink, exact_new)
+        _check_outliers(outlier_tokens, bool(keep_sink))
+        layers = [SpectralLayer(max_cache_len, self.codec, i, max_batch_size, keep_sink, exact_new, outlier_tokens)
                   for i in range(fp["num_layers"])]
         super().__init__(layers=layers)
 

@@ -209,11 +209,13 @@ class _OnlyOne:
 @torch.no_grad()
 def _chunked_log_probs(model, ids: Tensor, codec=None, chunk: int = 64) -> Tensor:
     from . import evaluate as ev
+    from .kernels.sink import OUTLIER_TOKENS
 
     ev._register_attention()
     previous = model.config._attn_implementation
     model.set_attn_implementation(ev.ATTN_NAME)
-    state = ev.EvalState(codec, [], fp16=codec is None, keep_sink=True)  # as SpectralCache keeps the sink
+    # as SpectralCache keeps the sink and the outlier tokens exact
+    state = ev.EvalState(codec, [], fp16=codec is None, keep_sink=True, outlier_tokens=OUTLIER_TOKENS)
     cache = ev.simulated_cache(state, model.config)
     kwarg = cache_kwarg(model)
     device = next(model.parameters()).device

@@ -140,13 +140,17 @@ class EvalState:
     """Everything one evaluation run shares between the cache and the attention function."""
 
     def __init__(self, codec, measure_layers: Sequence[int], fp16: bool = False, keep_sink: bool = False,
-                 exact_fresh: bool = False):
+                 exact_fresh: bool = False, outlier_tokens: int = 0):
         self.codec = codec
         self.fp16 = fp16
         self.keep_sink = keep_sink  # the first token's K/V exact, as `SpectralCache(keep_sink=True)` keeps them
         # an update's new tokens attend to their own exact K/V, as SpectralCache(exact_new=True) does (off for the
         # perplexity rows: fed in chunks, every token then reads the compressed cache, its own chunk included)
         self.exact_fresh = exact_fresh
+        # the keys farthest from the key mean exact, as `SpectralCache(outlier_tokens=...)` keeps them
+        self.outlier_tokens = outlier_tokens
+        self.seen: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # per layer: exact K, V [B, H, T, d], criterion [B, T]
+        self.sketch_norm: dict[int, Tensor] = {}  # per layer: QJL residual norms before the exact tokens' are zeroed
         self.measure_layers = set(measure_layers)
         self.exact: dict[int, tuple[Tensor, Tensor]] = {}  # exact K/V of the measured layers
         self.sketch: dict[int, Any] = {}  # per-layer QJL residual data, concatenated along tokens
@@ -209,14 +213,44 @@ def simulated_cache(state: EvalState, config):
             cos = F.cosine_similarity(k_hat.float(), k.float(), dim=-1)
             state.cos_sum += cos.sum().item()
             state.cos_count += cos.numel()
+            start = self.get_seq_length(layer_idx)
             keys, values = super().update(k_hat, v_hat, layer_idx, *args, **kwargs)
             n = k.shape[2]
+            if state.outlier_tokens and not state.fp16:
+                keys, values = _outliers_exact(state, layer_idx, k, v, keys, values, start)
             if state.exact_fresh:
                 keys, values = keys.clone(), values.clone()
                 keys[:, :, -n:], values[:, :, -n:] = k, v
             return keys, values
 
     return SimulatedKVCache(config=config)
+
+
+def _outliers_exact(state: EvalState, layer: int, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, start: int):
+    """keys/values [B, H, T, d] with the rows of the `state.outlier_tokens` tokens so far whose keys lie farthest
+    from the key mean (sum over kv-heads of ||k - k_mean||^2; position 0, the sink, not counted) exact, as
+    `SpectralCache` keeps them; their QJL residual norms read 0."""
+    _, km = _layer_params(state.codec, layer, "key")
+    crit = (k.float() - km.to(k.device)[None, :, None, :]).square().sum((1, 3))  # [B, n]
+    if start == 0:
+        crit[:, 0] = float("-inf")
+    new = (k, v, crit)
+    prev = state.seen.get(layer)
+    state.seen[layer] = new if prev is None else tuple(torch.cat([a, b], -1 if a.dim() == 2 else 2)
+                                                       for a, b in zip(prev, new))
+    ek, ev, crit = state.seen[layer]
+    best, idx = crit.topk(min(state.outlier_tokens, crit.shape[1]), dim=1)
+    idx = torch.where(best > float("-inf"), idx, crit.shape[1])  # an empty slot: out of range, dropped below
+    B, H, T, D = keys.shape
+    keep = torch.zeros(B, T + 1, dtype=torch.bool, device=keys.device).scatter_(1, idx, True)[:, :T]
+    keys = torch.where(keep[:, None, :, None], ek.to(keys.dtype), keys)
+    values = torch.where(keep[:, None, :, None], ev.to(values.dtype), values)
+    if layer in state.sketch:  # QJL: no residual to correct on an exact token (raw norms kept for evictions)
+        bits, norm = state.sketch[layer]
+        raw = state.sketch_norm.get(layer)
+        raw = state.sketch_norm[layer] = norm if raw is None else torch.cat([raw, norm[:, :, raw.shape[2]:]], 2)
+        state.sketch[layer] = (bits, raw.masked_fill(keep[:, None, :], 0))
+    return keys, values
 
 
 def _cat_tokens(prev, new):
@@ -299,14 +333,18 @@ def _register_attention() -> None:
 # --- perplexity -----------------------------------------------------------------------------------
 @torch.no_grad()
 def run_row(model, ids: Tensor, codec=None, fp16: bool = False, measure_layers: Sequence[int] = (),
-            chunk: int = EVAL_CHUNK, keep_sink: bool = True) -> tuple[float, EvalState]:
+            chunk: int = EVAL_CHUNK, keep_sink: bool = True,
+            outlier_tokens: Optional[int] = None) -> tuple[float, EvalState]:
     """Perplexity of `ids` [S] fed in chunks through the simulated cache; returns (ppl, state). keep_sink: the
-    first token's K/V stay exact, as in `SpectralCache` (its default)."""
+    first token's K/V stay exact, as in `SpectralCache` (its default); outlier_tokens (None: SpectralCache's
+    default): so do those of the keys farthest from the key mean."""
+    from .kernels.sink import OUTLIER_TOKENS
     global _ACTIVE
     _register_attention()
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
-    state = EvalState(codec, measure_layers, fp16=fp16, keep_sink=keep_sink)
+    state = EvalState(codec, measure_layers, fp16=fp16, keep_sink=keep_sink,
+                      outlier_tokens=OUTLIER_TOKENS if outlier_tokens is None else outlier_tokens)
     cache = simulated_cache(state, model.config)
     kwarg = cache_kwarg(model)
     device = next(model.parameters()).device

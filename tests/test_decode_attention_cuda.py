@@ -359,6 +359,19 @@ def test_every_gpu_path_merges_the_exact_sink(G, monkeypatch):
     ref_h = fa.decode_attention_fast_reference(*args, **per_head)
     assert rel(dc.decode_attention_fast_cuda(*args, **per_head, poison=True), ref_h) < 5e-3
     assert rel(fa.decode_attention_fast_triton(*args, **per_head, poison=True), ref_h) < 5e-3
+    # the sink and the outlier tokens: up to MAX_SLOTS packed copies per row to skip (the kernel's register list)
+    from sqcompile.kernels.sink import MAX_SLOTS
+    many = torch.stack([torch.randperm(200, device="cuda", generator=gen)[:MAX_SLOTS] for _ in range(B)]).int()
+    many[2, 3:] = -1
+    for sp in (torch.tensor([[0, 5, 77], [130, -1, 199], [-1, -1, -1]], device="cuda", dtype=torch.int32), many):
+        for m in (None, mask):
+            slots = dict(kv_mask=m, sink_score=score, sink_value=value, sink_pos=sp)
+            ref_s = fa.decode_attention_fast_reference(*args, **slots)
+            if m is None:  # the other skips count (under the random mask they may hit masked tokens only)
+                assert rel(ref_s, fa.decode_attention_fast_reference(*args, sink_score=score, sink_value=value,
+                                                                     sink_pos=sp[:, 0])) > 1e-3
+            assert rel(dc.decode_attention_fast_cuda(*args, **slots, poison=True), ref_s) < 5e-3
+            assert rel(fa.decode_attention_fast_triton(*args, **slots, poison=True), ref_s) < 5e-3
     # the bit-plane op's Triton kernels
     kfmt, vfmt = make_format("turbo4", d, H, torch.Generator().manual_seed(1)), make_format("hybrid", d, H, torch.Generator().manual_seed(2))
     pargs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
@@ -368,3 +381,36 @@ def test_every_gpu_path_merges_the_exact_sink(G, monkeypatch):
     pref = da.decode_attention_reference(q.float(), kpp, vpp, lengths, scale=0.125, **sink, **pargs)
     pout = da.decode_attention_triton(q.float(), kpp, vpp, lengths, scale=0.125, poison=True, **sink, **pargs)
     assert rel(pout, pref) < 5e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the lent GPU)")
+def test_exact_slot_ops_on_cuda_match_torch(monkeypatch):
+    """sqcompile::exact_split and sqcompile::store_exact on CUDA (their Triton kernels) equal the torch forms on
+    the CPU: the decode step's extra split (slots, mask, the new token in a slot) and a step's slot update."""
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    from sqcompile.kernels.sink import exact_split_torch, store_exact_torch
+
+    gen = torch.Generator().manual_seed(7)
+    B, Hkv, G, S, d, T = 3, 8, 4, 5, 128, 40
+    q, mean = torch.randn(B, Hkv * G, d, generator=gen), torch.randn(Hkv, d, generator=gen)
+    sk, sv = torch.randn(B, Hkv, S, d, generator=gen), torch.randn(B, Hkv, S, d, generator=gen)
+    pos = torch.tensor([[0, 5, -1, 9, 30], [2, 3, 7, -1, 11], [-1] * 5])
+    mask = torch.rand(B, T, generator=gen) > 0.2
+    new = (torch.randn(B, Hkv, 1, d, generator=gen), torch.randn(B, Hkv, 1, d, generator=gen), torch.tensor([7]))
+    args = (q, mean, mask, 0.09, sk, sv, pos, *new)
+    ref = exact_split_torch(*args)
+    got = torch.ops.sqcompile.exact_split(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
+    assert torch.allclose(got[0].cpu(), ref[0], atol=1e-4) and torch.allclose(got[1].cpu(), ref[1], atol=1e-4)
+    bufs = [sk.clone(), sv.clone(), pos.clone(), torch.randn(B, S, generator=gen).abs() * 50]
+    key = mean[None, :, None, :] + 3 * torch.randn(B, Hkv, 1, d, generator=gen)
+    step = (key, new[1], torch.tensor([12]), torch.tensor([[4], [0], [9]]), mean, True, S - 1)
+    mine = [t.cuda() for t in bufs]
+    store_exact_torch(*bufs, *step)
+    torch.ops.sqcompile.store_exact(*mine, *[a.cuda() if isinstance(a, torch.Tensor) else a for a in step])
+    for a, b in zip(mine, bufs):  # one token: the torch form's top-k keeps the slot order but for the one replaced
+        a = a.cpu()
+        if a.dim() == 2:
+            assert torch.equal(a.sort(1).values, b.sort(1).values) if a.dtype != torch.float32 else \
+                torch.allclose(a.sort(1).values, b.sort(1).values)
+        else:
+            assert torch.allclose(a.sum(2), b.sum(2), atol=1e-4)  # the same rows, in whatever slot order

@@ -61,7 +61,8 @@ def test_eager_spectral_cache_equals_simulation(layout):
     ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(2))
     cache = SpectralCache(model, bits=2.69, max_cache_len=32, layout=layout)
     assert cache.layers[0].fast == (layout == "fast")
-    sim = simulated_cache(EvalState(cache.codec, (), keep_sink=True, exact_fresh=True), model.config)
+    sim = simulated_cache(EvalState(cache.codec, (), keep_sink=True, exact_fresh=True,
+                                    outlier_tokens=cache.layers[0].outlier_tokens), model.config)
     with torch.no_grad():  # a prompt (exact among itself), then 8 tokens that read it compressed
         for part in (ids[:, :12], ids[:, 12:]):
             a = model(input_ids=part, past_key_values=cache, use_cache=True).logits

@@ -502,7 +502,7 @@ class _Launch:
         self.op = torch.empty(B, Hq, self.nsplit, D, device=dev, dtype=torch.float32)
         self.lse = torch.empty(B, Hq, self.nsplit, device=dev, dtype=torch.float32)
         self.qkernel, self.kernel, self.mkernel, self.wkernel = (pl.compiled(n) for n in KERNELS)
-        self.qargs, self.args, self.margs = _Args("pppii"), _Args("pppppppppp" + "iiiii" + "p"), _Args("pppiippi")
+        self.qargs, self.args, self.margs = _Args("pppii"), _Args("pppppppppp" + "iiiii" + "pi"), _Args("pppiippi")
         self.wargs = _Args("pppii" + "ppppppp" + "iiiiiiii")
 
 
@@ -564,8 +564,9 @@ def decode_attention_fast_cuda(
     write = (key, v_store, positions, k_basis, k_mean, k_layout, v_layout) first stores one new token per
     sequence ([B, Hkv, 1, d] key and storage-basis value, positions [1]) into k_packed / v_packed as
     `sqcompile::quantize_write_fast` does, inside the query transform's launch (`write_supported` says when).
-    sink_score [B, Hq] / sink_value [B, Hkv, d] / sink_pos [B]: the exact sink token (`sqcompile.kernels.sink`):
-    the split kernel skips its packed copy at sink_pos, the merge launch takes it as one more split."""
+    sink_score [B, Hq] / sink_value [B, Hkv or Hq, d] / sink_pos [B] or [B, S]: the exact tokens
+    (`sqcompile.kernels.sink`: the sink and the outlier tokens, merged into one split): the split kernel skips
+    their packed copies at sink_pos (at most `sink.MAX_SLOTS` per row), the merge launch takes them as one more split."""
     specs = None if write is None else (str(write[5]), str(write[6]))
     key = (tuple(q.shape), q.dtype, q.device, tuple(k_packed.shape), tuple(k_groups), tuple(v_groups), num_splits,
            warps, stages, per_sm, specs)
@@ -603,7 +604,8 @@ def decode_attention_fast_cuda(
     _launch(st.kernel, (st.B * st.Hkv, st.nsplit, 1), (32 * st.warps, 1, 1), pl.smem,
             st.args.set((st.qf, k_packed, v_packed, lengths, kv_mask if kv_mask is not None else lengths, vf,
                          t["vpow"], t["vmeta"], st.op, st.lse, st.T, st.Hkv, st.nsplit, st.tps,
-                         int(kv_mask is not None), 0 if sink_pos is None else sink_pos)))
+                         int(kv_mask is not None), 0 if sink_pos is None else sink_pos,
+                         0 if sink_pos is None else sink_pos.shape[1])))
     _launch(st.mkernel, (st.B * st.Hq, 1, 1), (st.D, 1, 1), 0, st.margs.set((
         st.op, st.lse, out, st.nsplit, st.qdt, 0 if sink_score is None else sink_score,
         0 if sink_value is None else sink_value, 1 if sink_value is None else st.Hq // sink_value.shape[1])))
@@ -632,6 +634,20 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {{
   u32 r; asm volatile("{{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }}" : "=r"(r) : "l"(p)); return r; }}
 __device__ __forceinline__ void cp16(u32 dst, const void* src, int n) {{
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(n)); }}
+// the first iteration >= from of this warp's tile loop (tiles t_lo + (warp + i * W) * TN) whose tile holds one of the
+// nskip positions sk[], or INT_MAX
+__device__ __forceinline__ int next_skip(const int* sk, int nskip, int from, int t_lo, int t_hi, int warp) {{
+  int best = 0x7fffffff;
+  for (int j = 0; j < nskip; ++j) {{
+    const int p = sk[j];
+    if (p < t_lo || p >= t_hi) continue;
+    const int r = (p - t_lo) / TN - warp;
+    if (r < 0 || r % W) continue;
+    const int it = r / W;
+    if (it >= from && it < best) best = it;
+  }}
+  return best;
+}}
 __device__ __forceinline__ void cp_commit() {{ asm volatile("cp.async.commit_group;"); }}
 template <int N> __device__ __forceinline__ void cp_wait() {{ asm volatile("cp.async.wait_group %0;" :: "n"(N)); }}
 __device__ __forceinline__ u32 lds16(const unsigned char* p) {{ return *(const unsigned short*)p; }}
@@ -795,16 +811,20 @@ extern "C" __global__ void __launch_bounds__(W * 32) sq_fast_decode(
     const unsigned short* __restrict__ QF, const unsigned char* __restrict__ KP, const unsigned char* __restrict__ VP,
     const int* __restrict__ LEN, const unsigned char* __restrict__ KVM, const float* __restrict__ VF,
     const float* __restrict__ VPOW, const int* __restrict__ VMETA, float* __restrict__ OP, float* __restrict__ LSE,
-    int T, int Hkv, int nsplit, int tps, int has_mask, const int* __restrict__ SKIP) {{
+    int T, int Hkv, int nsplit, int tps, int has_mask, const int* __restrict__ SKIP, int nskip) {{
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int bh = blockIdx.x, b = bh / Hkv, h = bh - b * Hkv, split = blockIdx.y;
   int len = LEN[b]; len = len < T ? len : T; len = len > 0 ? len : 0;
-  const int skip = SKIP ? SKIP[b] : -1;  // the exact sink's packed copy (sqcompile.kernels.sink), or none
+  // the exact tokens' packed copies (sqcompile.kernels.sink: the sink and the outlier tokens; -1: none), read from
+  // global memory only in the tiles that hold one: per tile, one compare with the warp's next such tile
+  if (!SKIP) nskip = 0;
+  const int* skp = SKIP ? SKIP + (long long)b * nskip : SKIP;
   const int t_lo = split * tps * TN;
   int t_hi = t_lo + tps * TN; t_hi = t_hi < len ? t_hi : len;
   const int ntiles = t_hi > t_lo ? (t_hi - t_lo + TN - 1) / TN : 0;
   const int my_n = ntiles > warp ? (ntiles - warp + W - 1) / W : 0;
+  int nxt = next_skip(skp, nskip, 0, t_lo, t_hi, warp);
   unsigned char* wsm = smem + warp * (STAGES * STAGE_BYTES);
   const unsigned char* kplane = KP + (long long)bh * T * KRB;
   const unsigned char* vplane = VP + (long long)bh * T * VRB;
@@ -863,13 +883,16 @@ extern "C" __global__ void __launch_bounds__(W * 32) sq_fast_decode(
 {KSCORES}
       sc[mt][0] = s0; sc[mt][1] = s1; sc[mt][2] = s2; sc[mt][3] = s3;
     }}
-    if (has_mask || t0 + TN > t_hi || (unsigned)(skip - t0) < (unsigned)TN) {{
+    const bool hit = i == nxt;
+    if (has_mask || t0 + TN > t_hi || hit) {{
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {{
 #pragma unroll
         for (int r = 0; r < 2; ++r) {{
           const int tok = t0 + mt * 16 + gid + 8 * r;
-          bool ok = tok < t_hi && tok != skip;
+          bool ok = tok < t_hi;
+          if (hit)
+            for (int j = 0; j < nskip; ++j) ok = ok && tok != skp[j];
           if (ok && has_mask) ok = KVM[(long long)b * T + tok] != 0;
           if (!ok) {{
             sc[mt][2 * r] = SQ_NINF; sc[mt][2 * r + 1] = SQ_NINF;
@@ -878,6 +901,7 @@ extern "C" __global__ void __launch_bounds__(W * 32) sq_fast_decode(
         }}
       }}
       __syncwarp();
+      if (hit) nxt = next_skip(skp, nskip, i + 1, t_lo, t_hi, warp);
     }}
     float x0 = fmaxf(fmaxf(sc[0][0], sc[0][2]), fmaxf(sc[1][0], sc[1][2]));
     float x1 = fmaxf(fmaxf(sc[0][1], sc[0][3]), fmaxf(sc[1][1], sc[1][3]));

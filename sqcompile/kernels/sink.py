@@ -15,6 +15,12 @@ row has none). Reads use the exact copy in place of the token's codes:
   extra split (`merge_sink_reference` is the torch form).
 
 The cost: 8 * head_dim bytes per (layer, batch row, kv-head), whatever the context length.
+
+Exact slots (eighth session): besides the sink, `SpectralCache(outlier_tokens=N)` keeps the N tokens whose keys lie
+farthest from the key mean exact the same way (slot form: sink_k / sink_v [B, Hkv, S, d], sink_pos [B, S]; the
+one-token form [B, Hkv, d] / [B] is still taken everywhere). The decode graph holds two ops for them, each one node
+for Inductor: `sqcompile::store_exact` (the slot update at the write) and `sqcompile::exact_split` (the extra
+split); on CUDA each is one Triton launch (`sink_triton.py`).
 """
 from __future__ import annotations
 
@@ -25,16 +31,39 @@ import torch
 LOG2E = 1.4426950408889634
 
 
+MAX_SLOTS = 8  # exact tokens per batch row a decode kernel skips (the CUDA split kernel keeps them in registers)
+OUTLIER_TOKENS = 4  # SpectralCache's default number of exact outlier tokens per row, besides the sink
+
+
+def as_slots(sink: torch.Tensor, sink_pos: torch.Tensor):
+    """The one-token form (sink [B, H, d], sink_pos [B]) as the slot form (sink [B, H, S, d], sink_pos [B, S])."""
+    if sink_pos.dim() == 1:
+        sink_pos = sink_pos[:, None]
+    if sink.dim() == 3:
+        sink = sink[:, :, None]
+    return sink, sink_pos
+
+
 @torch.library.custom_op("sqcompile::put_sink", mutates_args=())
 def put_sink(x: torch.Tensor, sink: torch.Tensor, sink_pos: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, d] with row sink_pos[b] of batch row b replaced by sink [B, H, d] (rows with sink_pos < 0,
-    or at or past T, keep x)."""
+    """x [B, H, T, d] with row sink_pos[b, s] of batch row b replaced by sink[b, :, s] for each exact slot s
+    (sink [B, H, S, d], sink_pos [B, S]; or one token: [B, H, d] / [B]). Slots with sink_pos < 0, or at or past T,
+    leave x as it is."""
     B, H, T, D = x.shape
-    if sink.shape != (B, H, D) or sink_pos.shape != (B,):
-        raise ValueError(f"put_sink: x {tuple(x.shape)} needs sink [{B}, {H}, {D}] and sink_pos [{B}], got "
+    if sink_pos.dim() not in (1, 2) or sink.dim() != sink_pos.dim() + 2:
+        raise ValueError(f"put_sink: needs sink [B, H, S, d] with sink_pos [B, S] (or [B, H, d] with [B]), got "
                          f"{tuple(sink.shape)} / {tuple(sink_pos.shape)}")
-    at = torch.arange(T, device=x.device)[None, None, :, None] == sink_pos.to(x.device)[:, None, None, None]
-    return torch.where(at, sink.to(x.dtype)[:, :, None, :], x).contiguous()
+    sink, sink_pos = as_slots(sink, sink_pos)
+    S = sink_pos.shape[1]
+    if sink.shape != (B, H, S, D) or sink_pos.shape != (B, S):
+        raise ValueError(f"put_sink: x {tuple(x.shape)} needs sink [{B}, {H}, S, {D}] and sink_pos [{B}, S], got "
+                         f"{tuple(sink.shape)} / {tuple(sink_pos.shape)}")
+    t = torch.arange(T, device=x.device)[None, None, :, None]
+    out = x
+    for s in range(S):
+        at = t == sink_pos[:, s].to(x.device)[:, None, None, None]
+        out = torch.where(at, sink[:, :, s].to(x.dtype)[:, :, None, :], out)
+    return out.contiguous()
 
 
 @put_sink.register_fake
@@ -51,33 +80,65 @@ def _scores(q: torch.Tensor, k: torch.Tensor, k_mean: torch.Tensor, scale: float
     return torch.einsum("bhgd,bhd->bhg", q.float().reshape(B, Hkv, Hq // Hkv, D), kc) * (float(scale) * LOG2E)
 
 
+def _slot_scores(q: torch.Tensor, sink_k: torch.Tensor, k_mean: torch.Tensor, sink_pos: torch.Tensor,
+                 kv_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """[B, Hkv, G, S] scores of the exact slots (sink_k [B, Hkv, S, d], sink_pos [B, S]): -inf for an empty slot
+    (position -1) and for one the mask hides (a padding token taken for a sink, a window past it)."""
+    B, Hq, D = q.shape
+    Hkv, S = sink_k.shape[1], sink_k.shape[2]
+    s = torch.stack([_scores(q, sink_k[:, :, i], k_mean, scale) for i in range(S)], -1)  # [B, Hkv, G, S]
+    ok = sink_pos >= 0
+    if kv_mask is not None:
+        allowed = kv_mask.expand(B, kv_mask.shape[-1]) != 0
+        ok = ok & allowed.gather(1, sink_pos.clamp(min=0))
+    return torch.where(ok[:, None, None, :], s, float("-inf"))
+
+
+def _merge_exact(s: torch.Tensor, v: torch.Tensor):
+    """Tokens with scores s [B, Hkv, G, N] (log2 units) and values v [B, Hkv, 1 or G, N, d] as one split: (score
+    log2(sum 2^s) [B, Hkv, G], value their softmax-weighted mean [B, Hkv, G, d]); all -inf: score -inf, value 0."""
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp2(s - m)
+    tot = w.sum(-1)
+    value = torch.einsum("bhgn,bhgnd->bhgd", w, v.expand(-1, -1, s.shape[2], -1, -1)) / tot.clamp_min(1e-30)[..., None]
+    score = torch.where(tot > 0, m[..., 0] + torch.log2(tot.clamp_min(1e-30)), float("-inf"))
+    return score, value
+
+
 def sink_inputs(q: torch.Tensor, sink_k: torch.Tensor, k_mean: torch.Tensor, sink_pos: torch.Tensor,
-                kv_mask: Optional[torch.Tensor], scale: float):
+                kv_mask: Optional[torch.Tensor], scale: float, sink_v: Optional[torch.Tensor] = None):
     """What a decode op needs for the exact sink: (sink_score [B, Hq] float32 = scale * log2(e) *
     q . (k_sink - k_mean), -inf for rows without a sink or whose mask hides it; sink_pos as int32 [B]).
 
-    q [B, Hq, d] (model basis, after RoPE); sink_k [B, Hkv, d] exact keys; k_mean [Hkv, d]."""
-    B, Hq, _ = q.shape
-    s = torch.where((sink_pos >= 0)[:, None], _scores(q, sink_k, k_mean, scale).reshape(B, Hq), float("-inf"))
-    if kv_mask is not None:
-        # the mask hides the sink too (a padding token taken for one, a window past it): so does its score
-        allowed = kv_mask.expand(B, kv_mask.shape[-1]) != 0
-        s = torch.where(allowed.gather(1, sink_pos.clamp(min=0)[:, None]), s, float("-inf"))
-    return s, sink_pos.to(torch.int32)
+    q [B, Hq, d] (model basis, after RoPE); sink_k [B, Hkv, d] exact keys; k_mean [Hkv, d]. Slots (sink_k
+    [B, Hkv, S, d], sink_pos [B, S], with their values sink_v [B, Hkv, S, d]): the slots merged into one split,
+    (score [B, Hq], value [B, Hq, d], sink_pos int32 [B, S])."""
+    B, Hq, D = q.shape
+    if sink_k.dim() == 3:
+        s = _slot_scores(q, sink_k[:, :, None], k_mean, sink_pos[:, None], kv_mask, scale)
+        return s.reshape(B, Hq), sink_pos.to(torch.int32)
+    s = _slot_scores(q, sink_k, k_mean, sink_pos, kv_mask, scale)
+    score, value = _merge_exact(s, sink_v.float()[:, :, None])
+    return score.reshape(B, Hq), value.reshape(B, Hq, D), sink_pos.to(torch.int32)
 
 
 def extra_inputs(q: torch.Tensor, k_mean: torch.Tensor, kv_mask: Optional[torch.Tensor], scale: float,
                  sink: Optional[tuple] = None, new: Optional[tuple] = None):
-    """The decode op's one extra split for the exact tokens of a step: the sink (sink_k, sink_v, sink_pos) and/or
-    the step's own new token (key [B, Hkv, 1, d] model basis, v_store [B, Hkv, 1, d] storage basis, position
-    [1]). Returns (sink_score [B, Hq], sink_value [B, Hkv or Hq, d], sink_pos int32 [B]); with `new` the op
-    reads the packed cache up to, not including, the new token's position (the caller passes that length).
+    """The decode op's one extra split for the exact tokens of a step: the exact slots (sink_k, sink_v, sink_pos:
+    [B, Hkv, d] / [B, Hkv, d] / [B] for the sink alone, or [B, Hkv, S, d] / [B, Hkv, S, d] / [B, S] for the sink and
+    the outlier tokens) and/or the step's own new token (key [B, Hkv, 1, d] model basis, v_store [B, Hkv, 1, d]
+    storage basis, position [1]). Returns (sink_score [B, Hq], sink_value [B, Hkv or Hq, d], sink_pos int32 [B]
+    or [B, S]); with `new` the op reads the packed cache up to, not including, the new token's position (the
+    caller passes that length).
 
-    Both exact: one split holding the two tokens, score log2(2^s_sink + 2^s_new), value their softmax-weighted
-    mean per query head; a sink that is the new token itself counts once."""
+    Several exact tokens: one split holding them, score log2(sum 2^s), value their softmax-weighted mean per
+    query head; a slot that holds the new token itself counts once."""
     B, Hq, D = q.shape
     if new is None:
-        return sink_inputs(q, sink[0], k_mean, sink[2], kv_mask, scale)
+        if sink[0].dim() == 3:
+            return sink_inputs(q, sink[0], k_mean, sink[2], kv_mask, scale)
+        return sink_inputs(q, sink[0], k_mean, sink[2], kv_mask, scale, sink_v=sink[1])
     key, v_new, position = new
     Hkv = key.shape[1]
     G = Hq // Hkv
@@ -85,14 +146,119 @@ def extra_inputs(q: torch.Tensor, k_mean: torch.Tensor, kv_mask: Optional[torch.
     v_new = v_new.float()[:, :, 0]
     if sink is None:
         return s_new.reshape(B, Hq), v_new, torch.full((B,), -1, dtype=torch.int32, device=q.device)
-    s_sink, pos = sink_inputs(q, sink[0], k_mean, sink[2], kv_mask, scale)
-    s_sink = torch.where((pos.long() == position.reshape(1).long())[:, None], float("-inf"), s_sink)
-    s_sink = s_sink.reshape(B, Hkv, G)
-    m = torch.maximum(s_sink, s_new)
-    w_sink, w_new = torch.exp2(s_sink - m), torch.exp2(s_new - m)  # s_new is finite: m too, and 2^-inf = 0
-    tot = w_sink + w_new
-    value = (w_sink[..., None] * sink[1].float()[:, :, None, :] + w_new[..., None] * v_new[:, :, None, :]) / tot[..., None]
-    return (m + torch.log2(tot)).reshape(B, Hq), value.reshape(B, Hq, D), pos
+    sink_k, sink_v, sink_pos = sink
+    one = sink_k.dim() == 3
+    if one:
+        sink_k, sink_v, sink_pos = sink_k[:, :, None], sink_v[:, :, None], sink_pos[:, None]
+    s = _slot_scores(q, sink_k, k_mean, sink_pos, kv_mask, scale)
+    s = torch.where((sink_pos.long() == position.reshape(1).long())[:, None, None, :], float("-inf"), s)
+    s = torch.cat([s, s_new[..., None]], -1)  # [B, Hkv, G, S + 1]
+    v = torch.cat([sink_v.float(), v_new[:, :, None]], 2)[:, :, None]  # [B, Hkv, 1, S + 1, d]
+    score, value = _merge_exact(s, v)
+    pos = sink_pos.to(torch.int32)
+    return score.reshape(B, Hq), value.reshape(B, Hq, D), pos[:, 0] if one else pos
+
+
+def exact_split_torch(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos):
+    """`sqcompile::exact_split` in torch (CPU, and the reference of `sink_triton.exact_split_triton`):
+    (score [B, Hq], value [B, Hq, d] per query head), from `extra_inputs`."""
+    B, Hq, D = q.shape
+    sink = None if sink_k is None else (sink_k, sink_v, sink_pos)
+    new = None if new_k is None else (new_k, new_v, new_pos)
+    score, value, _ = extra_inputs(q, k_mean, kv_mask, scale, sink=sink, new=new)
+    value = value.float().reshape(B, value.shape[1], 1, D).expand(B, value.shape[1], Hq // value.shape[1], D)
+    return score.contiguous(), value.reshape(B, Hq, D).contiguous()
+
+
+@torch.library.custom_op("sqcompile::exact_split", mutates_args=())
+def exact_split(q: torch.Tensor, k_mean: torch.Tensor, kv_mask: Optional[torch.Tensor], scale: float,
+                sink_k: Optional[torch.Tensor], sink_v: Optional[torch.Tensor], sink_pos: Optional[torch.Tensor],
+                new_k: Optional[torch.Tensor], new_v: Optional[torch.Tensor],
+                new_pos: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`extra_inputs` as one op (what the substitution pass puts in a decode graph: Inductor sees one node, not the
+    few dozen of the merge, which cost it more compile time than the rest of a layer; on CUDA one Triton launch,
+    `sink_triton.exact_split_triton`). Returns (sink_score [B, Hq], sink_value [B, Hq, d] per query head,
+    sink_pos int32 [B, S]; S = 1 and -1 without exact slots)."""
+    B, Hq, D = q.shape
+    if sink_k is None and new_k is None:
+        raise ValueError("exact_split needs the exact slots, the new token, or both")
+    if sink_k is not None:
+        sink_k, sink_pos = as_slots(sink_k, sink_pos)
+        sink_v = as_slots(sink_v, sink_pos)[0]
+    pos = torch.full((B, 1), -1, dtype=torch.int32, device=q.device) if sink_pos is None \
+        else sink_pos.to(torch.int32).clone()
+    if q.is_cuda:
+        from .sink_triton import exact_split_triton
+
+        score, value = exact_split_triton(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos)
+    else:
+        score, value = exact_split_torch(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos)
+    return score, value, pos
+
+
+@exact_split.register_fake
+def _(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos):
+    B, Hq, D = q.shape
+    S = 1 if sink_pos is None or sink_pos.dim() == 1 else sink_pos.shape[1]
+    return (q.new_empty(B, Hq, dtype=torch.float32), q.new_empty(B, Hq, D, dtype=torch.float32),
+            q.new_empty(B, S, dtype=torch.int32))
+
+
+def store_exact_torch(sink_k, sink_v, sink_pos, sink_crit, key_states, v_store, positions, position_ids, k_mean,
+                      keep_sink: bool, outliers: int) -> None:
+    """`sqcompile::store_exact` in torch (CPU, prompts, and the reference of `sink_triton.store_exact_step_triton`)."""
+    B, H, n, D = key_states.shape
+    if position_ids is not None:
+        pid = position_ids.to(key_states.device).expand(B, n)
+        after = torch.cat([pid[:, 1:], torch.ones_like(pid[:, :1])], 1)
+        first = (pid == 0) & (after != 0)
+        # padding: RoPE position 0, or any token before the row's first real one (left padding at position 1)
+        pad = (pid == 0) | ((first.cumsum(1) == 0) & first.any(1, keepdim=True))
+    else:
+        first = (positions == 0)[None, :].expand(B, n)
+        pad = first
+    kf, vf = key_states.to(torch.float32), v_store.to(torch.float32)
+    if keep_sink:
+        has = first.any(-1)
+        idx = first.to(torch.int32).argmax(-1)  # the first such token per row
+        at = idx[:, None, None, None].expand(B, H, 1, D)
+        sink_k[:, :, 0].copy_(torch.where(has[:, None, None], kf.gather(2, at)[:, :, 0], sink_k[:, :, 0]))
+        sink_v[:, :, 0].copy_(torch.where(has[:, None, None], vf.gather(2, at)[:, :, 0], sink_v[:, :, 0]))
+        sink_pos[:, 0].copy_(torch.where(has, positions[idx], sink_pos[:, 0]))
+    if outliers:
+        o = int(keep_sink)
+        crit = (kf - k_mean[None, :, None, :]).square().sum((1, 3))  # [B, n]
+        crit = torch.where(pad, float("-inf"), crit)
+        best, idx = torch.cat([sink_crit[:, o:], crit], 1).topk(outliers, dim=1)
+        at = idx[:, None, :, None].expand(B, H, outliers, D)
+        new_k = torch.cat([sink_k[:, :, o:], kf], 2).gather(2, at)
+        new_v = torch.cat([sink_v[:, :, o:], vf], 2).gather(2, at)
+        pos = torch.cat([sink_pos[:, o:], positions[None, :].expand(B, n)], 1).gather(1, idx)
+        sink_k[:, :, o:].copy_(new_k), sink_v[:, :, o:].copy_(new_v)
+        sink_pos[:, o:].copy_(torch.where(best > float("-inf"), pos, -1)), sink_crit[:, o:].copy_(best)
+
+
+@torch.library.custom_op("sqcompile::store_exact", mutates_args=("sink_k", "sink_v", "sink_pos", "sink_crit"))
+def store_exact(sink_k: torch.Tensor, sink_v: torch.Tensor, sink_pos: torch.Tensor, sink_crit: torch.Tensor,
+                key_states: torch.Tensor, v_store: torch.Tensor, positions: torch.Tensor,
+                position_ids: Optional[torch.Tensor], k_mean: torch.Tensor, keep_sink: bool, outliers: int) -> None:
+    """Copy the new tokens (key_states [B, H, n, d] model basis, v_store storage basis, cache positions [n]) that
+    become exact slots into sink_k / sink_v [B, H, S, d], sink_pos / sink_crit [B, S] (`SpectralLayer._store_exact`
+    says which). One op, so that Inductor compiles one node per layer, not the selection's few dozen; a decode step
+    on CUDA is one Triton launch (`sink_triton.store_exact_step_triton`)."""
+    if key_states.is_cuda and key_states.shape[-2] == 1:
+        from .sink_triton import store_exact_step_triton
+
+        store_exact_step_triton(sink_k, sink_v, sink_pos, sink_crit, key_states, v_store, positions, position_ids,
+                                k_mean, keep_sink, outliers)
+        return
+    store_exact_torch(sink_k, sink_v, sink_pos, sink_crit, key_states, v_store, positions, position_ids, k_mean,
+                      keep_sink, outliers)
+
+
+@store_exact.register_fake
+def _(sink_k, sink_v, sink_pos, sink_crit, key_states, v_store, positions, position_ids, k_mean, keep_sink, outliers):
+    return None
 
 
 def merge_sink_reference(scores: torch.Tensor, v: torch.Tensor, sink_score: Optional[torch.Tensor],
@@ -114,8 +280,8 @@ def merge_sink_reference(scores: torch.Tensor, v: torch.Tensor, sink_score: Opti
 def check_sink(q: torch.Tensor, sink_score: Optional[torch.Tensor], sink_value: Optional[torch.Tensor],
                sink_pos: Optional[torch.Tensor], kv_heads: int):
     """All three or none: sink_score [B, Hq], sink_value [B, Hkv, d] or [B, Hq, d] (one per query head),
-    sink_pos [B] (the cache position of the sink's packed copy, which the kernels skip; -1: none). Returns
-    float32, float32, int32, contiguous."""
+    sink_pos [B] or [B, S] (the cache positions of the exact tokens' packed copies, which the kernels skip; -1:
+    none; S <= MAX_SLOTS). Returns float32, float32, int32 [B, S], contiguous."""
     given = [t is not None for t in (sink_score, sink_value, sink_pos)]
     if any(given) and not all(given):
         raise ValueError("sink_score, sink_value and sink_pos go together (all three or none)")
@@ -123,19 +289,21 @@ def check_sink(q: torch.Tensor, sink_score: Optional[torch.Tensor], sink_value: 
         return None, None, None
     B, Hq, D = q.shape
     if tuple(sink_score.shape) != (B, Hq) or tuple(sink_value.shape) not in ((B, kv_heads, D), (B, Hq, D)) \
-            or tuple(sink_pos.shape) != (B,):
+            or sink_pos.dim() not in (1, 2) or sink_pos.shape[0] != B \
+            or (sink_pos.dim() == 2 and not 1 <= sink_pos.shape[1] <= MAX_SLOTS):
         raise ValueError(f"sink_score must be [{B}, {Hq}], sink_value [{B}, {kv_heads}, {D}] (or [{B}, {Hq}, {D}]) and "
-                         f"sink_pos [{B}], got "
+                         f"sink_pos [{B}] or [{B}, S] with 1 <= S <= {MAX_SLOTS}, got "
                          f"{tuple(sink_score.shape)} / {tuple(sink_value.shape)} / {tuple(sink_pos.shape)}")
     return (sink_score.to(torch.float32).contiguous(), sink_value.to(torch.float32).contiguous(),
-            sink_pos.to(device=q.device, dtype=torch.int32).contiguous())
+            sink_pos.to(device=q.device, dtype=torch.int32).reshape(B, -1).contiguous())
 
 
 def skip_mask(kv_mask: Optional[torch.Tensor], sink_pos: Optional[torch.Tensor], batch: int, capacity: int,
               device) -> Optional[torch.Tensor]:
-    """kv_mask [B, T] (None: all) without the sink's packed copy: the Triton kernels and the references skip it
-    through their token mask."""
+    """kv_mask [B, T] (None: all) without the exact tokens' packed copies (sink_pos [B] or [B, S]): the Triton
+    kernels and the references skip them through their token mask."""
     if sink_pos is None:
         return kv_mask
-    keep = torch.arange(capacity, device=device)[None, :] != sink_pos.to(device)[:, None].long()
+    pos = sink_pos.to(device).long().reshape(batch, -1)
+    keep = (torch.arange(capacity, device=device)[None, :, None] != pos[:, None, :]).all(-1)
     return keep if kv_mask is None else keep & (kv_mask.to(device).expand(batch, capacity) != 0)

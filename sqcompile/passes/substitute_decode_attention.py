@@ -199,7 +199,8 @@ def _erase_dead(nodes: list) -> None:
         n = todo.pop()
         if n.graph is None or n.users or n.op not in ("call_function", "call_method"):
             continue
-        if is_op(n, "index_copy_", "add_", "copy_") or "quantize_write" in str(n.target) or "assert" in str(n.target):
+        if is_op(n, "index_copy_", "add_", "copy_") or "quantize_write" in str(n.target) or "assert" in str(n.target) \
+                or getattr(getattr(n.target, "_schema", None), "is_mutable", False):
             continue
         inputs = n.all_input_nodes
         n.graph.erase_node(n)
@@ -253,13 +254,13 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
         sink = {}
         if nodes.get("k_sink") is not None or nodes.get("exact_new"):
             # the exact tokens as the op's extra split: the sink (its codes skipped) and/or this step's own token
-            from ..kernels.sink import extra_inputs
+            from ..kernels import sink as _sink  # noqa: F401  (registers sqcompile::exact_split)
 
             k_sink, v_sink = nodes["k_sink"], nodes["v_sink"]
-            exact_sink = None if k_sink is None else (k_sink.args[1], v_sink.args[1], k_sink.args[2])
-            new = (a[0], a[1], positions) if nodes.get("exact_new") else None
-            ex = gm.graph.call_function(extra_inputs, (q3, a[6], kv_mask, float(scale)),
-                                        {"sink": exact_sink, "new": new})
+            exact_sink = (None,) * 3 if k_sink is None else (k_sink.args[1], v_sink.args[1], k_sink.args[2])
+            new = (a[0], a[1], positions) if nodes.get("exact_new") else (None,) * 3
+            ex = gm.graph.call_function(torch.ops.sqcompile.exact_split.default,
+                                        (q3, a[6], kv_mask, float(scale), *exact_sink, *new))
             sink = {name: gm.graph.call_function(operator.getitem, (ex, i))
                     for i, name in enumerate(("sink_score", "sink_value", "sink_pos"))}
         if _is_fast_write(qw):
