@@ -107,6 +107,27 @@ def _cuda_calls() -> int:
     return dc.STATS["calls"]
 
 
+def profile_steps(label, step_fn, cache, batch, n=3, top=12):
+    """Device time per decode step by kernel (torch.profiler over n steps), the top entries."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randint(0, min(1000, VOCAB), (batch, 1), device=DEV)
+    if DEV != "cuda":
+        print(f"--- {label}: --profile-step times CUDA kernels; skipped on {DEV}")
+        return
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step_fn(input_ids=x, past_key_values=cache, use_cache=True)
+        torch.cuda.synchronize()
+    tot: dict = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            tot[e.name] = tot.get(e.name, 0.0) + e.device_time / n
+    print(f"--- {label}: device us per step, all kernels {sum(tot.values()):.0f}")
+    for name, us in sorted(tot.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {us:9.1f}  {name[:110]}")
+
+
 def time_decode(step_fn, cache, batch, steps, warmup=2, profile=None):
     """Median time of one decode step (ms) and the time of the very first call (s, includes compilation);
     `profile`: a label, to cProfile the first call and print its top functions by cumulative time."""
@@ -162,6 +183,8 @@ def main():
                     help="SpectralCache(outlier_tokens=...): rows after the first get an _out<N> suffix")
     ap.add_argument("--profile-compile", action="store_true",
                     help="cProfile each row's first call (compilation) and print its top functions")
+    ap.add_argument("--profile-step", action="store_true",
+                    help="torch.profiler over 3 decode steps of each row after its timing: top CUDA kernels")
     ap.add_argument("--cudagraphs", action="store_true",
                     help="both compiled rows as CUDA graphs (Inductor mode='reduce-overhead'; sqcompile "
                          "options={'cudagraphs': True}): no per-kernel host time")
@@ -204,6 +227,8 @@ def main():
                 cache = fill_static(model, b, ctx, args.steps + 3)
                 row["inductor_ms"], first = time_decode(inductor, cache, b, args.steps, profile=(
                     "inductor" if args.profile_compile and "inductor" not in compile_times else None))
+                if args.profile_step:
+                    profile_steps(f"inductor {ctx} x {b}", inductor, cache, b)
                 compile_times.setdefault("inductor", first)
                 del cache
             names = []
@@ -217,6 +242,8 @@ def main():
                     calls0 = _cuda_calls()
                     row[f"{name}_ms"], first = time_decode(sqs[lay], cache, b, args.steps, profile=(
                         name if args.profile_compile and name not in compile_times else None))
+                    if args.profile_step:
+                        profile_steps(f"{name} {ctx} x {b}", sqs[lay], cache, b)
                     if lay == "fast":  # which decode kernel ran: the CUDA one counts its launches
                         row[f"{name}_cuda_kernel_launches"] = _cuda_calls() - calls0
                     compile_times.setdefault(name, first)
