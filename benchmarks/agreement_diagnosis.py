@@ -60,17 +60,22 @@ FEATURES = {
     "position-0 K/V + newest token K/V exact": {"pos0", "newest"},
     "position-0 K/V + prefill K/V exact": {"pos0", "prefill"},
     "position-0 K/V + prefill K/V + newest token K/V exact": {"pos0", "prefill", "newest"},
-    # SpectralCache's own options (seventh session), no simulated part: its defaults, and each of the two alone
-    "SpectralCache defaults (exact sink + exact new tokens)": {"cache:defaults"},
+    # SpectralCache's own options, no simulated part. Seventh session: the sink and the new tokens (its defaults
+    # then, outlier_tokens=0 now), and each alone; eighth session: the defaults with the outlier slots, and counts
+    "SpectralCache defaults (exact sink + exact new tokens)": {"cache:sink+new"},
     "SpectralCache exact sink only": {"cache:sink"},
     "SpectralCache exact new tokens only": {"cache:new"},
+    "SpectralCache defaults (exact sink + new tokens + 4 outlier tokens)": {"cache:defaults"},
+    **{f"SpectralCache outlier_tokens={n}": {f"cache:out{n}"} for n in (1, 2, 3, 5, 7)},
 }
-CACHE_OPTIONS = {"cache:defaults": {}, "cache:sink": dict(exact_new=False), "cache:new": dict(keep_sink=False)}
+CACHE_OPTIONS = {"cache:defaults": {}, "cache:sink+new": dict(outlier_tokens=0),
+                 "cache:sink": dict(exact_new=False, outlier_tokens=0), "cache:new": dict(keep_sink=False, outlier_tokens=0),
+                 **{f"cache:out{n}": dict(outlier_tokens=n) for n in (1, 2, 3, 5, 7)}}
 MODES = tuple(FEATURES)
 # every row starts from the codes alone: SpectralCache's own exact sink and exact new tokens (its defaults) off, so
 # the rows measure what each exact part is worth ("prefill K/V and first-token K/V exact" plus "newest" is what the
 # defaults do; unpadded, "position-0 K/V + prefill K/V + newest token K/V exact")
-CODES_ONLY = dict(keep_sink=False, exact_new=False)
+CODES_ONLY = dict(keep_sink=False, exact_new=False, outlier_tokens=0)
 
 
 def cache_options(m: str) -> dict:
