@@ -30,24 +30,9 @@ import warnings
 import torch
 
 from moe import SHAPES, make_block
-from moe_tune import inputs, interleaved_medians
+from moe_tune import compiled_with, inputs, interleaved_medians
 
 from sqcompile.kernels import fused_moe as fm
-
-
-def compiled_with(cfg: dict, tag: str, x, logits, w1, w2, k: int, renormalize: bool):
-    """The op under torch.compile with `cfg` as its `_config` (read while tracing; own code object per tag)."""
-    ns = dict(torch=torch, w1=w1, w2=w2, k=k, renormalize=renormalize)
-    exec(compile("def op(x, l):\n    return torch.ops.sqcompile.fused_moe_triton(x, l, w1, w2, k, renormalize, "
-                 "'softmax')\n", f"<{tag}>", "exec"), ns)
-    c = torch.compile(ns["op"], dynamic=False)
-    fm._config_override = cfg
-    try:
-        with torch.no_grad():
-            c(x, logits)
-    finally:
-        fm._config_override = None
-    return lambda: c(x, logits)
 
 
 def sync_check(fn) -> dict:

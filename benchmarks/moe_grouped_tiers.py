@@ -16,7 +16,7 @@ import sys
 import torch
 
 from moe import SHAPES, bench, grouped_mm_moe_of_logits
-from moe_tune import inputs, interleaved_medians
+from moe_tune import compiled_with, inputs, interleaved_medians
 
 from sqcompile.kernels import fused_moe as fm
 
@@ -48,17 +48,7 @@ def case(name: str, tokens: int, rounds: int, inductor: bool) -> dict:
         fns[tier] = with_cfg(cfg, lambda: fm.fused_moe_triton(x, logits, w1, w2, k, renormalize))
         if inductor:
             # the tier is read while tracing; dynamo caches per code object, so each tier compiles its own function
-            ns = dict(torch=torch, w1=w1, w2=w2, k=k, renormalize=renormalize)
-            exec(compile("def op(x, l):\n    return torch.ops.sqcompile.fused_moe_triton(x, l, w1, w2, k, renormalize, "
-                         "'softmax')\n", f"<{name}_{tokens}_{tier}>", "exec"), ns)
-            c = torch.compile(ns["op"], dynamic=False)
-            fm._config_override = cfg
-            try:
-                with torch.no_grad():
-                    c(x, logits)
-            finally:
-                fm._config_override = None
-            fns[f"{tier}_inductor"] = lambda c=c: c(x, logits)
+            fns[f"{tier}_inductor"] = compiled_with(cfg, f"{name}_{tokens}_{tier}", x, logits, w1, w2, k, renormalize)
     fns["torch_grouped_mm"] = lambda: grouped_mm_moe_of_logits(x, logits, w1, w2, k, renormalize)
     with torch.no_grad():
         ref = fm.fused_moe_reference(x, logits, w1, w2, k, renormalize).float()

@@ -131,6 +131,21 @@ def kernel_us(fn, iters: int = 3, top: int = 8) -> dict:
     return {k: round(v, 1) for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:top]}
 
 
+def compiled_with(cfg: dict, tag: str, x, logits, w1, w2, k: int, renormalize: bool):
+    """The op under torch.compile with `cfg` as its `_config` (read while tracing; own code object per tag)."""
+    ns = dict(torch=torch, w1=w1, w2=w2, k=k, renormalize=renormalize)
+    exec(compile("def op(x, l):\n    return torch.ops.sqcompile.fused_moe_triton(x, l, w1, w2, k, renormalize, "
+                 "'softmax')\n", f"<{tag}>", "exec"), ns)
+    c = torch.compile(ns["op"], dynamic=False)
+    fm._config_override = cfg
+    try:
+        with torch.no_grad():
+            c(x, logits)
+    finally:
+        fm._config_override = None
+    return lambda: c(x, logits)
+
+
 def interleaved_medians(fns: dict, rounds: int, top: int = 8, profile: bool = True) -> dict:
     """Time every fn of `fns` in `rounds` interleaved rounds (clock drift under sustained load hits every row alike):
     per name the median us, each round's us, and the `top` longest kernels' device times (`kernel_us`)."""
