@@ -149,7 +149,7 @@ class EvalState:
         self.exact_fresh = exact_fresh
         # the keys farthest from the key mean exact, as `SpectralCache(outlier_tokens=...)` keeps them
         self.outlier_tokens = outlier_tokens
-        self.seen: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # per layer: exact K, V [B, H, T, d], criterion [B, T]
+        self.slots: dict[int, tuple] = {}  # per layer: the outlier slots (K, V [B, H, N, d], positions, criteria [B, N])
         self.sketch_norm: dict[int, Tensor] = {}  # per layer: QJL residual norms before the exact tokens' are zeroed
         self.measure_layers = set(measure_layers)
         self.exact: dict[int, tuple[Tensor, Tensor]] = {}  # exact K/V of the measured layers
@@ -228,23 +228,21 @@ def simulated_cache(state: EvalState, config):
 
 def _outliers_exact(state: EvalState, layer: int, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, start: int):
     """keys/values [B, H, T, d] with the rows of the `state.outlier_tokens` tokens so far whose keys lie farthest
-    from the key mean (sum over kv-heads of ||k - k_mean||^2; position 0, the sink, not counted) exact, as
-    `SpectralCache` keeps them; their QJL residual norms read 0."""
+    from the key mean exact: the cache's own slot update (`sink.store_exact_torch`, position 0 not counted) on this
+    layer's slot buffers, then `put_sink`, as `SpectralCache` reads them; their QJL residual norms read 0."""
+    from .kernels.sink import put_sink, store_exact_torch
+
+    B, H, n, D = k.shape
+    if layer not in state.slots:
+        z = torch.zeros(B, H, state.outlier_tokens, D, device=k.device)
+        state.slots[layer] = (z, z.clone(), torch.full((B, state.outlier_tokens), -1, device=k.device),
+                              torch.full((B, state.outlier_tokens), float("-inf"), device=k.device))
+    sk, sv, sp, sc = state.slots[layer]
     _, km = _layer_params(state.codec, layer, "key")
-    crit = (k.float() - km.to(k.device)[None, :, None, :]).square().sum((1, 3))  # [B, n]
-    if start == 0:
-        crit[:, 0] = float("-inf")
-    new = (k, v, crit)
-    prev = state.seen.get(layer)
-    state.seen[layer] = new if prev is None else tuple(torch.cat([a, b], -1 if a.dim() == 2 else 2)
-                                                       for a, b in zip(prev, new))
-    ek, ev, crit = state.seen[layer]
-    best, idx = crit.topk(min(state.outlier_tokens, crit.shape[1]), dim=1)
-    idx = torch.where(best > float("-inf"), idx, crit.shape[1])  # an empty slot: out of range, dropped below
-    B, H, T, D = keys.shape
-    keep = torch.zeros(B, T + 1, dtype=torch.bool, device=keys.device).scatter_(1, idx, True)[:, :T]
-    keys = torch.where(keep[:, None, :, None], ek.to(keys.dtype), keys)
-    values = torch.where(keep[:, None, :, None], ev.to(values.dtype), values)
+    store_exact_torch(sk, sv, sp, sc, k, v, torch.arange(start, start + n, device=k.device), None,
+                      km.to(k.device), False, state.outlier_tokens)
+    keys, values = put_sink(keys, sk, sp), put_sink(values, sv, sp)
+    keep = (torch.arange(keys.shape[2], device=k.device)[None, :, None] == sp[:, None, :]).any(-1)  # [B, T]
     if layer in state.sketch:  # QJL: no residual to correct on an exact token (raw norms kept for evictions)
         bits, norm = state.sketch[layer]
         raw = state.sketch_norm.get(layer)
