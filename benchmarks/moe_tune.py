@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import sys
+import time
 
 import torch
 
@@ -129,6 +130,71 @@ def kernel_us(fn, iters: int = 3, top: int = 8) -> dict:
         torch.cuda.synchronize()
     times = {e.key[:60]: e.device_time_total / iters for e in prof.key_averages() if e.device_time_total > 0}
     return {k: round(v, 1) for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:top]}
+
+
+class Energy:
+    """The GPU's energy counter (NVML's total energy in mJ since driver load) and its SM clock, read from
+    libnvidia-ml by ctypes (the driver's own library; pynvml may not be installed). `available`: False where it
+    does not load or the counter is not supported."""
+
+    def __init__(self, index: int = 0):
+        import ctypes
+
+        self._c = ctypes
+        try:
+            self._lib = ctypes.CDLL("libnvidia-ml.so.1")
+            if self._lib.nvmlInit_v2() != 0:
+                raise OSError("nvmlInit_v2 failed")
+            self._handle = ctypes.c_void_p()
+            if self._lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(self._handle)) != 0:
+                raise OSError("nvmlDeviceGetHandleByIndex_v2 failed")
+            self.available = self.mj() is not None
+        except OSError:
+            self.available = False
+
+    def mj(self):
+        value = self._c.c_ulonglong()
+        return value.value if self._lib.nvmlDeviceGetTotalEnergyConsumption(self._handle, self._c.byref(value)) == 0 \
+            else None
+
+    def sm_mhz(self):
+        value = self._c.c_uint()
+        return value.value if self._lib.nvmlDeviceGetClockInfo(self._handle, 1, self._c.byref(value)) == 0 else None
+
+
+def sustained(fns: dict, seconds: float, rounds: int = 2) -> dict:
+    """Each fn back to back for `seconds` (the GPU at its power cap, as in a long prefill), rows interleaved over
+    `rounds` rounds (order reversed every other round): per row the median us per call, mJ per call from the energy
+    counter, mean watts and the SM clock at the end. Empty where NVML is not available."""
+    meter = Energy()
+    if not meter.available:
+        return {}
+    out = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            fn = fns[name]
+            fn()
+            torch.cuda.synchronize()
+            calls, t0 = 0, time.perf_counter()
+            e0 = meter.mj()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            while time.perf_counter() - t0 < seconds:
+                for _ in range(8):
+                    fn()
+                calls += 8
+                torch.cuda.synchronize()
+            end.record()
+            torch.cuda.synchronize()
+            e1, mhz = meter.mj(), meter.sm_mhz()
+            us = start.elapsed_time(end) * 1e3 / calls
+            out[name].append({"us": round(us, 1), "mj": round((e1 - e0) / calls, 2),
+                              "watts": round((e1 - e0) / (us * calls) * 1e3, 1), "sm_mhz": mhz})
+    return {name: {"us": sorted(v["us"] for v in runs)[len(runs) // 2],
+                   "mj": sorted(v["mj"] for v in runs)[len(runs) // 2], "runs": runs}
+            for name, runs in out.items()}
 
 
 def compiled_with(cfg: dict, tag: str, x, logits, w1, w2, k: int, renormalize: bool):

@@ -226,12 +226,16 @@ def run_triton_checks() -> None:
     # blocks, next to x gathered row by row in the kernel, and the same tiles with pointer loads, one program per tile
     prefill = gpu_configs[2]
     assert prefill["TMA"] and prefill["H_SORTED"] and prefill["PERSISTENT"] and not prefill["X_SORTED"]
-    for cfg in (prefill, dict(prefill, X_SORTED=True), dict(prefill, TMA=False, H_SORTED=False, PERSISTENT=0)):
+    assert prefill["W_PAIR"] and prefill["H_STORE_TMA"]  # one box and one dot, h by TMA; each off below
+    for cfg in (prefill, dict(prefill, X_SORTED=True), dict(prefill, W_PAIR=False), dict(prefill, H_STORE_TMA=False),
+                dict(prefill, TMA=False, H_SORTED=False, PERSISTENT=0)):
         check(cfg, 150, 4, skew=True)
         checked += 1
     # the grouped_mm tiers (torch._grouped_mm for the down GEMM or both GEMMs), an empty expert included
     check(dict(prefill, GROUPED_MM="down", X_SORTED=True), 150, 4, skew=True)
-    checked += 1
+    check(dict(prefill, GROUPED_MM="down", X_SORTED=True, W_PAIR=False), 150, 4, skew=True)
+    check(dict(prefill, GROUPED_MM="down", X_SORTED=True, H_STORE_TMA=False), 150, 4, skew=True)
+    checked += 3
     for tier in ("down", "both"):
         check(dict(prefill, GROUPED_MM=tier), 150, 4, skew=True)
         check(dict(prefill, GROUPED_MM=tier), 3, 8)

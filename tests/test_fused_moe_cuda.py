@@ -39,7 +39,8 @@ def _rel_err(got, want):
     return float((got.float() - want.float()).norm() / want.float().norm())
 
 
-@pytest.mark.parametrize("tier", ["", "down", "both", "down:x_sorted", "down:x_gathered"])
+@pytest.mark.parametrize("tier", ["", "down", "both", "down:x_sorted", "down:x_gathered", ":two_tiles",
+                                  "down:two_tiles", ":h_store", "down:h_store"])
 @pytest.mark.parametrize("tokens,experts,top_k,hidden,inter,skew", [
     (1024, 8, 2, 512, 1024, False), (1024, 8, 2, 512, 1024, True), (512, 64, 8, 256, 192, False),
     (37, 8, 2, 256, 136, True)])
@@ -49,8 +50,13 @@ def test_prefill_tiers_equal_reference(tier, tokens, experts, top_k, hidden, int
     x, logits, w1, w2 = _inputs(tokens, experts, hidden, inter, skew)
     cfg = dict(fm._config(1 << 20, experts, hidden, inter, fm._smem_bytes(fm._device_index(x.device))))
     cfg.pop("GROUPED_MM", None)
-    if tier.startswith("down:"):  # x by TMA from a block-ordered copy, or gathered row by row in the gate/up kernel
-        tier, cfg["X_SORTED"] = "down", tier == "down:x_sorted"
+    tier, _, variant = tier.partition(":")
+    if variant.startswith("x_"):  # x by TMA from a block-ordered copy, or gathered row by row in the gate/up kernel
+        cfg["X_SORTED"] = variant == "x_sorted"
+    if variant == "two_tiles":  # gate and up tiles in two TMA boxes and two dots (W_PAIR: one box, one dot)
+        cfg["W_PAIR"] = False
+    if variant == "h_store":  # h stored row by row with masks (H_STORE_TMA: by TMA, padding rows included)
+        cfg["H_STORE_TMA"] = False
     if tier:
         cfg["GROUPED_MM"] = tier
     fm._config_override = cfg

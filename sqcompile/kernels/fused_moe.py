@@ -35,12 +35,15 @@ together share a few row blocks and a run of weight tiles (prefill: fewer L2 mis
 in one group (row blocks vary fastest). Block sizes, stages and order: `_config`, tuned on an H100 and an H200 with
 `benchmarks/moe_tune.py`. No Python loop over experts and no host sync anywhere.
 
-Prefill on Hopper (`_config` fields TMA, H_SORTED, PERSISTENT): weight tiles come by TMA from descriptors made in the
-kernel over the contiguous weights as [E * 2I, H] and [E * H, I] (a tile that runs past an expert's rows reads the
-next rows or zeros; those columns are masked at the store); h is stored in block order so that the down kernel reads
-its tiles by TMA too; the gate/up kernel runs one program per SM, each walking tiles in `_grouped_tile` order. The
-token rows of x are a gather (cp.async loads), or with a wide FFN (X_SORTED) a copy of x in block order made first and
-read by TMA. Device-side descriptors need a scratch allocator: `_set_tma_allocator`.
+Prefill on Hopper (`_config` fields TMA, H_SORTED, PERSISTENT, W_PAIR, H_STORE_TMA): weight tiles come by TMA from
+descriptors made in the kernel over the contiguous weights (a tile that runs past an expert's rows reads the next rows
+or zeros; those columns are masked at the store). The gate/up kernel loads an expert's gate tile and up tile as one
+box of w viewed as [E * 2, I, H] and multiplies them by x in one dot of 2 * BLOCK_N columns (W_PAIR; the two halves
+of the accumulator are split in registers); without W_PAIR, two boxes of w as [E * 2I, H] and two dots. h is stored
+in block order (by TMA with H_STORE_TMA) so that the down kernel reads its tiles by TMA too; the gate/up kernel runs
+one program per SM, each walking tiles in `_grouped_tile` order. The token rows of x are a gather (cp.async loads), or
+with a wide FFN (X_SORTED) a copy of x in block order made first and read by TMA. Device-side descriptors need a
+scratch allocator: `_set_tma_allocator`.
 
 Prefill with `torch._grouped_mm` (`_config` field GROUPED_MM; CUDA sm_90+, bf16): "down" (the default there) keeps
 the gate/up kernel above (h in block order) and runs the down GEMM as CUTLASS's grouped GEMM over the padded rows
@@ -285,11 +288,11 @@ if HAS_TRITON:
         return pid_m, pid_n
 
     @triton.jit
-    def _gate_up_tile(tile, x_ptr, x_desc, w_ptr, w_desc, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
+    def _gate_up_tile(tile, x_ptr, x_desc, w_ptr, w_desc, h_ptr, h_desc, sorted_pair_ids_ptr, block_expert_ptr,
                       S, H, INTER, NUM_BLOCKS, stride_xt, stride_we, stride_wn, stride_hs,
                       TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, H_SORTED: tl.constexpr,
-                      PRECISION: tl.constexpr, W_TMA: tl.constexpr, X_TMA: tl.constexpr):
+                      PRECISION: tl.constexpr, W_TMA: tl.constexpr, X_TMA: tl.constexpr, H_TMA: tl.constexpr):
         """One output tile of `_gate_up_kernel`: BLOCK_M pairs of one expert x BLOCK_N gate/up columns."""
         pid_m, pid_n = _grouped_tile(tile, NUM_BLOCKS, tl.cdiv(INTER, BLOCK_N), GROUP_M)
         expert = tl.load(block_expert_ptr + pid_m)
@@ -308,8 +311,11 @@ if HAS_TRITON:
         up_rows = w_base + (offs_n[None, :] + INTER) * stride_wn
         # W_TMA: row of w viewed as [E * 2I, H]; a tile past I reads the next rows (masked at the store)
         gate_row = expert * 2 * INTER + pid_n * BLOCK_N
-        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if W_TMA == 2:  # gate and up columns in one [BLOCK_M, 2 * BLOCK_N] accumulator: one dot per step
+            acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        else:
+            acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < H
@@ -317,19 +323,28 @@ if HAS_TRITON:
                 x = x_desc.load([pid_m * BLOCK_M, k0])
             else:
                 x = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if W_TMA:
-                wg = w_desc.load([gate_row, k0]).T
-                wu = w_desc.load([gate_row + INTER, k0]).T
+            if W_TMA == 2:  # w viewed as [E * 2, I, H]: box [2, BLOCK_N, BLOCK_K] = the gate tile, then the up tile
+                w = w_desc.load([2 * expert, pid_n * BLOCK_N, k0]).reshape(2 * BLOCK_N, BLOCK_K).T
+                acc = tl.dot(x.to(w.dtype), w, acc, input_precision=PRECISION)
             else:
-                wg = tl.load(gate_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                wu = tl.load(up_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            x = x.to(wg.dtype)
-            acc_gate = tl.dot(x, wg, acc_gate, input_precision=PRECISION)
-            acc_up = tl.dot(x, wu, acc_up, input_precision=PRECISION)
+                if W_TMA:
+                    wg = w_desc.load([gate_row, k0]).T
+                    wu = w_desc.load([gate_row + INTER, k0]).T
+                else:
+                    wg = tl.load(gate_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                    wu = tl.load(up_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                x = x.to(wg.dtype)
+                acc_gate = tl.dot(x, wg, acc_gate, input_precision=PRECISION)
+                acc_up = tl.dot(x, wu, acc_up, input_precision=PRECISION)
+        if W_TMA == 2:
+            acc_gate, acc_up = acc.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1).split()
         h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
-        h_row = offs_m if H_SORTED else pair  # H_SORTED: h in block order (contiguous rows for the down kernel)
-        tl.store(h_ptr + h_row[:, None] * stride_hs + offs_n[None, :],
-                 h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+        if H_TMA:  # block order by TMA: padding rows stored too (nobody reads them), columns past I clipped
+            h_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], h.to(h_ptr.dtype.element_ty))
+        else:
+            h_row = offs_m if H_SORTED else pair  # H_SORTED: h in block order (contiguous rows for the down kernel)
+            tl.store(h_ptr + h_row[:, None] * stride_hs + offs_n[None, :],
+                     h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
@@ -337,13 +352,16 @@ if HAS_TRITON:
                         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, H_SORTED: tl.constexpr,
                         PRECISION: tl.constexpr, W_TMA: tl.constexpr, X_TMA: tl.constexpr,
-                        NUM_PROGRAMS: tl.constexpr):
+                        H_TMA: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
         """h[p, n] = silu(x[t] . Wg[e, n]) * (x[t] . Wu[e, n]) for the BLOCK_M pairs p of one block.
 
         Grid (num_blocks * cdiv(I, BLOCK_N),), ordered by `_grouped_tile`, or (NUM_PROGRAMS,) persistent programs
         that walk the same tiles in the same order. Gate rows are w[e, n], up rows w[e, I + n]; both tiles share
-        the x tile, and the SiLU-and-multiply runs on the fp32 accumulators. W_TMA: weight tiles by TMA from a
-        descriptor over w as [E * 2I, H] (W_ROWS = E * 2I; w contiguous). X_TMA: x is already gathered into block
+        the x tile, and the SiLU-and-multiply runs on the fp32 accumulators. W_TMA 1: the two weight tiles by TMA from
+        a descriptor over w as [E * 2I, H] (W_ROWS = E * 2I; w contiguous), two dots of BLOCK_N columns. W_TMA 2:
+        one TMA box [2, BLOCK_N, BLOCK_K] over w as [E * 2, I, H] holds both tiles, and one dot of 2 * BLOCK_N
+        columns (Hopper: m64n256 wgmma instead of two m64n128, the x tile read from shared memory once, not twice)
+        fills one accumulator whose two halves are split in registers for the epilogue. X_TMA: x is already gathered into block
         order ([NUM_BLOCKS * BLOCK_M, H], row r = the token of sorted pair r) and its tiles come by TMA too.
         """
         if X_TMA:
@@ -351,20 +369,29 @@ if HAS_TRITON:
                                                block_shape=[BLOCK_M, BLOCK_K])
         else:
             x_desc = x_ptr
-        if W_TMA:
+        if H_TMA:  # H_SORTED too: h [NUM_BLOCKS * BLOCK_M, I] in block order
+            h_desc = tl.make_tensor_descriptor(h_ptr, shape=[NUM_BLOCKS * BLOCK_M, INTER], strides=[stride_hs, 1],
+                                               block_shape=[BLOCK_M, BLOCK_N])
+        else:
+            h_desc = h_ptr
+        if W_TMA == 2:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS // INTER, INTER, H],
+                                               strides=[INTER * stride_wn, stride_wn, 1],
+                                               block_shape=[2, BLOCK_N, BLOCK_K])
+        elif W_TMA:
             w_desc = tl.make_tensor_descriptor(w_ptr, shape=[W_ROWS, H], strides=[stride_wn, 1],
                                                block_shape=[BLOCK_N, BLOCK_K])
         else:
             w_desc = w_ptr
         if NUM_PROGRAMS == 0:
-            _gate_up_tile(tl.program_id(0), x_ptr, x_desc, w_ptr, w_desc, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
-                          S, H, INTER, NUM_BLOCKS, stride_xt, stride_we, stride_wn, stride_hs,
-                          TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, H_SORTED, PRECISION, W_TMA, X_TMA)
+            _gate_up_tile(tl.program_id(0), x_ptr, x_desc, w_ptr, w_desc, h_ptr, h_desc, sorted_pair_ids_ptr,
+                          block_expert_ptr, S, H, INTER, NUM_BLOCKS, stride_xt, stride_we, stride_wn, stride_hs,
+                          TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, H_SORTED, PRECISION, W_TMA, X_TMA, H_TMA)
         else:
             for tile in range(tl.program_id(0), NUM_BLOCKS * tl.cdiv(INTER, BLOCK_N), NUM_PROGRAMS):
-                _gate_up_tile(tile, x_ptr, x_desc, w_ptr, w_desc, h_ptr, sorted_pair_ids_ptr, block_expert_ptr,
-                              S, H, INTER, NUM_BLOCKS, stride_xt, stride_we, stride_wn, stride_hs,
-                              TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, H_SORTED, PRECISION, W_TMA, X_TMA)
+                _gate_up_tile(tile, x_ptr, x_desc, w_ptr, w_desc, h_ptr, h_desc, sorted_pair_ids_ptr,
+                              block_expert_ptr, S, H, INTER, NUM_BLOCKS, stride_xt, stride_we, stride_wn, stride_hs,
+                              TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, H_SORTED, PRECISION, W_TMA, X_TMA, H_TMA)
 
     @triton.jit
     def _down_kernel(h_ptr, w_ptr, out_ptr, topk_weights_ptr, sorted_pair_ids_ptr, block_expert_ptr,
@@ -461,7 +488,8 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
     down projection so enough programs stream the used experts' weights. Larger counts: the tiles
     `benchmarks/moe_tune.py` picked on an H100 and an H200 (BENCHMARKS.md), which need about 192 KB of shared
     memory per program; `smem_bytes` (the device's opt-in limit, 0 = unknown) below that takes 3 or 2 stages.
-    Many rows per expert also take TMA loads (TMA, DOWN_TMA; used only on sm_90+ with 16-byte aligned rows),
+    Many rows per expert also take TMA loads (TMA, DOWN_TMA; used only on sm_90+ with 16-byte aligned rows), the
+    gate and up tiles in one box and one dot (W_PAIR, with TMA), h stored by TMA (H_STORE_TMA, with H_SORTED),
     h in block order (H_SORTED), x gathered into block order so that its tiles come by TMA
     too (X_SORTED; wide FFNs only) and persistent gate/up programs (PERSISTENT: programs per SM, 0 = one per tile).
     GROUPED_MM ("down": our gate/up kernel, then `torch._grouped_mm` for the down GEMM; "both": both GEMMs by
@@ -496,6 +524,11 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
     # 661 -> 645 us for a 78 us copy). The power-capped timed loop does not resolve the Mixtral gain (-1% to +3.5%
     # in three runs; BENCHMARKS.md, eighth session).
     cfg["X_SORTED"] = inter >= 8192
+    # gate and up tiles in one TMA box and one dot (W_PAIR), h stored by TMA (H_STORE_TMA). H100 under Inductor,
+    # Mixtral T=4096: gate/up kernel 2750 -> 2695 us, the op at the power cap 5031 -> 4927 us and 3480 -> 3411 mJ
+    # per call (HF + Inductor 5157 us, 3575-3726 mJ); Qwen-MoE 1332 -> 1288 us (BENCHMARKS.md, ninth session)
+    cfg["W_PAIR"] = True
+    cfg["H_STORE_TMA"] = True
     # CUTLASS's down GEMM beats ours; its gate/up plus a SiLU-and-multiply pass ties with our fused one at Mixtral
     # T=4096 and loses at fewer rows ("both" at T=1024: Mixtral 1723 us, Qwen-MoE 723 us, against "down" 1641 / 650)
     if grouped_mm:
@@ -622,7 +655,8 @@ def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, reno
         x, w1, h, sorted_pair_ids, block_expert, S, H, inter, num_blocks, E * two_i,
         x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, H_SORTED=h_sorted, PRECISION=precision,
-        W_TMA=gate_up_tma, X_TMA=x_tma, NUM_PROGRAMS=programs,
+        W_TMA=(2 if cfg.get("W_PAIR", False) else 1) if gate_up_tma else 0, X_TMA=x_tma,
+        H_TMA=gate_up_tma and h_sorted and bool(cfg.get("H_STORE_TMA", False)), NUM_PROGRAMS=programs,
         num_warps=warps,
         num_stages=stages)
     if grouped == "down":  # padding rows of h hold garbage: their output rows are never read
