@@ -95,15 +95,21 @@ class SpectralLayer(StaticLayer):
             self.sink_v = torch.zeros_like(self.sink_k)
             self.sink_pos = torch.full((self.batch_size, self.slots), -1, dtype=torch.int64, device=self.device)
             self.sink_crit = torch.full((self.batch_size, self.slots), float("-inf"), device=self.device)
+        constants = []
         for name in ("k_basis", "k_mean", "v_basis", "v_mean", "k_codebooks", "k_channel_scale", "v_codebooks",
                      "v_channel_scale", "k_qjl_proj"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(self.device))
+                constants.append(getattr(self, name))
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not _is_compiling():
+            # Static addresses for every tensor a compiled step reads, the per-layer constants (bases, means,
+            # codebooks) included: CUDA graph trees copy each non-static input into the graph's pool at every
+            # replay (4 copies per layer, 2 MiB), and the CUDA decode op's query matrix, cached per k_basis
+            # address, was rebuilt inside the graph from the copy (index and copy kernels at every step).
             sink = (self.sink_k, self.sink_v, self.sink_pos, self.sink_crit) if self.slots else ()
-            for t in (self.keys, self.values, self.cumulative_length, *sink):
+            for t in (self.keys, self.values, self.cumulative_length, *sink, *constants):
                 torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
