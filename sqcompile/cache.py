@@ -171,10 +171,8 @@ class SpectralLayer(StaticLayer):
             torch._assert_async(positions[-1] < self.max_cache_len,
                                 f"SpectralCache capacity max_cache_len={self.max_cache_len} exceeded")
         self.cumulative_length.add_(n_new)
-        # Values enter in the storage basis (under the backend, v_proj has this folded in and the pass
-        # removes these two ops); keys are rotated inside quantize_write.
-        v_store = torch.matmul(value_states.to(torch.float32) - self.v_mean[None, :, None, :],
-                               self.v_basis.transpose(-1, -2))
+        # Values enter in the storage basis; keys are rotated inside quantize_write.
+        v_store = rotate_values(value_states, self.v_mean, self.v_basis)
         if self.slots:
             self._store_exact(key_states, v_store, positions, _position_ids(args, kwargs))
         # the new tokens attend to their own exact K/V (a prompt to itself, a decode step to its token)
@@ -212,6 +210,19 @@ class SpectralLayer(StaticLayer):
         if fresh is not None:
             k_hat = k_hat.index_copy(2, fresh[0], fresh[1].to(k_hat.dtype))
         return k_hat.to(self.dtype), v_hat.to(self.dtype)
+
+
+def rotate_values(value_states: torch.Tensor, v_mean: torch.Tensor, v_basis: torch.Tensor) -> torch.Tensor:
+    """Values [B, Hkv, n, d] in the storage basis, (v - mu_v) @ B_v^T per kv-head, float32 [B, Hkv, n, d] (a view of
+    an [Hkv, B, n, d] result: not contiguous).
+
+    One bmm batched over the kv-heads, [Hkv, B * n, d] @ [Hkv, d, d]: `matmul` broadcasting [B, Hkv, n, d] against the
+    [Hkv, d, d] bases expanded the bases to [B, Hkv, d, d] and copied them (B * Hkv * d * d floats) before a gemv,
+    four nodes of a decode step's CUDA graph per layer where this is two (the subtraction and the bmm). The
+    substitution pass matches this form (`substitute_decode_attention._match_value_rotation`)."""
+    B, H, n, d = value_states.shape
+    centered = (value_states.to(torch.float32) - v_mean[None, :, None, :]).transpose(0, 1).reshape(H, B * n, d)
+    return torch.matmul(centered, v_basis.transpose(-1, -2)).reshape(H, B, n, d).transpose(0, 1)
 
 
 def _check_outliers(outlier_tokens: Any, keep_sink: bool) -> int:

@@ -311,7 +311,7 @@ def test_exact_split_and_store_exact_pass_opcheck():
         torch.ops.sqcompile.exact_split(q, mean, None, 0.3, None, None, None, None, None, None)
 
 
-@pytest.mark.parametrize("G,parts", [(1, "both"), (4, "both"), (4, "slots"), (4, "new")])
+@pytest.mark.parametrize("G,parts", [(1, "both"), (4, "both"), (4, "slots"), (4, "new"), (2, "three slots")])
 def test_exact_split_triton_matches_torch(interp, G, parts):
     """`sink_triton.exact_split_triton` (interpreted, outputs poisoned) equals `exact_split_torch`: empty slots,
     a masked slot, a slot holding the new token itself (counted once), a row with nothing exact."""
@@ -324,6 +324,8 @@ def test_exact_split_triton_matches_torch(interp, G, parts):
     q, mean = torch.randn(B, Hq, d, generator=gen), torch.randn(Hkv, d, generator=gen)
     sk, sv = torch.randn(B, Hkv, S, d, generator=gen), torch.randn(B, Hkv, S, d, generator=gen)
     pos = torch.tensor([[0, 5, -1, 9], [2, 3, 7, -1], [-1, -1, -1, -1]])
+    if parts == "three slots":  # a slot count that is no power of two (the kernel's slot block is masked)
+        S, sk, sv, pos = 3, sk[:, :, :3], sv[:, :, :3], pos[:, :3]
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 3] = False
     new = (torch.randn(B, Hkv, 1, d, generator=gen), torch.randn(B, Hkv, 1, d, generator=gen), torch.tensor([7]))
@@ -332,7 +334,10 @@ def test_exact_split_triton_matches_torch(interp, G, parts):
     args = (q, mean, mask, 0.3, *slots, *fresh)
     ref = exact_split_torch(*args)
     score, value = torch.full((B, Hq), float("nan")), torch.full((B, Hq, d), float("nan"))
-    got = exact_split_triton(*args, score=score, value=value)
+    positions = torch.full((B, S if parts != "new" else 1), -7, dtype=torch.int32)
+    got = exact_split_triton(*args, score=score, value=value, pos=positions)
+    # the positions as int32 (written by the launch itself): the slots', or -1 without slots
+    assert got[2].dtype == torch.int32 and torch.equal(got[2], pos.int() if parts != "new" else torch.full((B, 1), -1).int())
     assert torch.equal(torch.isinf(got[0]), torch.isinf(ref[0]))
     fin = torch.isfinite(ref[0])
     assert torch.allclose(got[0][fin], ref[0][fin], atol=1e-5) and torch.allclose(got[1], ref[1], atol=1e-5)
@@ -347,9 +352,9 @@ def _canonical(buffers, o):
     return k.gather(2, take), v.gather(2, take), p.gather(1, order), c.gather(1, order)
 
 
-@pytest.mark.parametrize("keep_sink,outliers,pid", [(True, 3, "none"), (True, 3, "sink"), (False, 4, "given"),
-                                                     (True, 0, "sink")])
-def test_store_exact_step_triton_matches_torch(interp, keep_sink, outliers, pid):
+@pytest.mark.parametrize("keep_sink,outliers,pid,H", [(True, 3, "none", 2), (True, 3, "sink", 2), (False, 4, "given", 2),
+                                                       (True, 0, "sink", 2), (True, 2, "none", 3)])
+def test_store_exact_step_triton_matches_torch(interp, keep_sink, outliers, pid, H):
     """`sink_triton.store_exact_step_triton` (interpreted) leaves the slot buffers as `store_exact_torch` does
     after a prompt and three decode steps: the sink at RoPE position 0, a farther key taking the nearest held
     key's slot, a nearer one not."""
@@ -357,7 +362,7 @@ def test_store_exact_step_triton_matches_torch(interp, keep_sink, outliers, pid)
     from sqcompile.kernels.sink_triton import store_exact_step_triton
 
     gen = torch.Generator().manual_seed(40 + outliers)
-    B, H, d = 2, 2, 64
+    B, d = 2, 64
     S = int(keep_sink) + outliers
     mean = torch.randn(H, d, generator=gen)
     bufs = [torch.zeros(B, H, S, d), torch.zeros(B, H, S, d), torch.full((B, S), -1), torch.full((B, S), float("-inf"))]

@@ -51,6 +51,14 @@ def test_compiled_fused_decode_equals_eager_spectral_cache(arch, layout):
     assert sum(t.endswith(KERNEL[layout] + ".default") for t in targets) == model.config.num_hidden_layers, targets
     assert not any(DEQUANT[layout] in t for t in targets)
     assert not any("scaled_dot_product_attention" in t for t in targets)
+    # one uint8 token mask per step, made where the attention mask is and shared by every layer's ops (the ops
+    # converting it themselves cost two copies per layer in the CUDA graph)
+    ops = [n for n in decode.graph.nodes if n.op == "call_function" and str(n.target).endswith(
+        (KERNEL[layout] + ".default", "exact_split.default"))]
+    masks = {n.kwargs["kv_mask"] if "kv_mask" in n.kwargs else n.args[2] for n in ops}
+    assert len(ops) == 2 * model.config.num_hidden_layers and len(masks) == 1, masks
+    (mask,) = masks
+    assert mask is not None and [(n.target, n.args[1:]) for n in (mask.args[0],)] == [("to", (torch.uint8,))]
     report = sqcompile.explain(model, input_ids=x, past_key_values=compiled_cache)
     assert [s.kernel for s in report.sites] == [KERNEL[layout]] * model.config.num_hidden_layers, str(report)
 
@@ -160,3 +168,18 @@ def test_one_compiled_forward_serves_caches_of_different_layouts():
         compiled_cache = SpectralCache(model, bits=bits, max_cache_len=16, layout=layout)
         with torch.no_grad():
             _lockstep(model, step, eager_cache, compiled_cache, ids, 3, tag=(layout, bits))
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_rotate_values_is_the_broadcast_matmul(n):
+    """`cache.rotate_values` (one bmm over kv-heads) computes (v - mu_v) @ B_v^T per kv-head, as the broadcast matmul
+    it replaced, for a decode step and a prompt."""
+    from sqcompile.cache import rotate_values
+
+    gen = torch.Generator().manual_seed(9)
+    v = torch.randn(3, 4, n, 16, generator=gen).to(torch.bfloat16)
+    mean, basis = torch.randn(4, 16, generator=gen), torch.linalg.qr(torch.randn(4, 16, 16, generator=gen))[0]
+    ref = torch.matmul(v.double() - mean.double()[None, :, None, :], basis.double().transpose(-1, -2))
+    got = rotate_values(v, mean, basis)
+    assert got.shape == (3, 4, n, 16) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), ref, atol=1e-5)

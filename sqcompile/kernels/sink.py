@@ -185,14 +185,13 @@ def exact_split(q: torch.Tensor, k_mean: torch.Tensor, kv_mask: Optional[torch.T
     if sink_k is not None:
         sink_k, sink_pos = as_slots(sink_k, sink_pos)
         sink_v = as_slots(sink_v, sink_pos)[0]
-    pos = torch.full((B, 1), -1, dtype=torch.int32, device=q.device) if sink_pos is None \
-        else sink_pos.to(torch.int32).clone()
-    if q.is_cuda:
+    if q.is_cuda:  # one launch, the int32 positions included (no conversion and copy of their own)
         from .sink_triton import exact_split_triton
 
-        score, value = exact_split_triton(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos)
-    else:
-        score, value = exact_split_torch(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos)
+        return exact_split_triton(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos)
+    pos = torch.full((B, 1), -1, dtype=torch.int32, device=q.device) if sink_pos is None \
+        else sink_pos.to(torch.int32).clone()
+    score, value = exact_split_torch(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos)
     return score, value, pos
 
 

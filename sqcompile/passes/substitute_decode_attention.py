@@ -3,7 +3,9 @@ replace "dequantize the whole cache then SDPA" with one `sqcompile::decode_atten
 
 What the cache's update() traces to (per layer):
 
-    v_store = (value.to(f32) - v_mean) @ v_basis^T
+    v_store = ((value.to(f32) - v_mean).transpose(0, 1).reshape(Hkv, B*n, d) @ v_basis^T)   (`cache.rotate_values`:
+              .reshape(Hkv, B, n, d).transpose(0, 1)          one bmm over kv-heads; a plain broadcast matmul is
+                                                              matched too)
     sqcompile.quantize_write(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, codebooks, ...)
     k_hat = dequantize_packed(k_packed, ...) @ k_basis + k_mean          -> repeat_kv -> SDPA(q, k_hat, v_hat)
     v_hat = dequantize_packed(v_packed, ...) @ v_basis + v_mean
@@ -149,9 +151,10 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
         if not (model_basis_keys and at_written and written):
             raise _Unproven("the exact rows put over the read are not the tokens this step writes")
     v_store = _strip_to(qw.args[1])
-    if not (is_op(v_store, "matmul") and is_op(v_store.args[0], "sub")):
+    sub = _match_value_rotation(v_store)
+    if sub is None:
         raise _Unproven("the value written is not (v - mean) @ basis^T")
-    new_v = _strip_to(v_store.args[0].args[0])
+    new_v = _strip_to(sub.args[0])
     q = arg(attn, 0, "query")
     qt, nv = meta_tensor(q), meta_tensor(new_v)
     if qt is None or nv is None:
@@ -162,7 +165,6 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
         raise _Unproven("head counts are symbolic or not a GQA ratio")
     v_lin, v_offset = _trace_value(new_v, gm, site.kv_heads, site.head_dim)
     o_lin = _find_o_proj(attn, gm, site.q_heads, site.head_dim)
-    sub = v_store.args[0]
     for u in new_v.users:
         if u is sub or (is_op(u, "to", "contiguous") and set(u.users) == {sub}):
             continue
@@ -190,6 +192,24 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
                       k_packed=k_packed, v_packed=v_packed, k_sink=k_sink, v_sink=v_sink, exact_new=k_fresh is not None,
                       # what SDPA reads of V in the storage basis once o_proj absorbs the basis
                       v_dq=v_read["store"])
+
+
+def _shape_ops(n, ops=("transpose", "reshape", "view", "contiguous", "to")):
+    """n under the shape-only ops of `cache.rotate_values` (and dtype casts)."""
+    while is_op(n, *ops) and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    return n
+
+
+def _match_value_rotation(v_store) -> Optional[fx.Node]:
+    """The subtraction `v - mean` of the value rotation the cache writes, (v - mean) @ basis^T, in the form of
+    `cache.rotate_values` (one bmm over kv-heads, between transposes and reshapes) or a plain broadcast matmul;
+    None when v_store is neither."""
+    mm = _shape_ops(v_store)
+    if not is_op(mm, "matmul"):
+        return None
+    sub = _shape_ops(mm.args[0])
+    return sub if is_op(sub, "sub") else None
 
 
 def _erase_dead(nodes: list) -> None:
@@ -249,8 +269,8 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
         lengths = gm.graph.call_method("contiguous", (lengths,))
         mask = arg(attn, 3, "attn_mask")
         kv_mask = None
-        if isinstance(mask, fx.Node):  # [B|1, 1, 1, T] bool -> [B, T]: padding and windows, read per token
-            kv_mask = gm.graph.call_function(operator.getitem, (mask, (slice(None), 0, 0)))
+        if isinstance(mask, fx.Node):  # [B|1, 1, 1, T] bool -> [B|1, T] uint8: padding and windows, read per token
+            kv_mask = _token_mask(gm, mask)
         sink = {}
         if nodes.get("k_sink") is not None or nodes.get("exact_new"):
             # the exact tokens as the op's extra split: the sink (its codes skipped) and/or this step's own token
@@ -284,6 +304,41 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
     site.kernel = "decode_attention_fast" if _is_fast_write(qw) else "decode_attention"
     if _is_fast_write(qw):
         _fuse_write(gm, site, qw, out)
+
+
+def _mask_root(mask: fx.Node) -> fx.Node:
+    """The mask node under slices that keep its shape (`mask[:, :, :, :T]` with T the capacity): layers that slice
+    one mask so share one token mask."""
+    while is_op(mask, "getitem") and isinstance(mask.args[0], fx.Node):
+        index = mask.args[1] if isinstance(mask.args[1], tuple) else (mask.args[1],)
+        inner, outer = meta_tensor(mask.args[0]), meta_tensor(mask)
+        if inner is None or outer is None or tuple(inner.shape) != tuple(outer.shape) \
+                or not all(isinstance(i, slice) or i is Ellipsis for i in index):
+            break
+        mask = mask.args[0]
+    return mask
+
+
+def _token_mask(gm: fx.GraphModule, mask: fx.Node) -> fx.Node:
+    """The decode ops' token mask, uint8 [B|1, T] contiguous, from a boolean [B|1, 1, 1, T] attention mask: made
+    once per mask in the graph, right after it, and shared by every layer that reads it. (Handed the boolean
+    mask, each op converted it itself: one uint8 copy per op, two per layer and step, in the CUDA graph.)"""
+    root = _mask_root(mask)
+    for u in root.users:
+        made = u.meta.get("sq_token_mask")
+        if made is not None and made.graph is gm.graph:
+            return made
+    at = root
+    if root.op == "placeholder":  # a mask passed in: after the graph's inputs, not among them
+        at = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(at):
+        rows = gm.graph.call_function(operator.getitem, (root, (slice(None), 0, 0)))
+    with gm.graph.inserting_after(rows):
+        u8 = gm.graph.call_method("to", (rows, torch.uint8))
+    with gm.graph.inserting_after(u8):
+        token_mask = gm.graph.call_method("contiguous", (u8,))
+    rows.meta["sq_token_mask"] = token_mask  # the next layer finds it through root.users
+    return token_mask
 
 
 def _fuse_write(gm: fx.GraphModule, site: Site, qw: fx.Node, att: fx.Node) -> None:
