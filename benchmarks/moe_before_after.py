@@ -51,8 +51,7 @@ def case(name: str, tokens: int, before, rounds: int, compiled: bool, hf: bool, 
         fns["after_inductor"] = lambda: after_c(x, logits)
         E, H, inter = shape["experts"], shape["hidden"], shape["ffn"]
         for label, fields in (variants or {}).items():  # `_config`'s choice with some fields changed
-            cfg = dict(fm._config(tokens * k, E, H, inter, fm._smem_bytes(fm._device_index(x.device)),
-                                  fm._grouped_mm_ok(x.device, x.dtype)), **fields)
+            cfg = dict(fm.device_config(tokens * k, E, H, inter, x.device, x.dtype), **fields)
             fns[f"after_{label}_inductor"] = compiled_with(cfg, f"{name}_{tokens}_{label}", x, logits, w1, w2, k,
                                                            renormalize)
     with torch.no_grad():

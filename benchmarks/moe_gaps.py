@@ -143,8 +143,7 @@ def main(argv=None) -> int:
     k, renormalize = shape["top_k"], shape["renormalize"]
     E, H, inter = shape["experts"], shape["hidden"], shape["ffn"]
     x, logits, w1, w2 = inputs(shape, args.tokens, torch.bfloat16, "cuda")
-    base = dict(fm._config(args.tokens * k, E, H, inter, fm._smem_bytes(fm._device_index(x.device)),
-                           fm._grouped_mm_ok(x.device, torch.bfloat16)))
+    base = fm.device_config(args.tokens * k, E, H, inter, x.device, x.dtype)
     cfgs = {"default": base, "x_gathered": dict(base, X_SORTED=False), "both": dict(base, GROUPED_MM="both")}
     phases = {"start": time.time()}
     fns = {}

@@ -28,7 +28,7 @@ def case(name: str, tokens: int, rounds: int, inductor: bool) -> dict:
     k, renormalize = shape["top_k"], shape["renormalize"]
     E, H, inter = shape["experts"], shape["hidden"], shape["ffn"]
     x, logits, w1, w2 = inputs(shape, tokens, torch.bfloat16, "cuda")
-    base = dict(fm._config(tokens * k, E, H, inter, fm._smem_bytes(fm._device_index(x.device))))
+    base = fm.device_config(tokens * k, E, H, inter, x.device, x.dtype)
     base.pop("GROUPED_MM", None)
     cfgs = {tier: dict(base, **({"GROUPED_MM": tier} if tier != "triton" else {})) for tier in TIERS}
     if not base.get("H_SORTED"):

@@ -536,6 +536,15 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
     return cfg
 
 
+def device_config(num_pairs, num_experts: int, hidden: int, inter: int, device: torch.device,
+                  dtype: torch.dtype) -> dict:
+    """`_config` as the op picks it on `device`: that device's shared memory, and the grouped_mm tier where it has
+    `torch._grouped_mm`'s CUTLASS kernels for `dtype` and the rows are 16-byte aligned (the benchmarks start from it)."""
+    return _config(num_pairs, num_experts, hidden, inter,
+                   _smem_bytes(_device_index(device)) if device.type == "cuda" else 0,
+                   _grouped_mm_ok(device, dtype) and (hidden * 2) % 16 == 0 and (inter * 2) % 16 == 0)
+
+
 def _grouped_mm_fn():
     return getattr(torch, "_grouped_mm", None) or getattr(F, "grouped_mm", None)
 
@@ -598,8 +607,7 @@ def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, reno
     inter = two_i // 2
     S = T * top_k
     device = hidden.device
-    cfg = _config(S, E, H, inter, _smem_bytes(_device_index(device)) if device.type == "cuda" else 0,
-                  _grouped_mm_ok(device, w_gate_up.dtype) and (H * 2) % 16 == 0 and (inter * 2) % 16 == 0)
+    cfg = device_config(S, E, H, inter, device, w_gate_up.dtype)
     bm, bn, bk, warps, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"]
     down_bn, down_bk, split_k = cfg["DOWN_BLOCK_N"], cfg["DOWN_BLOCK_K"], cfg["SPLIT_K"]
     down_warps, down_stages = cfg.get("DOWN_WARPS", warps), cfg.get("DOWN_STAGES", stages)
