@@ -30,14 +30,13 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import e2e_decode as E  # noqa: E402
 
-CONSTANTS = ("k_basis", "k_mean", "v_basis", "v_mean", "k_codebooks", "k_channel_scale", "v_codebooks",
-             "v_channel_scale", "k_qjl_proj")
+from sqcompile.cache import SpectralLayer  # noqa: E402
 
 
 def unstatic(cache) -> None:
     """The pre-fix SpectralCache: each layer's constants as fresh copies, which carry no static-address mark."""
     for layer in cache.layers:
-        for name in CONSTANTS:
+        for name in SpectralLayer.CONSTANTS:
             t = getattr(layer, name, None)
             if isinstance(t, torch.Tensor):
                 setattr(layer, name, t.clone())

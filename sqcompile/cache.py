@@ -46,6 +46,10 @@ class SpectralLayer(StaticLayer):
     """One layer's packed K/V. Mask and length semantics are StaticLayer's (full capacity, causal mask)."""
 
     is_compileable = True
+    # the per-layer constants of the codec (None where the codec has none), moved to the cache's device and given
+    # static addresses at initialization
+    CONSTANTS = ("k_basis", "k_mean", "v_basis", "v_mean", "k_codebooks", "k_channel_scale", "v_codebooks",
+                 "v_channel_scale", "k_qjl_proj")
 
     def __init__(self, max_cache_len: int, codec, layer_idx: int, max_batch_size: Optional[int] = None,
                  keep_sink: bool = True, exact_new: bool = True, outlier_tokens: int = 0):
@@ -96,8 +100,7 @@ class SpectralLayer(StaticLayer):
             self.sink_pos = torch.full((self.batch_size, self.slots), -1, dtype=torch.int64, device=self.device)
             self.sink_crit = torch.full((self.batch_size, self.slots), float("-inf"), device=self.device)
         constants = []
-        for name in ("k_basis", "k_mean", "v_basis", "v_mean", "k_codebooks", "k_channel_scale", "v_codebooks",
-                     "v_channel_scale", "k_qjl_proj"):
+        for name in self.CONSTANTS:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(self.device))
