@@ -382,7 +382,7 @@ def evaluate(model, profile, eval_ids: Tensor, rows: Optional[Sequence[RowSpec]]
     from tqdm.auto import tqdm
 
     if build_codec is None:
-        from .quant import build_codec  # the codec package (issue #2)
+        from .quant import build_codec  # the codec package
     rows = list(rows) if rows is not None else default_rows()
     num_layers = model.config.num_hidden_layers
     measure = list(measure_layers) if measure_layers is not None else _measure_layers(num_layers)

@@ -50,7 +50,7 @@ the gate/up kernel above (h in block order) and runs the down GEMM as CUTLASS's 
 (offs = each expert's padded run end; padding rows give output rows nobody reads), then `_topk_sum_kernel` gathers
 each token's k rows, weights them and sums in fp32. "both" (kept for measurement) sorts the pairs without padding,
 gathers x and runs both GEMMs by `torch._grouped_mm`, SiLU-and-multiply in `_silu_mul_kernel`. H100 under Inductor:
-Mixtral T=4096 5355 -> 5183 us, Qwen-MoE T=4096 1438 -> 1261 us (benchmarks/results/moe_*_h100_7th.json).
+Mixtral T=4096 5355 -> 5183 us, Qwen-MoE T=4096 1438 -> 1261 us (benchmarks/moe_before_after.py).
 """
 from __future__ import annotations
 
@@ -515,18 +515,18 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
                     DOWN_BLOCK_N=128, DOWN_BLOCK_K=64, DOWN_WARPS=4, DOWN_STAGES=stages, DOWN_GROUP_M=8, SPLIT_K=1)
     # weight tiles (and h, stored in block order) by TMA where the device has it; persistent gate/up programs.
     # H100, Mixtral T=4096 under Inductor: gate/up 3236 -> 3065 us, down 1681 -> 1484 us, op 5731 -> 5337 us
-    # (benchmarks/results/moe_before_after_h100_mixtral.json; candidates in moe_cands_h100_r2_*.json)
+    # (candidates: benchmarks/results/moe_tma_candidates_h100_*.json)
     cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, GROUP_M=8,
                DOWN_BLOCK_N=256, DOWN_BLOCK_K=64, DOWN_WARPS=8, DOWN_STAGES=stages, DOWN_GROUP_M=32, SPLIT_K=1,
                TMA=True, H_SORTED=True, PERSISTENT=1)
     # x by TMA from a block-ordered copy: the gate/up kernel gains more than the copy costs only with a wide FFN
     # (H100 under Inductor, kernel times: Mixtral T=4096 gate/up 2995 -> 2814 us for a 45 us copy; Qwen-MoE, I = 1408:
     # 661 -> 645 us for a 78 us copy). The power-capped timed loop does not resolve the Mixtral gain (-1% to +3.5%
-    # in three runs; BENCHMARKS.md, eighth session).
+    # in three runs).
     cfg["X_SORTED"] = inter >= 8192
     # gate and up tiles in one TMA box and one dot (W_PAIR), h stored by TMA (H_STORE_TMA). H100 under Inductor,
     # Mixtral T=4096: gate/up kernel 2750 -> 2695 us, the op at the power cap 5031 -> 4927 us and 3480 -> 3411 mJ
-    # per call (HF + Inductor 5157 us, 3575-3726 mJ); Qwen-MoE 1332 -> 1288 us (BENCHMARKS.md, ninth session)
+    # per call (HF + Inductor 5157 us, 3575-3726 mJ); Qwen-MoE 1332 -> 1288 us (BENCHMARKS.md, "Fused MoE")
     cfg["W_PAIR"] = True
     cfg["H_STORE_TMA"] = True
     # CUTLASS's down GEMM beats ours; its gate/up plus a SiLU-and-multiply pass ties with our fused one at Mixtral
