@@ -26,7 +26,7 @@ Kernel 2 (`_decode_reduce_kernel`), one program per (batch, query head): merges 
 The torch reference (`decode_attention_reference`) dequantizes with `sqcompile.quant` and runs
 plain softmax attention; it is the CPU implementation of the op.
 
-Speed (BENCHMARKS.md, "Decode attention"): correct, 25-44x faster than dequantize + SDPA, but
+Speed (benchmarks/decode_attention.py, H200; BENCHMARKS.md): correct, 25-44x faster than dequantize + SDPA, but
 still 0.2-0.4x of FP16 SDPA on an H200: the loop spends ~10.5 instructions per K/V element on bit
 tests, selects and operand layout conversions, where the byte floor allows ~3.
 """

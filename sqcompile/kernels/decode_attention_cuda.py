@@ -1,7 +1,7 @@
 """Decode attention over the FAST packed cache as a hand-written CUDA kernel (NVRTC, mma.sync).
 
 Same contract as `sqcompile.kernels.decode_attention_fast` (its torch reference is the reference here
-too); this is the register-controlled version its RESULTS.md asked for. The Triton kernel spends ~5.2
+too); this is its register-controlled version. The Triton kernel spends ~5.2
 instructions per K/V element, ~4 of them in layout conversions Triton inserts around `tl.dot`. Here
 every operand is built where the mma wants it:
 

@@ -456,7 +456,7 @@ def decode_attention_fast_triton(
     poison: bool = False, _launch=None, kv_mask: Optional[torch.Tensor] = None,
     sink_score: Optional[torch.Tensor] = None, sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Launch split + reduce. Defaults = the fastest variant measured on an H100 (RESULTS.md):
+    """Launch split + reduce. Defaults = the fastest variant measured on an H100 (benchmarks/decode_attention_fast.py --tune):
     128-token blocks, 4 warps, no software pipelining (num_stages=1); ~4 programs per SM below 32K
     cache tokens, ~8 from 32K on (per_sm=0 picks). mode: 2 = inline PTX unpack (CUDA default), 0/1 =
     plain Triton (interpreter default 0). poison=True fills every buffer with NaN first (tests).
