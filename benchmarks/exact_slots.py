@@ -3,8 +3,8 @@
 Device time per launch of `exact_split_triton` (the sink, the outlier slots and the new token as one extra split)
 and `store_exact_step_triton` (a decode step's slot update), `triton.testing.do_bench_cudagraph` median, at a
 Llama-3-8B decode step's shape: B=8, 32/8 heads, d=128, 5 slots, 32K tokens. The e2e step runs each once per layer.
-With `--base FILE` (another sink_triton.py) that file's kernels are timed on the same inputs. Correctness:
-tests/test_exact_slots_cuda.py (`pytest -m cuda`).
+With `--base FILE` (another sink_triton.py) that file's kernels are timed on the same inputs. `exact_split` is
+checked against its torch form first; the full checks are tests/test_exact_slots_cuda.py (`pytest -m cuda`).
 
     PYTHONPATH=$PWD python3 benchmarks/exact_slots.py [--base old_sink_triton.py] [--out exact_slots.json]
 """
@@ -41,7 +41,13 @@ def timings(mod, batch: int = 8, q_heads: int = 32, kv_heads: int = 8, slots: in
     def store():
         return mod.store_exact_step_triton(*bufs, new_key, new_v, new_pos, None, mean, True, slots - 1)
 
-    split(), store()
+    from sqcompile.kernels.sink import exact_split_torch
+
+    ref, got = exact_split_torch(q, mean, mask, 0.088, sk, sv, pos, new_k, new_v, new_pos), split()
+    err = max((got[i] - ref[i]).abs().max().item() for i in (0, 1))
+    if not err < 1e-3:  # correctness first (tests/test_exact_slots_cuda.py checks both kernels fully)
+        raise RuntimeError(f"exact_split_triton differs from exact_split_torch by {err:.3g}")
+    store()
     torch.cuda.synchronize()
     return {"exact_split_us": 1e3 * triton.testing.do_bench_cudagraph(split, rep=50, return_mode="median"),
             "store_step_us": 1e3 * triton.testing.do_bench_cudagraph(store, rep=50, return_mode="median")}
