@@ -318,6 +318,43 @@ def time_decode(step_fn, cache, batch, steps, warmup=2):
     return statistics.median(times), first
 
 
+def profile_step(step_fn, cache, batch, n=3, top=10) -> dict:
+    """Device time per decode step by kernel (torch.profiler over n steps): the total, the kernel count, the time
+    by kind (the CUDA decode kernel, matrix products, Triton kernels Inductor or sqcompile generated, the rest) and
+    the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if DEV != "cuda":
+        return {}
+    x = torch.randint(0, min(1000, VOCAB), (batch, 1), device=DEV)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step_fn(input_ids=x, past_key_values=cache, use_cache=True)
+        sync()
+    tot: dict = {}
+    count = 0
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            tot[e.name] = tot.get(e.name, 0.0) + e.device_time / n
+            count += 1
+
+    def kind(name):
+        low = name.lower()
+        if low.startswith("sq_fast"):
+            return "cuda_decode_attention"
+        if any(k in low for k in ("gemm", "gemv", "nvjet", "cutlass", "sm90_", "splitk")):
+            return "matmul"
+        if low.startswith("triton"):
+            return "triton"
+        return "other"
+
+    kinds: dict = {}
+    for name, us in tot.items():
+        kinds[kind(name)] = kinds.get(kind(name), 0.0) + us
+    return dict(device_us=sum(tot.values()), kernels_per_step=count / n, by_kind_us=kinds,
+                top=[(name[:90], us) for name, us in sorted(tot.items(), key=lambda kv: -kv[1])[:top]])
+
+
 def copy_bandwidth() -> float:
     """TB/s of a 1 GiB device-to-device copy, bytes read + written (median of 10)."""
     if DEV != "cuda":
@@ -399,7 +436,8 @@ class Run:
             for sec in ("capacity", "generate"):
                 if sec in old:
                     self.res[sec] = old[sec]
-                    self.resumed.add(sec)
+                    if not any(isinstance(v, dict) and "error" in v for v in old[sec].values()):
+                        self.resumed.add(sec)
 
     def left(self) -> float:
         return self.args.time_budget - (time.time() - self.t0)
@@ -423,7 +461,9 @@ class Run:
         try:
             return fn(*a, **kw)
         except Exception as exc:  # noqa: BLE001
-            msg = f"{type(exc).__name__}: {str(exc)[:600]}"
+            import traceback
+
+            msg = f"{type(exc).__name__}: {str(exc)[:600]} | " + traceback.format_exc()[-2500:]
             self.res.setdefault("errors", []).append(dict(row=what, error=msg))
             log(f"{what} FAILED: {msg}")
             free_memory()
@@ -489,9 +529,13 @@ class Run:
         ms, first = time_decode(fn, cache, batch, self.args.steps)
         kv = sq_read_bytes(cache, batch, ctx + 1)
         launches = _cuda_calls() - calls0
+        prof = {}
+        if f"{ctx}x{batch}" in self.args.profile.split(","):
+            prof = dict(profile=profile_step(fn, cache, batch))
+            log(f"profile {ratio_name(bits)} {ctx}x{batch}: {json.dumps(prof['profile'])}")
         del cache, fn
         row = self.add(ratio_name(bits), ctx, batch, ms, kv, section, bits=bits, first_call_s=round(first, 1),
-                       cuda_decode_launches=launches)
+                       cuda_decode_launches=launches, **prof)
         free_memory()
         return row
 
@@ -591,16 +635,11 @@ class Run:
                 f"at batch {bf}: {info['tok_s_ratio']:.2f}x")
         self.save()
 
-    def prefill_and_generate(self):
-        """(f) TTFT of a `prompt`-token prompt, batch 1, and (g) generate `new_tokens`: the strong decoder in a
-        generate-like loop, sqcompile through `sqcompile.optimize(...).generate`."""
-        import sqcompile
-
+    def strong_generate(self, prompt, gen):
+        """The strong decoder in a generate-like loop: prefill (each layer compiled for n = P), then one CUDA graph
+        per decode step, synchronized after each."""
         a, m = self.args, self.model
         P, N = a.prompt, a.new_tokens
-        prompt = torch.randint(0, min(1000, VOCAB), (1, P), device=DEV)
-        gen: dict = {"prompt": P, "new_tokens": N}
-        self.res["generate"] = gen
         # strong: prefill (each layer compiled for n = P), then one CUDA graph per decode step
         use_varlen = self.varlen_speed_ok()
         sm = StrongLlama(m, 1, P + N + 8)
@@ -622,7 +661,7 @@ class Run:
             if step is None:
                 step = graphed(lambda: sm.forward(ids, pos, length=mid))
 
-            def strong_generate(n_new):
+            def loop(n_new):
                 t0 = time.perf_counter()
                 tok = sm.forward(prompt, ppos, length=P)[:, -1:].argmax(-1)
                 sync()
@@ -637,8 +676,8 @@ class Run:
                     sync()  # generate synchronizes every step (its stopping criteria)
                 return ttft, time.perf_counter() - t0, torch.cat(out, 1)
 
-            strong_generate(2)
-            ttft, total, toks = strong_generate(N)
+            loop(2)
+            ttft, total, toks = loop(N)
         gen["strong_fp16"] = dict(ttft_s=ttft, total_s=total, tok_s=N / total, decode_tok_s=(N - 1) / (total - ttft),
                                   tokens=int(toks.shape[1]), attention="varlen (exact lengths)" if use_varlen
                                   else f"fixed length {mid} (the loop's mean length)")
@@ -647,44 +686,77 @@ class Run:
         del step, sm
         free_memory()
         self.save()
-        if self.skip("generate sqcompile", 90):
-            return
+
+    def prefill_and_generate(self):
+        """(f) TTFT of a `prompt`-token prompt, batch 1, and (g) generate `new_tokens`: the strong decoder in a
+        generate-like loop, sqcompile through `sqcompile.optimize(...).generate`."""
+        import sqcompile
+
+        a, m = self.args, self.model
+        P, N = a.prompt, a.new_tokens
+        prompt = torch.randint(0, min(1000, VOCAB), (1, P), device=DEV)
+        gen: dict = self.res.get("generate") or {"prompt": P, "new_tokens": N}
+        self.res["generate"] = gen
+        if "strong_fp16" not in gen:
+            self.strong_generate(prompt, gen)
         fwd = m.forward
         try:
             opt = sqcompile.optimize(m, None, bits=a.bits[0], max_cache_len=P + N + 8, layout="fast", moe=False,
                                      cudagraphs=DEV == "cuda", **({"lower": "eager"} if COMPILER != "inductor" else {}))
-            kw = dict(do_sample=False)
-            t0 = time.perf_counter()
-            opt.generate(prompt, max_new_tokens=2, **kw)
-            sync()
-            first = time.perf_counter() - t0
-            opt.generate(prompt, max_new_tokens=2, **kw)
-            sync()
-            t0 = time.perf_counter()
-            opt.generate(prompt, max_new_tokens=1, **kw)
-            sync()
-            ttft = time.perf_counter() - t0
-            calls0 = _cuda_calls()
-            t0 = time.perf_counter()
-            out = opt.generate(prompt, max_new_tokens=N, **kw)
-            sync()
-            total = time.perf_counter() - t0
-            gen["sqcompile"] = dict(bits=a.bits[0], ttft_s=ttft, total_s=total, tok_s=N / total,
-                                    decode_tok_s=(N - 1) / (total - ttft), tokens=int(out.shape[1] - P),
-                                    first_calls_s=first, cuda_decode_launches=_cuda_calls() - calls0)
-            log(f"generate {ratio_name(a.bits[0])} (sqcompile.optimize(...).generate): TTFT {ttft:.3f} s, {N} tokens in "
-                f"{total:.2f} s ({N / total:.1f} tok/s; decode {(N - 1) / (total - ttft):.1f} tok/s); first two calls "
-                f"(compile) {first:.0f} s; CUDA decode launches {gen['sqcompile']['cuda_decode_launches']}")
-            s, f = gen["sqcompile"], gen["strong_fp16"]
-            gen["ttft_ratio"], gen["tok_s_ratio"] = s["ttft_s"] / f["ttft_s"], s["tok_s"] / f["tok_s"]
-            gen["decode_tok_s_ratio"] = s["decode_tok_s"] / f["decode_tok_s"]
-        except Exception as exc:  # noqa: BLE001
-            gen["sqcompile"] = dict(error=f"{type(exc).__name__}: {str(exc)[:500]}")
-            log(f"generate sqcompile FAILED: {gen['sqcompile']['error']}")
+
+            def preinit(n):  # the cache's buffers allocated before the call, so that they get static addresses
+                cache = opt.cache()
+                _, H, _, d = _kv_shape(m, 1, 1)
+                k0 = torch.zeros(prompt.shape[0], H, 1, d, device=DEV, dtype=torch.bfloat16)
+                for layer in cache.layers:
+                    layer.lazy_initialization(k0, k0)
+                with torch.no_grad():
+                    return m.generate(prompt, past_key_values=cache, max_new_tokens=n, do_sample=False)
+
+            variants = {"sqcompile": lambda n: opt.generate(prompt, max_new_tokens=n, do_sample=False),
+                        "sqcompile_preinit": preinit}
+            for name, g in variants.items():
+                if name in gen and "error" not in gen[name]:
+                    continue
+                if self.skip(f"generate {name}", 90):
+                    continue
+                gen[name] = self.safe(f"generate {name}", self.sq_generate, name, g, P, N) or \
+                    dict(error=self.res["errors"][-1]["error"])
+                self.save()
         finally:
             m.forward = fwd
             free_memory()
+        f = gen["strong_fp16"]
+        for name in ("sqcompile", "sqcompile_preinit"):
+            s_ = gen.get(name, {})
+            if "ttft_s" in s_:
+                s_["ttft_ratio"], s_["tok_s_ratio"] = s_["ttft_s"] / f["ttft_s"], s_["tok_s"] / f["tok_s"]
+                s_["decode_tok_s_ratio"] = s_["decode_tok_s"] / f["decode_tok_s"]
         self.save()
+
+    def sq_generate(self, name, g, P, N) -> dict:
+        """TTFT (generate of 1 token) and N tokens, after two warm-up calls (compilation, CUDA-graph recording)."""
+        t0 = time.perf_counter()
+        g(2)
+        sync()
+        first = time.perf_counter() - t0
+        g(2)
+        sync()
+        t0 = time.perf_counter()
+        g(1)
+        sync()
+        ttft = time.perf_counter() - t0
+        calls0 = _cuda_calls()
+        t0 = time.perf_counter()
+        out = g(N)
+        sync()
+        total = time.perf_counter() - t0
+        r = dict(bits=self.args.bits[0], ttft_s=ttft, total_s=total, tok_s=N / total, decode_tok_s=(N - 1) / (total - ttft),
+                 tokens=int(out.shape[1] - P), first_calls_s=first, cuda_decode_launches=_cuda_calls() - calls0)
+        log(f"generate {name} ({ratio_name(self.args.bits[0])}): TTFT {ttft:.3f} s, {N} tokens in {total:.2f} s "
+            f"({N / total:.1f} tok/s; decode {(N - 1) / (total - ttft):.1f} tok/s); first call (compile) {first:.0f} s; "
+            f"CUDA decode launches {r['cuda_decode_launches']}")
+        return r
 
 
 def _cuda_calls() -> int:
@@ -733,14 +805,15 @@ def table(res: dict) -> None:
             f"{c['fp16_max_batch']}, sqcompile {c['sq_max_batch']}; tok/s ratio {c.get('tok_s_ratio', float('nan')):.2f}x")
     g = res.get("generate")
     if g and "strong_fp16" in g:
-        for k in ("strong_fp16", "sqcompile"):
+        for k in ("strong_fp16", "sqcompile", "sqcompile_preinit"):
             x = g.get(k, {})
             if "ttft_s" in x:
                 log(f"generate {k}: prompt {g['prompt']}, {g['new_tokens']} new: TTFT {x['ttft_s']:.3f} s, "
-                    f"{x['tok_s']:.1f} tok/s, decode {x['decode_tok_s']:.1f} tok/s")
-        if "ttft_ratio" in g:
-            log(f"sqcompile / strong FP16: TTFT {g['ttft_ratio']:.2f}x, generate tok/s {g['tok_s_ratio']:.2f}x, "
-                f"decode tok/s {g['decode_tok_s_ratio']:.2f}x")
+                    f"{x['tok_s']:.1f} tok/s, decode {x['decode_tok_s']:.1f} tok/s" + (
+                        f"; vs strong FP16: TTFT {x['ttft_ratio']:.2f}x, tok/s {x['tok_s_ratio']:.2f}x, decode tok/s "
+                        f"{x['decode_tok_s_ratio']:.2f}x" if "ttft_ratio" in x else ""))
+            elif "error" in x:
+                log(f"generate {k}: FAILED {x['error'][:300]}")
     for s in res["skipped"]:
         log(f"skipped {s['row']}: {s['reason']}")
 
@@ -762,6 +835,8 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=32768)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--sections", default="decode,capacity,generate")
+    ap.add_argument("--profile", default="32768x8", help="context x batch where sqcompile rows also report device "
+                    "time by kernel (torch.profiler)")
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds; later rows are skipped (and listed)")
     ap.add_argument("--out", default="e2e_decode.json")
     ap.add_argument("--resume", default=None, help="a JSON of an earlier run (same device): its rows and sections "
