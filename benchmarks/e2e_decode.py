@@ -8,8 +8,10 @@ step, tokens/s, the step's floor and the % of it reached:
   the filled tokens (no mask, no repeat_kv: flash attention's split-KV decode), each layer compiled by Inductor and
   the whole step (32 layers and the head) replayed as one CUDA graph. A graph has one shape, so a timed step
   attends over exactly context + 1 tokens and writes its token at position `context` every time (the same bytes as
-  a real step there). The generate loop instead attends through flash attention's varlen entry with a per-sequence
-  length tensor (`seqused_k`): one graph for every step, still exactly the filled tokens.
+  a real step there). The generate loop attends through flash attention's varlen entry with a per-sequence length
+  tensor (`seqused_k`: one graph for every step, still exactly the filled tokens) when that kernel is within 15% of
+  fixed-length SDPA on the device, else at one fixed length, the mean of the loop's lengths (H100: varlen was 31%
+  slower).
 - `hf_inductor`: what a plain HF user gets: `torch.compile(model.forward, mode="reduce-overhead")` with HF
   `StaticCache` (attends over the whole capacity with a mask, K/V expanded to every query head).
 - `sqcompile_<ratio>x`: `torch.compile(model.forward, backend="spectralquant", options={"cudagraphs": True})`
@@ -23,12 +25,14 @@ Sections: (d) decode steps at 4K and 32K context, batch 1 and 8; (e) capacity: w
 memory after the weights, less a workspace), the largest batch of 32K-token sequences for FP16 and for sqcompile,
 and each one's decode tokens/s at that batch; (f) time to first token of a 32K prompt (batch 1): the strong
 decoder's prefill (flash attention, causal) vs sqcompile's (through `sqcompile.optimize`, compressed write);
-(g) `model.generate` through `sqcompile.optimize` (32K prompt, 256 new tokens) vs the strong decoder driven by
-the same loop (prefill, then one step per token, synchronized after each as generate does). Correctness first: the
-strong decoder's logits against HF eager on the same weights (decode step, varlen step and prefill). Sections
-run by priority under `--time-budget` seconds; a skipped row says why in the JSON.
+(g) `model.generate` through `sqcompile.optimize` (32K prompt, 256 new tokens), and the same compiled forward with
+the SpectralCache's buffers allocated before the call (`sqcompile_preinit`: static addresses), vs the strong decoder
+driven by the same loop (prefill, then one step per token, synchronized after each as generate does).
+Correctness first: the strong decoder's logits against HF eager on the same weights (decode step, varlen step and
+prefill). Sections run by priority under `--time-budget` seconds; a skipped row says why in the JSON.
 
-    PYTHONPATH=$PWD python3 benchmarks/e2e_decode.py --out e2e.json         # GPU (about 6 minutes on an H100)
+    PYTHONPATH=$PWD python3 benchmarks/e2e_decode.py --out e2e.json         # GPU: ~15 min on an H100 (each
+        # sqcompile or HF row compiles a 32-layer graph, ~50 s); split it with --time-budget S and --resume e2e.json
     PYTHONPATH=$PWD python3 benchmarks/e2e_decode.py --smoke --out s.json   # CPU, tiny shapes, no timing value
 
 `fill_static` / `fill_spectral` / `build_model` are also used by e2e_step_gaps.py and profile_host.py.
@@ -126,8 +130,8 @@ def fill_spectral(model, batch, ctx, steps, bits, layout="planes", keep_sink=Tru
             v = torch.randn_like(k)
             pos = torch.arange(s, s + n, device=DEV)
             if layer.fast:
-                torch.ops.sqcompile.quantize_write_fast(k, v, layer.keys, layer.values, pos, layer.k_basis, layer.k_mean,
-                                                        layer.k_layout, layer.v_layout)
+                torch.ops.sqcompile.quantize_write_fast(k, v, layer.keys, layer.values, pos, layer.k_basis,
+                                                        layer.k_mean, layer.k_layout, layer.v_layout)
                 continue
             torch.ops.sqcompile.quantize_write(k, v, layer.keys, layer.values, pos, layer.k_basis, layer.k_mean,
                                                layer.k_codebooks, layer.k_channel_scale, layer.v_codebooks,
@@ -452,7 +456,8 @@ class Run:
             return True
         if self.left() >= need:
             return False
-        self.res["skipped"].append(dict(row=what, reason=f"time budget: {self.left():.0f} s left, ~{need:.0f} s needed"))
+        reason = f"time budget: {self.left():.0f} s left, ~{need:.0f} s needed"
+        self.res["skipped"].append(dict(row=what, reason=reason))
         log(f"skip {what}: {self.left():.0f} s left of --time-budget, ~{need:.0f} s needed")
         return True
 
@@ -631,7 +636,8 @@ class Run:
         self.res["capacity"] = info
         if "fp16" in info and "sq" in info:
             info["tok_s_ratio"] = info["sq"]["tok_s"] / info["fp16"]["tok_s"]
-            log(f"capacity: sqcompile {info['sq']['tok_s']:.0f} tok/s at batch {bs} vs FP16 {info['fp16']['tok_s']:.0f} "
+            log(f"capacity: sqcompile {info['sq']['tok_s']:.0f} tok/s at batch {bs} vs FP16 "
+                f"{info['fp16']['tok_s']:.0f} "
                 f"at batch {bf}: {info['tok_s_ratio']:.2f}x")
         self.save()
 
@@ -751,10 +757,12 @@ class Run:
         out = g(N)
         sync()
         total = time.perf_counter() - t0
-        r = dict(bits=self.args.bits[0], ttft_s=ttft, total_s=total, tok_s=N / total, decode_tok_s=(N - 1) / (total - ttft),
+        r = dict(bits=self.args.bits[0], ttft_s=ttft, total_s=total, tok_s=N / total,
+                 decode_tok_s=(N - 1) / (total - ttft),
                  tokens=int(out.shape[1] - P), first_calls_s=first, cuda_decode_launches=_cuda_calls() - calls0)
         log(f"generate {name} ({ratio_name(self.args.bits[0])}): TTFT {ttft:.3f} s, {N} tokens in {total:.2f} s "
-            f"({N / total:.1f} tok/s; decode {(N - 1) / (total - ttft):.1f} tok/s); first call (compile) {first:.0f} s; "
+            f"({N / total:.1f} tok/s; decode {(N - 1) / (total - ttft):.1f} tok/s); first call (compile) "
+            f"{first:.0f} s; "
             f"CUDA decode launches {r['cuda_decode_launches']}")
         return r
 
@@ -776,8 +784,9 @@ def versions() -> dict:
         pass
     v["sqcompile_commit"] = os.environ.get("SQCOMPILE_COMMIT")
     try:
-        v["sqcompile_commit"] = v["sqcompile_commit"] or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                               cwd=sqcompile.__path__[0]).stdout.strip() or None
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=sqcompile.__path__[0])
+        v["sqcompile_commit"] = v["sqcompile_commit"] or git.stdout.strip() or None
     except OSError:
         v["sqcompile_commit"] = None
     return v
@@ -800,9 +809,11 @@ def table(res: dict) -> None:
             f"{r['floor_ms']:.3f} | {r['pct_floor']:.0f}% | {vs(s)} | {vs(h)} |")
     c = res.get("capacity")
     if c:
-        log(f"capacity at {c['context']}: KV budget {c['kv_budget_bytes'] / 2**30:.1f} GiB (free {c['free_bytes'] / 2**30:.1f}"
+        log(f"capacity at {c['context']}: KV budget {c['kv_budget_bytes'] / 2**30:.1f} GiB (free "
+            f"{c['free_bytes'] / 2**30:.1f}"
             f" GiB after the weights, less {c['workspace_bytes'] / 2**30:.1f} GiB workspace): largest batch FP16 "
-            f"{c['fp16_max_batch']}, sqcompile {c['sq_max_batch']}; tok/s ratio {c.get('tok_s_ratio', float('nan')):.2f}x")
+            f"{c['fp16_max_batch']}, sqcompile {c['sq_max_batch']}; tok/s ratio "
+            f"{c.get('tok_s_ratio', float('nan')):.2f}x")
     g = res.get("generate")
     if g and "strong_fp16" in g:
         for k in ("strong_fp16", "sqcompile", "sqcompile_preinit"):
