@@ -285,6 +285,20 @@ class SpectralCache(Cache):
                   for i in range(fp["num_layers"])]
         super().__init__(layers=layers)
 
+    def allocate(self, batch_size: int, device: Any, dtype: torch.dtype) -> "SpectralCache":
+        """Allocate every layer's buffers now (else the first `update` does, inside the compiled prefill).
+
+        Under CUDA graphs this matters: buffers created inside a compiled graph get no static address, so the
+        decode graphs read them through copies, or fail to launch. `sqcompile.optimize(...).generate` calls it.
+        """
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        for layer in self.layers:
+            if not layer.is_initialized:
+                empty = torch.zeros(batch_size, layer.k_basis.shape[0], 0, layer.head_dim, dtype=dtype, device=device)
+                layer.lazy_initialization(empty, empty)
+        return self
+
     @property
     def max_cache_len(self) -> int:
         """Capacity in tokens (a property in some transformers versions, an attribute in others)."""
