@@ -2,13 +2,12 @@
 
 On CPU: its register-fragment permutations, checked against an independent byte-level decode of the packed
 rows (what each thread reads, per the kernel's rule), and the layouts it accepts. On a CUDA machine: the
-kernel itself against the torch reference (fresh random inputs, outputs poisoned first). CI has no GPU;
-the same checks run on the lent GPU in benchmarks/decode_attention_cuda.py.
+kernel itself against the torch reference (fresh random inputs, outputs poisoned first): the tests marked `cuda`
+(pytest -m cuda on a GPU machine; skipped without one).
 """
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -104,7 +103,7 @@ def test_selection_env(monkeypatch):
         dc.available(q, kp, kl.flat_groups(), vl.flat_groups())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the lent GPU)")
+@pytest.mark.cuda
 @pytest.mark.parametrize("d,kg,vg", LAYOUTS)
 @pytest.mark.parametrize("G", [1, 4, 8])
 def test_cuda_kernel_equals_reference(d, kg, vg, G):
@@ -141,7 +140,7 @@ def test_parameter_block_points_at_the_values_it_was_given():
         assert got == [x.data_ptr(), x[1:].data_ptr(), n]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the lent GPU)")
+@pytest.mark.cuda
 def test_cuda_kernel_under_cudagraph_trees():
     """Inductor's cudagraph trees (mode="reduce-overhead") warm a graph up with every allocation of the thread
     routed to the graph's pool and then reject live pool tensors that are not outputs: the op's cached scratch
@@ -248,7 +247,7 @@ def test_fused_write_op_is_the_write_then_the_attention_on_cpu():
     assert not torch.equal(kp[:, :, 30], kl.quantize(torch.zeros(B, H, 1, d))[:, :, 0])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the lent GPU)")
+@pytest.mark.cuda
 @pytest.mark.parametrize("d,kg,vg", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_write_stores_what_the_write_op_stores(d, kg, vg, dtype, monkeypatch):
@@ -295,13 +294,11 @@ def test_fused_write_stores_what_the_write_op_stores(d, kg, vg, dtype, monkeypat
     assert torch.equal(kf, kp) and torch.equal(vf, vp)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the lent GPU)")
+@pytest.mark.cuda
 @pytest.mark.parametrize("G", [1, 4])
 def test_every_gpu_path_merges_the_exact_sink(G, monkeypatch):
     """The exact sink token (sqcompile.kernels.sink) as one more split: the CUDA merge, the CUDA kernel with the
     fused write, the op's dispatch and the two Triton kernels equal their torch references."""
-    # test_decode_attention sets TRITON_INTERPRET=1 on import (for its CPU tests): keep it out of this process
-    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
     from sqcompile.kernels import decode_attention as da
     from sqcompile.kernels import decode_attention_fast as fa
     from sqcompile.kernels.fast_cache import layout_spec
@@ -383,11 +380,10 @@ def test_every_gpu_path_merges_the_exact_sink(G, monkeypatch):
     assert rel(pout, pref) < 5e-3
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the lent GPU)")
+@pytest.mark.cuda
 def test_exact_slot_ops_on_cuda_match_torch(monkeypatch):
     """sqcompile::exact_split and sqcompile::store_exact on CUDA (their Triton kernels) equal the torch forms on
     the CPU: the decode step's extra split (slots, mask, the new token in a slot) and a step's slot update."""
-    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
     from sqcompile.kernels.sink import exact_split_torch, store_exact_torch
 
     gen = torch.Generator().manual_seed(7)
