@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from sqcompile.calibrate import cache_kwarg
 from sqcompile.kernels.sink import OUTLIER_TOKENS
 
 DEV = "cuda"
@@ -112,12 +113,13 @@ def profile_steps(label, step_fn, cache, batch, n=3, top=12):
     from torch.profiler import ProfilerActivity, profile
 
     x = torch.randint(0, min(1000, VOCAB), (batch, 1), device=DEV)
+    kv = {cache_kwarg(step_fn): cache}
     if DEV != "cuda":
         print(f"--- {label}: --profile-step times CUDA kernels; skipped on {DEV}")
         return
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
-            step_fn(input_ids=x, past_key_values=cache, use_cache=True)
+            step_fn(input_ids=x, use_cache=True, **kv)
         torch.cuda.synchronize()
     tot: dict = {}
     for e in prof.events():
@@ -132,6 +134,7 @@ def time_decode(step_fn, cache, batch, steps, warmup=2, profile=None):
     """Median time of one decode step (ms) and the time of the very first call (s, includes compilation);
     `profile`: a label, to cProfile the first call and print its top functions by cumulative time."""
     x = torch.randint(0, min(1000, VOCAB), (batch, 1), device=DEV)
+    kv = {cache_kwarg(step_fn): cache}
     times = []
     prof = None
     if profile:
@@ -140,7 +143,7 @@ def time_decode(step_fn, cache, batch, steps, warmup=2, profile=None):
         prof.enable()
     t0 = time.perf_counter()
     with torch.no_grad():
-        step_fn(input_ids=x, past_key_values=cache, use_cache=True)
+        step_fn(input_ids=x, use_cache=True, **kv)
         if DEV == "cuda":
             torch.cuda.synchronize()
         first = time.perf_counter() - t0
@@ -155,7 +158,7 @@ def time_decode(step_fn, cache, batch, steps, warmup=2, profile=None):
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 s.record()
             t1 = time.perf_counter()
-            logits = step_fn(input_ids=x, past_key_values=cache, use_cache=True).logits
+            logits = step_fn(input_ids=x, use_cache=True, **kv).logits
             if DEV == "cuda":
                 e.record()
                 torch.cuda.synchronize()

@@ -410,3 +410,34 @@ def test_exact_slot_ops_on_cuda_match_torch(monkeypatch):
                 torch.allclose(a.sort(1).values, b.sort(1).values)
         else:
             assert torch.allclose(a.sum(2), b.sum(2), atol=1e-4)  # the same rows, in whatever slot order
+
+
+def test_query_matrix_cache_never_serves_another_basis_at_the_same_address():
+    """The op caches each basis's query matrix by the basis tensor's address and version. A second compile's basis
+    allocated where a dropped first one lived (same address, same version) would read the first's entry, so an
+    entry keeps the tensors it names alive: their memory is never handed to another tensor while it exists."""
+    import gc
+    import weakref
+
+    kl, vl = layout_for_budget(3.25, 64)
+    pl = dc.plan(64, 4, kl.spec(), vl.spec(), 8, 2)
+    factor = torch.rand(2, 64, generator=torch.Generator().manual_seed(0)) + 0.5
+    dc._QCACHE.clear()
+    dc._PINNED.clear()
+    first = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(1))
+    first_matrix = dc._query_matrix(pl, first, factor, 0.125)[0].clone()
+    address, dropped = first.data_ptr(), weakref.ref(first)
+    del first
+    gc.collect()
+    assert dropped() is not None and dropped().data_ptr() == address  # pinned: the address stays taken
+    second = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(2))
+    assert second.data_ptr() != address
+    got = dc._query_matrix(pl, second, factor, 0.125)[0]
+    dc._QCACHE.clear()
+    want = dc._query_matrix(pl, second, factor, 0.125)[0]
+    assert torch.equal(got, want) and not torch.equal(got, first_matrix)
+    # an in-place change of a basis is seen too (its version moves)
+    second.mul_(2)
+    assert torch.allclose(dc._query_matrix(pl, second, factor, 0.125)[0], 2 * want)
+    dc._QCACHE.clear()
+    dc._PINNED.clear()
