@@ -73,13 +73,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_inspect(args) -> int:
+def _load_profile(path: str, command: str):
+    """The SpectralProfile at `path`, or None after one line on stderr (missing, truncated, garbled, not a
+    profile: the message says which; no traceback)."""
     from .profile import SpectralProfile
 
     try:
-        profile = SpectralProfile.load(args.profile)
-    except (OSError, ValueError) as e:  # missing, truncated, garbled or not a profile: one line, no traceback
-        print(f"sqcompile inspect: {e}", file=sys.stderr)
+        return SpectralProfile.load(path)
+    except (OSError, ValueError) as e:
+        print(f"sqcompile {command}: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_inspect(args) -> int:
+    profile = _load_profile(args.profile, "inspect")
+    if profile is None:
         return 2
     print(profile)
     print(f"fingerprint: {profile.fingerprint}")
@@ -145,13 +153,16 @@ def cmd_explain(args) -> int:
     from .calibrate import cache_kwarg
     from .report import explain
 
+    profile = _load_profile(args.profile, "explain") if args.profile else None
+    if args.profile and profile is None:
+        return 2
     model, tokenizer = _load_model(args.model)
     ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     cache = (StaticCache(config=model.config, max_cache_len=ids.shape[1] + 16) if args.cache == "static"
              else DynamicCache(config=model.config))
     options = {"bits": args.bits, "quantize": not args.no_quantize}
-    if args.profile:
-        options["profile"] = args.profile
+    if profile is not None:
+        options["profile"] = profile
     with torch.no_grad():
         report = explain(model, input_ids=ids, use_cache=True, options=options, **{cache_kwarg(model): cache})
     print(report)

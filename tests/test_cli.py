@@ -92,3 +92,11 @@ def test_help_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "calibrate" in r.stdout and "inspect" in r.stdout and r.stdout.strip().endswith("no torch")
+
+
+def test_explain_bad_profile_is_one_line_and_exit_2(tmp_path, capsys):
+    path = tmp_path / "p.safetensors"
+    path.write_bytes(b"\x00" * 16)
+    assert main(["explain", "--profile", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sqcompile explain: "), err

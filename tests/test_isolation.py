@@ -15,31 +15,32 @@ from sqcompile.calibrate import cache_kwarg
 STEPS = 6
 
 
-def _model_a():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg).eval()
-    profile = SpectralProfile.random(2, 2, 16, num_heads=4, seed=11, mean_scale=0.3)
-    options = {"profile": profile, "bits": 4.25, "lower": "eager"}
-    return model, lambda: SpectralCache(model, profile=profile, bits=4.25, max_cache_len=32), options
+# name -> (config class, model class, vocab, hidden size, layers, bits, cache); 4 heads, 2 kv-heads each
+MODELS = {
+    "a": (LlamaConfig, LlamaForCausalLM, 128, 64, 2, 4.25, "spectral"),
+    "b": (Qwen2Config, Qwen2ForCausalLM, 96, 128, 3, 3.25, "static"),
+}
 
 
-def _model_b():
-    torch.manual_seed(1)
-    cfg = Qwen2Config(vocab_size=96, hidden_size=128, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
-    model = Qwen2ForCausalLM(cfg).eval()
-    profile = SpectralProfile.random(3, 2, 32, num_heads=4, seed=12, mean_scale=0.3)
-    options = {"profile": profile, "bits": 3.25, "lower": "eager"}
+def _make(name: str, seed: int):
+    config_cls, model_cls, vocab, hidden, layers, bits, cache = MODELS[name]
+    torch.manual_seed(seed)
+    cfg = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     attn_implementation="sdpa")
+    model = model_cls(cfg).eval()
+    profile = SpectralProfile.random(layers, 2, hidden // 4, num_heads=4, seed=seed + 10, mean_scale=0.3)
+    options = {"profile": profile, "bits": bits, "lower": "eager"}
+    if cache == "spectral":
+        return model, lambda: SpectralCache(model, profile=profile, bits=bits, max_cache_len=32), options
     return model, lambda: StaticCache(config=cfg, max_cache_len=32), options
 
 
 class Driver:
     """One compiled model fed its own greedy picks, one step per `step()`; keeps every step's logits."""
 
-    def __init__(self, make, seed: int):
-        model, new_cache, options = make()
+    def __init__(self, name: str, seed: int):
+        model, new_cache, options = _make(name, seed)
         self.step_fn = torch.compile(model.forward, backend="spectralquant", options=options)
         self.kv = {cache_kwarg(model): new_cache()}
         self.x = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(seed))
@@ -52,18 +53,18 @@ class Driver:
         self.x = logits.argmax(-1, keepdim=True)
 
 
-def _alone(make, seed):
+def _alone(name, seed):
     torch._dynamo.reset()
-    d = Driver(make, seed)
+    d = Driver(name, seed)
     for _ in range(STEPS):
         d.step()
     return d.logits
 
 
 def test_two_compiled_models_in_turns_equal_each_alone():
-    alone_a, alone_b = _alone(_model_a, 3), _alone(_model_b, 4)
+    alone_a, alone_b = _alone("a", 1), _alone("b", 2)
     torch._dynamo.reset()
-    a, b = Driver(_model_a, 3), Driver(_model_b, 4)
+    a, b = Driver("a", 1), Driver("b", 2)
     for _ in range(STEPS):
         a.step()
         b.step()

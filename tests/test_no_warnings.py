@@ -34,7 +34,12 @@ class _Records(logging.Handler):
 
 
 def test_tiny_llama_compile_warns_nothing(tiny_llama):
+    """One compile and a few steps, and our own eager entry points that take a cache (teacher forcing,
+    `Optimized.generate`): the cache goes by the keyword the installed transformers takes."""
     import transformers.utils.logging as hf_logging
+
+    import sqcompile
+    from sqcompile.evaluate import teacher_forced_picks
 
     hf_logging.warning_once.cache_clear()  # a deprecation logged once earlier in this process must show again
     handler = _Records()
@@ -51,6 +56,12 @@ def test_tiny_llama_compile_warns_nothing(tiny_llama):
                 x = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
                 for _ in range(3):  # prefill, then decode steps
                     x = step(input_ids=x, use_cache=True, **kv).logits[:, -1:].argmax(-1)
+                ids = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(1))
+                teacher_forced_picks(tiny_llama, ids, torch.ones_like(ids), ids[:, :3],
+                                     StaticCache(config=tiny_llama.config, max_cache_len=16))
+            other = type(tiny_llama)(tiny_llama.config).eval()  # optimize replaces its forward
+            sqcompile.optimize(other, max_cache_len=16, lower="eager").generate(ids, max_new_tokens=2, do_sample=False,
+                                                                               pad_token_id=0)
     finally:
         for logger in loggers:
             logger.removeHandler(handler)
