@@ -53,6 +53,7 @@ from datetime import datetime, timezone
 import torch
 import torch.nn.functional as F
 
+from sqcompile.calibrate import cache_kwarg
 from sqcompile.kernels.sink import OUTLIER_TOKENS
 
 DEV = "cuda"
@@ -304,7 +305,7 @@ def time_decode(step_fn, cache, batch, steps, warmup=2):
     times = []
     with torch.no_grad():
         t0 = time.perf_counter()
-        step_fn(input_ids=x, past_key_values=cache, use_cache=True)
+        step_fn(input_ids=x, use_cache=True, **{cache_kwarg(step_fn): cache})
         sync()
         first = time.perf_counter() - t0
         for i in range(warmup + steps):
@@ -312,7 +313,7 @@ def time_decode(step_fn, cache, batch, steps, warmup=2):
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 s.record()
             t1 = time.perf_counter()
-            logits = step_fn(input_ids=x, past_key_values=cache, use_cache=True).logits
+            logits = step_fn(input_ids=x, use_cache=True, **{cache_kwarg(step_fn): cache}).logits
             if DEV == "cuda":
                 e.record()
             sync()
@@ -333,7 +334,7 @@ def profile_step(step_fn, cache, batch, n=3, top=10) -> dict:
     x = torch.randint(0, min(1000, VOCAB), (batch, 1), device=DEV)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
-            step_fn(input_ids=x, past_key_values=cache, use_cache=True)
+            step_fn(input_ids=x, use_cache=True, **{cache_kwarg(step_fn): cache})
         sync()
     tot: dict = {}
     count = 0
@@ -559,7 +560,7 @@ class Run:
         ids = torch.randint(0, min(1000, VOCAB), (B, 1), device=DEV)
         rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
         with torch.no_grad():
-            ref = m(input_ids=ids, past_key_values=dyn, position_ids=torch.full((B, 1), L, device=DEV),
+            ref = m(input_ids=ids, **{cache_kwarg(m): dyn}, position_ids=torch.full((B, 1), L, device=DEV),
                     cache_position=torch.tensor([L], device=DEV)).logits[:, -1]
             pos = torch.tensor([L], device=DEV)
             got = sm.forward(ids, pos, length=L + 1)[:, -1]
@@ -717,7 +718,7 @@ class Run:
                 for layer in cache.layers:
                     layer.lazy_initialization(k0, k0)
                 with torch.no_grad():
-                    return m.generate(prompt, past_key_values=cache, max_new_tokens=n, do_sample=False)
+                    return m.generate(prompt, **{cache_kwarg(m): cache}, max_new_tokens=n, do_sample=False)
 
             variants = {"sqcompile": lambda n: opt.generate(prompt, max_new_tokens=n, do_sample=False),
                         "sqcompile_preinit": preinit}

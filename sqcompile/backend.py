@@ -172,30 +172,7 @@ def spectralquant(gm: fx.GraphModule, example_inputs: list, options: Any = None,
         # PyTorch fallback segments. Never run on hardware (no SM100 GPU here): see README.
         from torch._dynamo.backends.registry import lookup_backend
 
-        register_constants(gm)
         return lookup_backend("torch_tensorrt")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    register_constants(gm)
     return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True} if opts.cudagraphs else None)
-
-
-def register_constants(gm: fx.GraphModule) -> None:
-    """Make the rewritten weights the passes attached to `gm` buffers with a source AOTAutograd accepts.
-
-    Inductor's AOT front end lifts a dynamo graph's parameters and buffers as inputs and wants a dynamo source
-    for each; a plain tensor attribute would reach fake tracing as a real tensor. A `ConstantSource` per
-    buffer names it (these weights are owned by the compiled graph, not by the user's module).
-    """
-    from torch._dynamo.source import ConstantSource
-
-    names = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("sq_")]
-    if not names:
-        return
-    sources = getattr(gm, "_param_name_to_source", None)
-    for name in names:
-        value = getattr(gm, name)
-        delattr(gm, name)
-        gm.register_buffer(name, value)
-        if sources is not None:
-            sources[name] = ConstantSource(f"sqcompile_{name}")

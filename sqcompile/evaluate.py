@@ -528,13 +528,13 @@ def teacher_forced_logits(step, ids: Tensor, mask: Tensor, continuation: Tensor,
     quantizes keys after RoPE does."""
     pos = mask.long().cumsum(-1) - 1
     pos = pos.masked_fill(mask == 0, 1)
-    out = [step(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                use_cache=True).logits[:, -1].float()]
+    kw = {cache_kwarg(step): cache}
+    out = [step(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw).logits[:, -1].float()]
     for t in range(continuation.shape[1] - 1):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = pos[:, -1:] + 1
-        out.append(step(input_ids=continuation[:, t:t + 1], attention_mask=mask, position_ids=pos,
-                        past_key_values=cache, use_cache=True).logits[:, -1].float())
+        out.append(step(input_ids=continuation[:, t:t + 1], attention_mask=mask, position_ids=pos, use_cache=True,
+                        **kw).logits[:, -1].float())
     return torch.stack(out, 1)
 
 

@@ -32,8 +32,10 @@ class Optimized:
         need = input_ids.shape[-1] + int(kwargs.get("max_new_tokens", 20))
         if need > self.max_cache_len:
             raise ValueError(f"prompt + max_new_tokens = {need} tokens exceeds max_cache_len={self.max_cache_len}")
+        from .calibrate import cache_kwarg
+
         with torch.no_grad():
-            return self.model.generate(input_ids, past_key_values=self.cache(), **kwargs)
+            return self.model.generate(input_ids, **{cache_kwarg(self.model): self.cache()}, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any):
         return self.model(*args, **kwargs)

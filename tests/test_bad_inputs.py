@@ -207,6 +207,7 @@ def test_options_of_the_wrong_type(options, exc, needle):
     assert needle in _error_text(e)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no GPU can run Triton")
 def test_triton_kernels_without_a_gpu(monkeypatch, tiny_llama):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     fn = _compile(tiny_llama, kernels="triton", quantize=False)

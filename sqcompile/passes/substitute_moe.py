@@ -26,6 +26,7 @@ from torch.fx.node import map_arg
 
 from ..kernels import fused_moe as fused_moe_kernels
 from .detect_moe import example_value, op_name, same_size, shape_of, size_hint, weight_source
+from .fx_utils import register_constant
 from .sites import Site
 
 # Ops an expert dispatch is made of (HF loop, grouped_mm and batched_mm forms, and plain variants).
@@ -245,20 +246,6 @@ def _kernel_for(kernels: str, device: torch.device) -> tuple[str, Any]:
     return "torch", torch.ops.sqcompile.fused_moe.default
 
 
-def _register_constant(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
-    """A new buffer on gm that Inductor (aot_autograd) accepts in a dynamo graph.
-
-    aot_autograd lifts a dynamo graph's buffers to inputs and wants a dynamo source for each; a
-    buffer we create has none in the user's code, so it gets a ConstantSource naming it.
-    """
-    gm.register_buffer(name, value)
-    sources = getattr(gm, "_param_name_to_source", None)
-    if isinstance(sources, dict):
-        from torch._dynamo.source import ConstantSource
-
-        sources[name] = ConstantSource(name)
-
-
 def _unique_attr(gm: fx.GraphModule, base: str) -> str:
     name, i = base, 0
     while hasattr(gm, name):
@@ -308,7 +295,7 @@ def substitute_moe(gm: fx.GraphModule, sites: list[Site], example_inputs: Sequen
         names = []
         for suffix, value in zip(("w_gate_up", "w_down"), w_values):
             name = _unique_attr(gm, f"{tag}_{suffix}")
-            _register_constant(gm, name, value)
+            register_constant(gm, name, value)
             names.append(name)
         graph = gm.graph
         final_value = example_value(final)
