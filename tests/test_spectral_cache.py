@@ -151,6 +151,28 @@ def test_generate_with_padding_uses_fused_kernel_and_equals_eager(layout):
     assert all(s.kernel == KERNEL[layout] for s in report.sites), str(report)
 
 
+def test_optimize_generate_allocates_for_the_expanded_batch():
+    """`optimize(...).generate` allocates its cache before the prefill, for the rows generate expands the prompt to
+    (num_return_sequences, num_beams): the result equals generate over a lazily allocated SpectralCache."""
+    model = _model("llama")
+    ids = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(5))
+    cases = (dict(num_return_sequences=2, do_sample=True), dict(num_beams=2, do_sample=False))
+    want = []
+    with torch.no_grad():
+        for kw in cases:
+            torch.manual_seed(0)
+            want.append(model.generate(ids, past_key_values=SpectralCache(model, max_cache_len=16, layout="fast"),
+                                       max_new_tokens=3, pad_token_id=0, **kw))
+    opt = sqcompile.optimize(model, max_cache_len=16, lower="eager", layout="fast")
+    try:
+        for kw, w in zip(cases, want):
+            torch.manual_seed(0)
+            got = opt.generate(ids, max_new_tokens=3, pad_token_id=0, **kw)
+            assert torch.equal(got, w), kw
+    finally:
+        del model.forward
+
+
 def _prefilled(model, ids, attn, layout="planes"):
     cache = SpectralCache(model, max_cache_len=24, layout=layout)
     with torch.no_grad():
