@@ -1,0 +1,80 @@
+"""The evaluation's simulated cache (`evaluate.simulated_cache`) equals `SpectralCache` on sliding-window models,
+where a DynamicCache layer holds only the last window: the exact outlier slots must land on their tokens' rows
+there, not on rows numbered by absolute position (issue #17)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from sqcompile.cache import SpectralCache
+from sqcompile.evaluate import EvalState, simulated_cache
+from sqcompile.profile import SpectralProfile, model_fingerprint
+
+WINDOW = 8
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def sliding_model(arch: str):
+    """A tiny random model whose layer 0 (gemma3: layer 0 of 2; mistral: every layer) attends to a window of 8."""
+    torch.manual_seed(0)
+    if arch == "gemma3":
+        config = transformers.Gemma3TextConfig(**TINY, head_dim=32, sliding_window=WINDOW,
+                                               layer_types=["sliding_attention", "full_attention"])
+        model = transformers.Gemma3ForCausalLM(config)
+    else:
+        config = transformers.MistralConfig(**TINY, sliding_window=WINDOW)
+        model = transformers.MistralForCausalLM(config)
+    config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+def _profile(model, seed=4):
+    fp = model_fingerprint(model.config)
+    return SpectralProfile.random(fp["num_layers"], fp["num_kv_heads"], fp["head_dim"], num_heads=fp["num_heads"],
+                                  seed=seed, mean_scale=0.5)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "mistral"])
+@pytest.mark.parametrize("layout", ["planes", "fast"])
+def test_simulated_cache_equals_spectral_cache_past_the_window(arch, layout):
+    model = sliding_model(arch)
+    profile = _profile(model)
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    cache = SpectralCache(model, profile, bits=2.69, max_cache_len=48, layout=layout)
+    assert cache.layers[0].outlier_tokens > 0
+    sim = simulated_cache(EvalState(cache.codec, (), keep_sink=True, exact_fresh=True,
+                                    outlier_tokens=cache.layers[0].outlier_tokens), model.config)
+    with torch.no_grad():
+        # a prompt, then chunks of 4 and single tokens far past the window (5x its length)
+        for a, b in ((0, 12), *((i, i + 4) for i in range(12, 28, 4)), *((i, i + 1) for i in range(28, 40))):
+            part = ids[:, a:b]
+            real = model(input_ids=part, past_key_values=cache, use_cache=True).logits
+            simulated = model(input_ids=part, past_key_values=sim, use_cache=True).logits
+            assert _rel(simulated, real) < 1e-4, (a, _rel(simulated, real))
+        exact = model(input_ids=ids).logits[:, -1:]
+    assert _rel(real, exact) > 1e-3  # and the cache really quantizes
+    # the sliding layer's outlier slots hold tokens that left the window: the case that broke
+    sink_pos = cache.layers[0].sink_pos[0, 1:]
+    assert (sink_pos < 40 - WINDOW).any() and (sink_pos >= 0).all(), sink_pos
+
+
+def test_layout_quality_sizes_the_turboquant_codec_by_the_model_head_dim():
+    """benchmarks/layout_quality.py's TurboQuant row runs on the model: head_dim 32 where hidden / heads = 16."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from layout_quality import turboquant_codec
+
+    model = sliding_model("gemma3")
+    codec = turboquant_codec(model.config, 3.25, layout="fast")
+    assert codec.head_dim == 32 != model.config.hidden_size // model.config.num_attention_heads
+    sim = simulated_cache(EvalState(codec, ()), model.config)
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 128, (1, 12)), past_key_values=sim, use_cache=True)
