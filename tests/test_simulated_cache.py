@@ -78,3 +78,40 @@ def test_layout_quality_sizes_the_turboquant_codec_by_the_model_head_dim():
     sim = simulated_cache(EvalState(codec, ()), model.config)
     with torch.no_grad():
         model(input_ids=torch.randint(3, 128, (1, 12)), past_key_values=sim, use_cache=True)
+
+
+# --- the backend with a plain HF cache simulates SpectralCache exactly ---------------------------------------------
+def _llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**dict(TINY, num_key_value_heads=2), attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+SCHEDULE = ((0, 12), (12, 16), (16, 20), *((i, i + 1) for i in range(20, 36)))  # a prompt, chunks, decode steps
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("layout", ["planes", "fast"])
+def test_backend_with_a_plain_cache_equals_spectral_cache(kind, layout):
+    """torch.compile(backend="spectralquant") over a DynamicCache/StaticCache gives the logits of the same model
+    over the default SpectralCache (its codec and layout, sink, 4 outlier slots, exact new tokens)."""
+    torch._dynamo.reset()
+    model = _llama()
+    profile = _profile(model)
+    ids = torch.randint(3, 128, (2, 36), generator=torch.Generator().manual_seed(5))
+    opts = {"profile": profile, "bits": 2.69, "layout": layout, "lower": "eager"}
+    step = torch.compile(model.forward, backend="spectralquant", options=opts)
+    plain = transformers.DynamicCache(config=model.config) if kind == "dynamic" else \
+        transformers.StaticCache(config=model.config, max_cache_len=48)
+    real = SpectralCache(model, profile, bits=2.69, max_cache_len=48, layout=layout)
+    worst = 0.0
+    with torch.no_grad():
+        for a, b in SCHEDULE:
+            got = step(input_ids=ids[:, a:b], past_key_values=plain, use_cache=True).logits
+            want = model(input_ids=ids[:, a:b], past_key_values=real, use_cache=True).logits
+            worst = max(worst, _rel(got, want))
+        exact = model(input_ids=ids).logits[:, -1:]
+    assert worst < 1e-4, worst
+    assert _rel(want, exact) > 1e-2  # the cache really quantizes
+    held = real.layers[0].sink_pos[:, 1:]
+    assert (held > 0).all() and (held < 20).any(), held  # outliers held across steps, some from the prompt
