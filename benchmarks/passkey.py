@@ -65,6 +65,15 @@ def passed(text: str, key: int) -> bool:
     return digits[:5] == str(key)
 
 
+def trial(tok, generate, tokens: int, depth: float, key: int, bos: bool) -> dict:
+    """One passkey trial: `generate(ids)` -> output ids [1, prompt + new]; the answer and whether it passed."""
+    ids = prompt(tok, tokens, depth, key, bos)
+    t0 = time.monotonic()
+    text = answer(tok, generate(ids), ids.shape[1])
+    return {"tokens": ids.shape[1], "target": tokens, "depth": round(depth, 3), "key": key, "answer": text,
+            "pass": passed(text, key), "seconds": round(time.monotonic() - t0, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
@@ -131,11 +140,7 @@ def main() -> None:
     results = []
     for name, layout, fn in rows:
         for n, depth, key in trials:
-            ids = prompt(tok, n, depth, key, bos)
-            t0 = time.monotonic()
-            text = answer(tok, fn(ids), ids.shape[1])
-            r = {"row": name, "layout": layout, "tokens": ids.shape[1], "target": n, "depth": round(depth, 3),
-                 "key": key, "answer": text, "pass": passed(text, key), "seconds": round(time.monotonic() - t0, 1)}
+            r = {"row": name, "layout": layout, **trial(tok, fn, n, depth, key, bos)}
             results.append(r)
             print(json.dumps(r), flush=True)
     if args.out:

@@ -115,3 +115,26 @@ def test_backend_with_a_plain_cache_equals_spectral_cache(kind, layout):
     assert _rel(want, exact) > 1e-2  # the cache really quantizes
     held = real.layers[0].sink_pos[:, 1:]
     assert (held > 0).all() and (held < 20).any(), held  # outliers held across steps, some from the prompt
+
+
+def test_backend_with_a_sliding_window_dynamic_cache_equals_spectral_cache_until_the_window_fills():
+    """Gemma-3 layout (a sliding layer of window 8, a full layer) over a DynamicCache: the same logits as
+    SpectralCache while the sliding layer's rows are still the whole sequence; after that it runs (only the new
+    tokens exact on the sliding layer) and stays close."""
+    torch._dynamo.reset()
+    model = sliding_model("gemma3")
+    profile = _profile(model)
+    ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(6))
+    step = torch.compile(model.forward, backend="spectralquant",
+                         options={"profile": profile, "bits": 2.69, "lower": "eager"})
+    plain = transformers.DynamicCache(config=model.config)
+    real = SpectralCache(model, profile, bits=2.69, max_cache_len=32)
+    errors = []
+    with torch.no_grad():
+        for a, b in ((0, 4), (4, 6), *((i, i + 1) for i in range(6, 24))):
+            got = step(input_ids=ids[:, a:b], past_key_values=plain, use_cache=True).logits
+            want = model(input_ids=ids[:, a:b], past_key_values=real, use_cache=True).logits
+            errors.append((a, _rel(got, want)))
+    early = [e for a, e in errors if a < WINDOW - 1]  # the sliding layer held fewer than window - 1 tokens before
+    assert max(early) < 1e-4, errors
+    assert max(e for _, e in errors) < 0.5, errors

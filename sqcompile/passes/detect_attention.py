@@ -522,7 +522,9 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
             if extra:
                 raise _Unproven(f"the new {name} has a consumer outside the cache write: '{extra[0].name}'")
         elif write != "direct":
-            extra = [u for u in node.users if u is not base and not (u.args and u.args[0] is base)]
+            # a size read sees no values (DynamicSlidingWindowLayer counts the new tokens: key_states.shape[-2])
+            extra = [u for u in node.users if u is not base and not (u.args and u.args[0] is base)
+                     and not is_op(u, *_SIZE_OPS)]
             if extra:
                 raise _Unproven(f"the new {name} has a consumer outside the cache write: '{extra[0].name}'")
         else:

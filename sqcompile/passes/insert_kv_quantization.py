@@ -20,9 +20,12 @@ Where it differs from `SpectralCache` (and the site's log line says so):
 - left-padded batches: the sink is the token at cache position 0, not each row's first real token (RoPE position 0,
   which `SpectralCache` reads from `position_ids`), and padding is not excluded from the outlier slots (the mask
   hides it, but a slot spent on it is one fewer for real tokens);
-- a cache write this pass cannot map rows to positions in (a sliding-window layer's DynamicCache/StaticCache, a
-  roll or copy write) falls back to quantizing at the write (`sqcompile::fake_quant`): the codec's format without
-  the exact slots;
+- a sliding-window layer of a DynamicCache (DynamicSlidingWindowLayer): exact until it first holds window - 1
+  tokens; from then on its rows no longer start at position 0 nor cover every token, and it reads the codes with
+  only the new tokens exact (`SpectralCache` also keeps exact those of its 4 outlier slots, chosen over the whole
+  sequence, that lie inside the window);
+- a cache write this pass cannot map rows to positions in (a sliding-window StaticCache's roll or copy) falls back
+  to quantizing at the write (`sqcompile::fake_quant`): the codec's format without the exact slots;
 - QJL codecs: the sketch's score correction is not simulated.
 """
 from __future__ import annotations
@@ -54,15 +57,21 @@ def simulate_read_reference(k_cache: torch.Tensor, v_cache: torch.Tensor, new_po
                             new_tokens: int, k_codebooks: torch.Tensor, k_channel_scale: torch.Tensor,
                             k_groups: list[int], v_codebooks: torch.Tensor, v_channel_scale: torch.Tensor,
                             v_groups: list[int], fast: bool, key_basis: torch.Tensor, key_shift: torch.Tensor,
-                            keep_sink: bool, outliers: int):
+                            keep_sink: bool, outliers: int, window: int = 0):
     """`SpectralCache`'s view of a plain cache holding exact storage-coordinate K/V [B, Hkv, T, d] (row = cache
     position): every row quantized (keys as k_store - key_shift, the shift added back: key_shift [Hkv, d] is the key
     mean in storage coordinates where the graph did not subtract it, else 0), then rows kept exact: row 0 (the sink,
     `keep_sink`), the `outliers` rows of largest ||(k_store - key_shift) @ key_basis||^2 summed over kv-heads (the
     distance of the model-basis key from the key mean) among rows 1..last written, and the new tokens' rows
     (`new_positions` [n], or the last `new_tokens` rows when None). Rows past the last written one are left as
-    quantized zeros (unwritten; the mask hides them). Returns (keys, values) in k_cache's dtype."""
+    quantized zeros (unwritten; the mask hides them). `window` > 0: the rows are the last tokens of a sliding
+    window that may have dropped earlier ones (a DynamicSlidingWindowLayer's append: more than `window` - 2 rows
+    before the new ones); once it may have, row 0 is no longer known to be the sink nor the rows to be every token
+    since the outlier slots were chosen, and only the new tokens are kept exact. Returns (keys, values) in
+    k_cache's dtype."""
     B, H, T, D = k_cache.shape
+    if window and new_positions is None and T - new_tokens >= window - 1:
+        keep_sink, outliers = False, 0
     k = k_cache.to(torch.float32) - key_shift.to(torch.float32)[None, :, None, :]
     v = v_cache.to(torch.float32)
     k_hat = _format(D, k_groups, k_codebooks, k_channel_scale, fast).fake_quant(k)
@@ -95,17 +104,17 @@ def simulate_read(k_cache: torch.Tensor, v_cache: torch.Tensor, new_positions: O
                   new_tokens: int, k_codebooks: torch.Tensor, k_channel_scale: torch.Tensor, k_groups: list[int],
                   v_codebooks: torch.Tensor, v_channel_scale: torch.Tensor, v_groups: list[int], fast: bool,
                   key_basis: torch.Tensor, key_shift: torch.Tensor, keep_sink: bool,
-                  outliers: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  outliers: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`simulate_read_reference` as one op (one node for Inductor; its outputs are fresh tensors)."""
     k, v = simulate_read_reference(k_cache, v_cache, new_positions, new_tokens, k_codebooks, k_channel_scale,
                                    k_groups, v_codebooks, v_channel_scale, v_groups, fast, key_basis, key_shift,
-                                   keep_sink, outliers)
+                                   keep_sink, outliers, window)
     return k.contiguous(), v.contiguous()
 
 
 @simulate_read.register_fake
 def _(k_cache, v_cache, new_positions, new_tokens, k_codebooks, k_channel_scale, k_groups, v_codebooks,
-      v_channel_scale, v_groups, fast, key_basis, key_shift, keep_sink, outliers):
+      v_channel_scale, v_groups, fast, key_basis, key_shift, keep_sink, outliers, window):
     return (torch.empty_like(k_cache, memory_format=torch.contiguous_format),
             torch.empty_like(v_cache, memory_format=torch.contiguous_format))
 
@@ -131,17 +140,19 @@ def _window_slice(n: fx.Node) -> bool:
 
 
 def _row_positions(site: Site) -> Optional[tuple]:
-    """How the cache's rows map to positions, when provable: ("cat", None) for a DynamicCache append whose result
-    is the whole sequence (row = position), ("index_copy", positions) for a StaticCache write at `positions`; None
-    otherwise (a sliding window, a roll, a copy)."""
+    """How the cache's rows map to positions, when provable: ("cat", window) for a DynamicCache append (window 0:
+    the result is the whole sequence, row = position; window w: a DynamicSlidingWindowLayer's, the rows are the
+    whole sequence until the layer first holds w - 1 tokens), ("index_copy", positions) for a StaticCache write at
+    `positions`; None otherwise (a roll, a copy: a sliding-window StaticCache)."""
     k_base, v_base = site.nodes.get("k_base"), site.nodes.get("v_base")
     if k_base is None or v_base is None or site.kv_write not in ("cat", "index_copy"):
         return None
     if site.kv_write == "cat":
-        for base in (k_base, v_base):  # a DynamicSlidingWindowLayer keeps a slice of the append: rows != positions
-            if any(_window_slice(u) for u in base.users):
-                return None
-        return "cat", None
+        # a DynamicSlidingWindowLayer keeps the last `window - 1` rows of the append: x[:, :, -window + 1:]
+        windows = {1 - u.args[1][2].start for base in (k_base, v_base) for u in base.users if _window_slice(u)}
+        if len(windows) > 1 or not all(isinstance(w, int) and w > 1 for w in windows):
+            return None
+        return "cat", (windows.pop() if windows else 0)
     writers = []
     for base in (k_base, v_base):
         w = [u for u in base.users if is_op(u, "index_copy_", "index_copy") and u.args[0] is base]
@@ -183,16 +194,16 @@ def insert_kv_quantization(gm: fx.GraphModule, site: Site, codec) -> None:
         ("key_codebooks", k_cb), ("key_channel_scale", k_cs), ("value_codebooks", v_cb),
         ("value_channel_scale", v_cs), ("key_basis", basis), ("key_shift", shift))]
     if how[0] == "cat":
-        new_positions, new_tokens = None, site.nodes["key_store"]
+        new_positions, new_tokens, window = None, site.nodes["key_store"], how[1]
     else:
-        new_positions, new_tokens = how[1][0], None
+        new_positions, new_tokens, window = how[1][0], None, 0
     with gm.graph.inserting_before(anchor):
         if new_tokens is not None:  # the append's new rows: the last `n` of the sequence
             new_tokens = gm.graph.call_function(torch.ops.aten.sym_size.int, (new_tokens, 2))
         view = gm.graph.call_function(torch.ops.sqcompile.simulate_read.default, (
             k_base, v_base, new_positions, new_tokens if new_tokens is not None else 0, consts[0], consts[1],
             list(k_groups), consts[2], consts[3], list(v_groups), kf.packing == "fast", consts[4], consts[5], True,
-            OUTLIER_TOKENS))
+            OUTLIER_TOKENS, window))
         k_view = gm.graph.call_function(operator.getitem, (view, 0))
         v_view = gm.graph.call_function(operator.getitem, (view, 1))
     for base, first, new_view, consumer in ((k_base, k_first, k_view, site.nodes["k_consumer"]),
