@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--depths", type=int, default=10, help="depths 0, 1/(n-1), ..., 1 of the filler")
     ap.add_argument("--ratio", type=float, default=5.0, help="compression vs FP16 (bits = 16 / ratio)")
     ap.add_argument("--layouts", nargs="+", default=["fast", "planes"])
+    ap.add_argument("--no-fp16", action="store_true", help="skip the FP16 row (measured in another run)")
     ap.add_argument("--profile", default=None, help="a saved profile to load (else calibrate, and save here)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
@@ -118,7 +119,7 @@ def main() -> None:
             return model.generate(ids, past_key_values=cache, max_new_tokens=NEW_TOKENS, do_sample=False,
                                   pad_token_id=tok.eos_token_id)
 
-    rows = [("FP16 cache", None, fp16_generate)]
+    rows = [] if args.no_fp16 else [("FP16 cache", None, fp16_generate)]
     forward = model.forward
     for layout in args.layouts:
         def run(ids, layout=layout):

@@ -138,3 +138,20 @@ def test_backend_with_a_sliding_window_dynamic_cache_equals_spectral_cache_until
     early = [e for a, e in errors if a < WINDOW - 1]  # the sliding layer held fewer than window - 1 tokens before
     assert max(early) < 1e-4, errors
     assert max(e for _, e in errors) < 0.5, errors
+
+
+@pytest.mark.slow
+def test_backend_with_a_plain_cache_under_inductor_equals_spectral_cache():
+    """The same under Inductor (sqcompile::simulate_read is one fallback node in the generated code)."""
+    torch._dynamo.reset()
+    model = _llama()
+    profile = _profile(model)
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(7))
+    step = torch.compile(model.forward, backend="spectralquant", options={"profile": profile, "bits": 2.69})
+    plain = transformers.DynamicCache(config=model.config)
+    real = SpectralCache(model, profile, bits=2.69, max_cache_len=32)
+    with torch.no_grad():
+        for a, b in ((0, 12), *((i, i + 1) for i in range(12, 20))):
+            got = step(input_ids=ids[:, a:b], past_key_values=plain, use_cache=True).logits
+            want = model(input_ids=ids[:, a:b], past_key_values=real, use_cache=True).logits
+            assert _rel(got, want) < 1e-4, (a, _rel(got, want))

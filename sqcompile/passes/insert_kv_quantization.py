@@ -16,7 +16,7 @@ The outlier slots need the exact K/V of earlier tokens, so the plain cache store
 quantization happens at the read (`sqcompile::simulate_read`, inserted between the cache write and attention's read
 of the cache; stateless: recomputed from the cache each step, O(tokens) quantization per step and layer).
 
-Where it differs from `SpectralCache` (and the site's log line says so):
+Where it differs from `SpectralCache` (the last two cases log a line per layer):
 - left-padded batches: the sink is the token at cache position 0, not each row's first real token (RoPE position 0,
   which `SpectralCache` reads from `position_ids`), and padding is not excluded from the outlier slots (the mask
   hides it, but a slot spent on it is one fewer for real tokens);
@@ -26,7 +26,9 @@ Where it differs from `SpectralCache` (and the site's log line says so):
   sequence, that lie inside the window);
 - a cache write this pass cannot map rows to positions in (a sliding-window StaticCache's roll or copy) falls back
   to quantizing at the write (`sqcompile::fake_quant`): the codec's format without the exact slots;
-- QJL codecs: the sketch's score correction is not simulated.
+- QJL codecs: the sketch's score correction is not simulated;
+- half-precision models: the graph rotates and stores K/V in the model's dtype before quantizing them in float32;
+  `SpectralCache` rotates in float32 (a rounding of the input, not of the format).
 """
 from __future__ import annotations
 
@@ -175,6 +177,10 @@ def insert_kv_quantization(gm: fx.GraphModule, site: Site, codec) -> None:
                  site.graph, site.kv_write)
         _quantize_at_write(gm, site, codec)
         return
+    if how[0] == "cat" and how[1]:
+        log.info("sqcompile: layer %d (graph %d): a sliding-window DynamicCache layer (window %d): SpectralCache's "
+                 "exact slots until it holds %d tokens, then only the new tokens exact", site.layer, site.graph,
+                 how[1], how[1] - 1)
     k_base, v_base = site.nodes["k_base"], site.nodes["v_base"]
     k_first, v_first = _first_read(site.nodes["k_read"], k_base), _first_read(site.nodes["v_read"], v_base)
     kf, vf = codec.format("key", site.layer), codec.format("value", site.layer)
