@@ -25,7 +25,8 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from ..kernels import fused_moe as fused_moe_kernels
-from .detect_moe import example_value, op_name, same_size, shape_of, size_hint, weight_source
+from .detect_moe import (block_nodes, example_value, expert_differences, moe_block_of, op_name, router_differences,
+                         same_size, shape_of, size_hint, weight_source)
 from .sites import Site
 
 # Ops an expert dispatch is made of (HF loop, grouped_mm and batched_mm forms, and plain variants).
@@ -38,7 +39,7 @@ _ALLOWED = {
     "repeat_interleave", "index_add_", "index_add", "index_select", "one_hot", "where", "nonzero",
     "eq", "ne", "gt", "greater", "any", "masked_fill", "scatter_add", "scatter_add_", "index_put_",
     "index_put", "linear", "clone", "size", "softmax", "_softmax", "sigmoid", "topk", "sym_size",
-    "sym_numel", "floor_divide",
+    "sym_numel", "floor_divide", "type_as",
 }
 _INPLACE = {"setitem", "mul_", "imul", "add_", "iadd", "itruediv", "div_", "index_add_",
             "scatter_add_", "index_put_"}
@@ -197,8 +198,9 @@ def _run_region(region: set[fx.Node], final: fx.Node, env: dict) -> torch.Tensor
     raise RuntimeError("final node not reached")
 
 
-def _prove_numerically(region, final, x, router_logits, w_nodes, w_values, sizes, site) -> Optional[str]:
-    """Run the region and the fused op's reference on random inputs; None when they agree.
+def _prove_numerically(region, final, x, router_logits, w_nodes, w_graph, w_values, sizes, site) -> Optional[str]:
+    """Run the region (on the graph's weights `w_graph`) and the fused op's reference (on `w_values`, the
+    kernel-layout weights it will be given) on random inputs; None when they agree.
 
     Symbolic sizes take their hints, and x gets the hinted token count, so they stay consistent.
     """
@@ -213,7 +215,7 @@ def _prove_numerically(region, final, x, router_logits, w_nodes, w_values, sizes
         logits = torch.randn(tokens, experts, generator=gen)
         logits[:, 0] += skew  # all tokens to expert 0 (the others get none)
         logits = logits.to(device=w_gate_up.device, dtype=example_value(router_logits).dtype)
-        env = {x: x_test, router_logits: logits, w_nodes[0]: w_gate_up, w_nodes[1]: w_down}
+        env = {x: x_test, router_logits: logits, w_nodes[0]: w_graph[0], w_nodes[1]: w_graph[1]}
         env.update({s: size_hint(s.meta.get("example_value", s.meta.get("val"))) for s in sizes})
         try:
             with torch.no_grad():
@@ -267,6 +269,14 @@ def _unique_attr(gm: fx.GraphModule, base: str) -> str:
     return name
 
 
+def _not_proven(gm: fx.GraphModule, site: Site, reason: str) -> str:
+    """The reason a detected site is left, with what its block does that the fused op does not (when seen)."""
+    nodes = block_nodes(gm, moe_block_of(site.nodes["topk"]))
+    found = [d for d in router_differences(nodes) if "no top-k" not in d and "softmax over the k chosen" not in d]
+    found += expert_differences(nodes, site.experts) if nodes else []
+    return f"not proven: {reason}" + (f" ({'; '.join(found)})" if found else "")
+
+
 def substitute_moe(gm: fx.GraphModule, sites: list[Site], example_inputs: Sequence[Any],
                    kernels: str = "auto", copy_weights: bool = True) -> None:
     """Rewrite every proven MoE site of `gm` into one `sqcompile::fused_moe*` call (in place).
@@ -287,7 +297,7 @@ def substitute_moe(gm: fx.GraphModule, sites: list[Site], example_inputs: Sequen
             continue
         block, reason = _find_block(gm, site)
         if block is None:
-            site.leave(f"not proven: {reason}")
+            site.leave(_not_proven(gm, site, reason))
             continue
         final, region, x, sizes = block
         w_nodes = (site.nodes["w_gate_up"], site.nodes["w_down"])
@@ -296,12 +306,17 @@ def substitute_moe(gm: fx.GraphModule, sites: list[Site], example_inputs: Sequen
                for w in originals):
             site.leave("expert weights have no real values")
             continue
-        # Copies in the kernel's layout; the user's parameters are never touched.
-        w_values = [w.detach() if not copy_weights and w.is_contiguous() else
-                    w.detach().clone(memory_format=torch.contiguous_format) for w in originals]
-        reason = _prove_numerically(region, final, x, site.nodes["router_logits"], w_nodes, w_values, sizes, site)
+        # Copies in the kernel's layout; the user's parameters are never touched. Transposed experts
+        # ([E, H, 2I] / [E, I, H]) are always copied into the kernel's [E, 2I, H] / [E, H, I].
+        if site.nodes.get("transposed"):
+            w_values = [w.detach().transpose(1, 2).contiguous() for w in originals]
+        else:
+            w_values = [w.detach() if not copy_weights and w.is_contiguous() else
+                        w.detach().clone(memory_format=torch.contiguous_format) for w in originals]
+        reason = _prove_numerically(region, final, x, site.nodes["router_logits"], w_nodes,
+                                    [w.detach() for w in originals], w_values, sizes, site)
         if reason is not None:
-            site.leave(f"not proven: {reason}")
+            site.leave(_not_proven(gm, site, reason))
             continue
         kernel_name, op = _kernel_for(kernels, w_values[0].device)
         tag = f"sq_moe_g{site.graph}_l{site.layer}"
