@@ -373,7 +373,10 @@ def router_differences(nodes: list[fx.Node]) -> list[str]:
             found.append("top-k of the raw router logits, sigmoid of the k chosen")
         else:
             found.append(f"top-k of router scores computed by {op_name(scores)}")
-    scaled = [n for n in nodes if op_name(n) in ("mul", "imul", "mul_") and any(isinstance(a, float) and a != 1.0 for a in n.args)]
+    k_shape = shape_of(next((u for u in topks[0].users if op_name(u) == "getitem"), None))
+    scaled = [n for n in nodes if op_name(n) in ("mul", "imul", "mul_")
+              and any(isinstance(a, float) and a != 1.0 for a in n.args) and k_shape is not None
+              and any(isinstance(a, fx.Node) and shape_of(a) == k_shape for a in n.args)]
     if scaled:
         found.append("the routing weights are scaled by a constant (routed scaling factor)")
     return found
