@@ -104,6 +104,8 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
         upgrade_spectral_sites(gm, sites)
     moe_sites = detect_moe(gm, graph_index)
     transform = _transform_for(opts) if any(not s.nodes.get("spectral") for s in sites) else None
+    if transform is not None and transform.profile is not None:
+        check_profile(gm, sites, transform.profile)  # one error, before any rewrite, on a profile/model mismatch
     for site in sites:
         if site.reason is not None:
             continue
@@ -134,6 +136,58 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
     gm.graph.lint()
     gm.recompile()
     return all_sites
+
+
+def decoder_depth(gm: fx.GraphModule, sites: list[Site]) -> Optional[int]:
+    """The number of decoder layers when `gm` provably holds the whole stack, else None.
+
+    Proof: the attention sites' layers (read from the weights' module paths) are exactly 0..n-1, a parameter
+    outside every layer (the token embedding) is read before the first site's attention and another (the final
+    norm or the LM head) after the last one's output. A graph cut by a graph break inside the stack lacks one of
+    the two ends; a graph of one layer called alone has neither.
+    """
+    from .passes.detect_moe import _LAYER_RE
+
+    named = [s for s in sites if s.kind == "attention" and not s.nodes.get("layer_from_order")
+             and isinstance(s.nodes.get("attn"), fx.Node) and isinstance(s.nodes.get("out"), fx.Node)]
+    layers = sorted({s.layer for s in named})
+    if not layers or layers != list(range(len(layers))):
+        return None
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first = min(order[s.nodes["attn"]] for s in named)
+    last = max(order[s.nodes["out"]] for s in named)
+    outside = [n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr") and "parameters" in n.name
+               and not _LAYER_RE.search(n.name)]
+    uses = [order[u] for n in outside for u in n.users]
+    if any(i < first for i in uses) and any(i > last for i in uses):
+        return len(layers)
+    return None
+
+
+def check_profile(gm: fx.GraphModule, sites: list[Site], profile: Any) -> None:
+    """A profile that does not fit the model is one ValueError, raised when the first graph compiles (the first
+    call), with `SpectralCache`'s wording for the layer count.
+
+    A site past the profile's last layer is always caught; a profile with MORE layers than the model is caught
+    where the graph provably holds the whole decoder stack (`decoder_depth`), which is the case for a model
+    compiled without graph breaks. Head counts and sizes are checked per site (`KVTransform.check_site`).
+    """
+    profile_layers = int(profile.key_mean.shape[0])
+    depth = decoder_depth(gm, sites)
+    if depth is not None and depth != profile_layers:
+        profile.check_matches({"num_layers": depth})  # raises with SpectralCache's message
+        raise ValueError(f"SpectralProfile does not match the model: num_layers: profile has {profile_layers}, "
+                         f"model has {depth}")
+    rewritable = [s for s in sites if s.kind == "attention" and s.reason is None and not s.nodes.get("spectral")]
+    beyond = [s.layer for s in rewritable if s.layer >= profile_layers]
+    if beyond:
+        raise ValueError(f"SpectralProfile does not match the model: num_layers: profile has {profile_layers}, "
+                         f"model has at least {max(beyond) + 1} (an attention site at layer {max(beyond)})")
+    for s in rewritable:
+        _, p_heads, p_dim = profile.key_mean.shape
+        if (p_heads, p_dim) != (s.kv_heads, s.head_dim):
+            raise ValueError(f"SpectralProfile does not match the model: num_kv_heads, head_dim: profile has "
+                             f"{p_heads}, {p_dim}, model has {s.kv_heads}, {s.head_dim} (attention at layer {s.layer})")
 
 
 def _inline_fast_cache_ops(gm: fx.GraphModule) -> None:
