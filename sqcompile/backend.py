@@ -183,11 +183,13 @@ def check_profile(gm: fx.GraphModule, sites: list[Site], profile: Any) -> None:
     if beyond:
         raise ValueError(f"SpectralProfile does not match the model: num_layers: profile has {profile_layers}, "
                          f"model has at least {max(beyond) + 1} (an attention site at layer {max(beyond)})")
+    _, p_heads, p_dim = (int(v) for v in profile.key_mean.shape)
     for s in rewritable:
-        _, p_heads, p_dim = profile.key_mean.shape
-        if (p_heads, p_dim) != (s.kv_heads, s.head_dim):
-            raise ValueError(f"SpectralProfile does not match the model: num_kv_heads, head_dim: profile has "
-                             f"{p_heads}, {p_dim}, model has {s.kv_heads}, {s.head_dim} (attention at layer {s.layer})")
+        problems = [f"{name}: profile has {p}, model has {m}"
+                    for name, p, m in (("num_kv_heads", p_heads, s.kv_heads), ("head_dim", p_dim, s.head_dim)) if p != m]
+        if problems:
+            raise ValueError("SpectralProfile does not match the model: " + "; ".join(problems) +
+                             f" (attention at layer {s.layer})")
 
 
 def _inline_fast_cache_ops(gm: fx.GraphModule) -> None:

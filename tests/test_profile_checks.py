@@ -56,7 +56,7 @@ def test_layer_count_mismatch_is_rejected_like_spectral_cache(model, layers, qua
 def test_head_shape_mismatch_is_one_clear_error(model):
     got = _first_call_error(model, _profile(2, kv_heads=2, head_dim=8))
     assert "SpectralProfile does not match the model" in got and "head_dim" in got, got
-    assert "profile has 2, 8, model has 2, 16" in got, got
+    assert "head_dim: profile has 8, model has 16 (attention at layer 0)" in got, got
 
 
 def test_matching_profile_compiles_and_runs(model):
