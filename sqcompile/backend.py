@@ -129,6 +129,8 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
                     s.leave("MoE substitution is off (options['moe'] = False)")
     all_sites = sites + moe_sites
     _check_consistent(scope, sites)
+    if any(s.rewritten and not s.nodes.get("spectral") for s in sites):
+        check_recompile_headroom(gm)
     _inline_fast_cache_ops(gm)
     for s in all_sites:
         if s.reason is not None:
@@ -190,6 +192,31 @@ def check_profile(gm: fx.GraphModule, sites: list[Site], profile: Any) -> None:
         if problems:
             raise ValueError("SpectralProfile does not match the model: " + "; ".join(problems) +
                              f" (attention at layer {s.layer})")
+
+
+def check_recompile_headroom(gm: fx.GraphModule) -> None:
+    """Raise when this is the last compile dynamo allows the frame and the graph writes a rotated KV cache.
+
+    Past `torch._dynamo.config.recompile_limit` dynamo runs the frame eagerly: the model's own attention would then
+    read keys this backend stored rotated with unrotated queries, and values unrotated through an `o_proj` that
+    was not folded, a silently wrong answer. Dynamo offers no hook at that fallback, so the frame's last allowed
+    compile is refused instead, with the cause and the fix.
+    """
+    import torch._dynamo.config as dynamo_config
+    from torch._guards import CompileContext
+
+    limit = getattr(dynamo_config, "recompile_limit", None) or getattr(dynamo_config, "cache_size_limit", None)
+    compile_id = CompileContext.current_compile_id()
+    index = getattr(compile_id, "frame_compile_id", None)
+    if not isinstance(limit, int) or index is None or index + 1 < limit:
+        return
+    raise RuntimeError(
+        f"sqcompile: this frame is being compiled for the {index + 1}th time, dynamo's recompile_limit ({limit}). "
+        "At the next recompile dynamo would run the frame eagerly, and the model's attention would read the KV cache "
+        "this backend wrote rotated with unrotated queries (a silently wrong answer), so sqcompile stops here. "
+        "Fix: raise torch._dynamo.config.recompile_limit, or remove the recompiles (TORCH_LOGS=recompiles shows "
+        "them; a StaticCache or torch.compile(..., dynamic=True) avoids the usual ones), or use sqcompile.optimize, "
+        "whose SpectralCache reads correctly in eager too.")
 
 
 def _inline_fast_cache_ops(gm: fx.GraphModule) -> None:
