@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from sqcompile import SpectralCache, SpectralProfile
 from sqcompile.profile import model_fingerprint
 
 
-@pytest.fixture(scope="module")
-def model():
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+@pytest.fixture
+def model(tiny_llama):  # conftest's 2-layer Llama: 4 heads, 2 kv-heads, head_dim 16
+    return tiny_llama
 
 
 def _profile(layers, kv_heads=2, head_dim=16):

@@ -282,6 +282,44 @@ def _not_proven(gm: fx.GraphModule, site: Site, reason: str) -> str:
     return f"not proven: {reason}" + (f" ({'; '.join(found)})" if found else "")
 
 
+def _kernel_layout(originals: list[torch.Tensor], transposed: bool, copy_weights: bool) -> list[torch.Tensor]:
+    """The expert weights in the kernel's [E, 2I, H] / [E, H, I] layout; the user's parameters are never touched.
+
+    Transposed experts ([E, H, 2I] / [E, I, H]) are always copied; others are shared when already contiguous and
+    copy_weights is False."""
+    if transposed:
+        return [w.detach().transpose(1, 2).contiguous() for w in originals]
+    return [w.detach() if not copy_weights and w.is_contiguous() else
+            w.detach().clone(memory_format=torch.contiguous_format) for w in originals]
+
+
+def _replace_block(gm: fx.GraphModule, tag: str, w_values: list[torch.Tensor], final: fx.Node, region: set,
+                   x: fx.Node, call) -> fx.Node:
+    """Register the kernel-layout weights on gm, put `call(w1, w2)` = (op, args) in place of `final` (cast to its
+    dtype), and erase the region's now-unused nodes. Returns the op's node."""
+    names = []
+    for suffix, value in zip(("w_gate_up", "w_down"), w_values):
+        name = _unique_attr(gm, f"{tag}_{suffix}")
+        _register_constant(gm, name, value)
+        names.append(name)
+    graph = gm.graph
+    final_value, x_value = example_value(final), example_value(x)
+    with graph.inserting_before(final):
+        op, args = call(graph.get_attr(names[0]), graph.get_attr(names[1]))
+        fused = graph.call_function(op, args)
+        fused.meta["example_value"] = x_value.new_empty(x_value.shape) if final_value.dtype != x_value.dtype \
+            else final_value
+        out = fused
+        if final_value.dtype != x_value.dtype:
+            out = graph.call_method("to", (fused, final_value.dtype))
+            out.meta["example_value"] = final_value
+    final.replace_all_uses_with(out)
+    for node in reversed(list(graph.nodes)):
+        if node in region and not node.users:
+            graph.erase_node(node)
+    return fused
+
+
 def substitute_moe(gm: fx.GraphModule, sites: list[Site], example_inputs: Sequence[Any],
                    kernels: str = "auto", copy_weights: bool = True) -> None:
     """Rewrite every proven MoE site of `gm` into one `sqcompile::fused_moe*` call (in place).
@@ -311,43 +349,16 @@ def substitute_moe(gm: fx.GraphModule, sites: list[Site], example_inputs: Sequen
                for w in originals):
             site.leave("expert weights have no real values")
             continue
-        # Copies in the kernel's layout; the user's parameters are never touched. Transposed experts
-        # ([E, H, 2I] / [E, I, H]) are always copied into the kernel's [E, 2I, H] / [E, H, I].
-        if site.nodes.get("transposed"):
-            w_values = [w.detach().transpose(1, 2).contiguous() for w in originals]
-        else:
-            w_values = [w.detach() if not copy_weights and w.is_contiguous() else
-                        w.detach().clone(memory_format=torch.contiguous_format) for w in originals]
+        w_values = _kernel_layout(originals, bool(site.nodes.get("transposed")), copy_weights)
         reason = _prove_numerically(region, final, x, site.nodes["router_logits"], w_nodes,
                                     [w.detach() for w in originals], w_values, sizes, site)
         if reason is not None:
             site.leave(_not_proven(gm, site, reason))
             continue
         kernel_name, op = _kernel_for(kernels, w_values[0].device)
-        tag = f"sq_moe_g{site.graph}_l{site.layer}"
-        names = []
-        for suffix, value in zip(("w_gate_up", "w_down"), w_values):
-            name = _unique_attr(gm, f"{tag}_{suffix}")
-            _register_constant(gm, name, value)
-            names.append(name)
-        graph = gm.graph
-        final_value = example_value(final)
-        with graph.inserting_before(final):
-            w1 = graph.get_attr(names[0])
-            w2 = graph.get_attr(names[1])
-            fused = graph.call_function(op, (x, site.nodes["router_logits"], w1, w2, site.top_k,
-                                             bool(site.nodes["renormalize"]), site.routing))
-            fused.meta["example_value"] = example_value(x).new_empty(example_value(x).shape) \
-                if final_value.dtype != example_value(x).dtype else final_value
-            out = fused
-            if final_value.dtype != example_value(x).dtype:
-                cast = graph.call_method("to", (out, final_value.dtype))
-                cast.meta["example_value"] = final_value
-                out = cast
-        final.replace_all_uses_with(out)
-        for node in reversed(list(graph.nodes)):
-            if node in region and not node.users:
-                graph.erase_node(node)
+        fused = _replace_block(gm, f"sq_moe_g{site.graph}_l{site.layer}", w_values, final, region, x,
+                               lambda w1, w2: (op, (x, site.nodes["router_logits"], w1, w2, site.top_k,
+                                                    bool(site.nodes["renormalize"]), site.routing)))
         site.rewritten = True
         site.reason = None
         site.kernel = kernel_name
@@ -485,37 +496,15 @@ def substitute_experts(gm: fx.GraphModule, sites: list[Site], example_inputs: Se
                for w in originals):
             site.reason += "; experts alone not substituted: expert weights have no real values"
             continue
-        if transposed:
-            w_values = [w.detach().transpose(1, 2).contiguous() for w in originals]
-        else:
-            w_values = [w.detach() if not copy_weights and w.is_contiguous() else
-                        w.detach().clone(memory_format=torch.contiguous_format) for w in originals]
+        w_values = _kernel_layout(originals, transposed, copy_weights)
         why = _prove_experts(region, final, x, weights, ids, (w_gu, w_dn), [w.detach() for w in originals],
                              w_values, sizes)
         if why is not None:
             site.reason += f"; experts alone not substituted: {why}"
             continue
         kernel_name, op = _experts_kernel_for(kernels, w_values[0].device)
-        tag = f"sq_experts_g{site.graph}_l{site.layer}"
-        names = []
-        for suffix, value in zip(("w_gate_up", "w_down"), w_values):
-            name = _unique_attr(gm, f"{tag}_{suffix}")
-            _register_constant(gm, name, value)
-            names.append(name)
-        graph = gm.graph
-        final_value = example_value(final)
-        with graph.inserting_before(final):
-            w1, w2 = graph.get_attr(names[0]), graph.get_attr(names[1])
-            fused = graph.call_function(op, (x, weights, ids, w1, w2))
-            fused.meta["example_value"] = example_value(x).new_empty(example_value(x).shape)
-            out = fused
-            if final_value.dtype != example_value(x).dtype:
-                out = graph.call_method("to", (fused, final_value.dtype))
-                out.meta["example_value"] = final_value
-        final.replace_all_uses_with(out)
-        for node in reversed(list(graph.nodes)):
-            if node in region and not node.users:
-                graph.erase_node(node)
+        fused = _replace_block(gm, f"sq_experts_g{site.graph}_l{site.layer}", w_values, final, region, x,
+                               lambda w1, w2: (op, (x, weights, ids, w1, w2)))
         site.rewritten, site.reason, site.kernel, site.moe_form = True, None, kernel_name, "experts"
         site.experts = int(w_values[0].shape[0])
         site.top_k = int(example_value(ids).shape[1])
