@@ -1,6 +1,8 @@
 """Fused mixture-of-experts: routing, grouped gate/up GEMM with SiLU-and-multiply, grouped down GEMM.
 
-Two custom ops with one contract (the Triton one is what the substitution pass puts in GPU graphs):
+Two custom ops with one contract (the Triton one is what the substitution pass puts in GPU graphs), and two for
+the experts alone (`fused_experts`, `fused_experts_triton`: the same kernels after the model's own routing, given
+topk_weights [T, k] and topk_ids [T, k], for routers the fused routing does not compute):
 
     torch.ops.sqcompile.fused_moe(hidden, router_logits, w_gate_up, w_down, top_k, renormalize, routing)
     torch.ops.sqcompile.fused_moe_triton(... same ...)
@@ -104,10 +106,17 @@ def _check(hidden, router_logits, w_gate_up, w_down, top_k, routing):
 def fused_moe_reference(hidden, router_logits, w_gate_up, w_down, top_k: int, renormalize: bool,
                         routing: str = "softmax") -> torch.Tensor:
     """Plain-PyTorch fused MoE: sort pairs by expert, one matmul pair per used expert."""
+    weights, ids = route(router_logits, top_k, renormalize, routing)
+    return experts_reference(hidden, weights, ids, w_gate_up, w_down)
+
+
+def experts_reference(hidden, topk_weights, topk_ids, w_gate_up, w_down) -> torch.Tensor:
+    """The experts half of `fused_moe_reference`: routing already done (weights [T, k], expert ids [T, k])."""
     T, H = hidden.shape
     E = w_gate_up.shape[0]
     inter = w_gate_up.shape[1] // 2
-    weights, ids = route(router_logits, top_k, renormalize, routing)
+    top_k = topk_ids.shape[1]
+    weights, ids = topk_weights.float(), topk_ids.long()
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=E).tolist()  # one host sync, as HF's fallback does
@@ -137,6 +146,29 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torc
 @fused_moe.register_fake
 def _(hidden, router_logits, w_gate_up, w_down, top_k, renormalize, routing="softmax"):
     _check(hidden, router_logits, w_gate_up, w_down, top_k, routing)
+    return hidden.new_empty(hidden.shape)
+
+
+def _check_experts(hidden, topk_weights, topk_ids, w_gate_up, w_down):
+    torch._check(topk_weights.dim() == 2 and topk_ids.shape == topk_weights.shape,
+                 lambda: "topk_weights and topk_ids must both be [T, k]")
+    torch._check(topk_ids.shape[0] == hidden.shape[0], lambda: "topk_ids must have one row per token")
+    _check(hidden, hidden.new_empty(hidden.shape[0], w_gate_up.shape[0]), w_gate_up, w_down, topk_ids.shape[1],
+           "softmax")
+
+
+@torch.library.custom_op("sqcompile::fused_experts", mutates_args=())
+def fused_experts(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w_gate_up: torch.Tensor,
+                  w_down: torch.Tensor) -> torch.Tensor:
+    """The experts of a fused MoE with the routing done by the model (any router: bias-corrected, group-limited,
+    scaled): out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_ids[t, j]."""
+    _check_experts(hidden, topk_weights, topk_ids, w_gate_up, w_down)
+    return experts_reference(hidden, topk_weights, topk_ids, w_gate_up, w_down)
+
+
+@fused_experts.register_fake
+def _(hidden, topk_weights, topk_ids, w_gate_up, w_down):
+    _check_experts(hidden, topk_weights, topk_ids, w_gate_up, w_down)
     return hidden.new_empty(hidden.shape)
 
 
@@ -602,9 +634,25 @@ def _use_align_kernel(num_pairs, num_experts: int, block_m: int) -> bool:
 
 
 def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, renormalize, routing, launch):
+    T = hidden.shape[0]
+    E = w_gate_up.shape[0]
+    device = hidden.device
+    logits = router_logits.contiguous()
+    topk_weights = _empty(T, top_k, dtype=torch.float32, device=device)
+    topk_ids = _empty(T, top_k, dtype=torch.int32, device=device)
+    launch(_route_kernel)[(T,)](
+        logits, topk_weights, topk_ids, E, logits.stride(0),
+        TOP_K=top_k, BLOCK_TOPK=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(E), SIGMOID=routing == "sigmoid",
+        RENORMALIZE=renormalize)
+    return _fused_experts_triton_impl(hidden, topk_weights, topk_ids, w_gate_up, w_down, launch)
+
+
+def _fused_experts_triton_impl(hidden, topk_weights, topk_ids, w_gate_up, w_down, launch):
+    """The expert GEMMs of the Triton fused MoE on routed pairs (topk_weights fp32 [T, k], topk_ids int32 [T, k])."""
     T, H = hidden.shape
     E, two_i, _ = w_gate_up.shape
     inter = two_i // 2
+    top_k = topk_ids.shape[1]
     S = T * top_k
     device = hidden.device
     cfg = device_config(S, E, H, inter, device, w_gate_up.dtype)
@@ -614,14 +662,6 @@ def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, reno
     # each split covers a whole number of DOWN_BLOCK_K steps
     k_per_split = triton.cdiv(triton.cdiv(inter, split_k), down_bk) * down_bk
     precision = "ieee" if w_gate_up.dtype == torch.float32 else "tf32"
-
-    logits = router_logits.contiguous()
-    topk_weights = _empty(T, top_k, dtype=torch.float32, device=device)
-    topk_ids = _empty(T, top_k, dtype=torch.int32, device=device)
-    launch(_route_kernel)[(T,)](
-        logits, topk_weights, topk_ids, E, logits.stride(0),
-        TOP_K=top_k, BLOCK_TOPK=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(E), SIGMOID=routing == "sigmoid",
-        RENORMALIZE=renormalize)
 
     grouped = cfg.get("GROUPED_MM", "")
     if grouped == "both":
@@ -731,8 +771,19 @@ if HAS_TRITON:
         launch = wrap_triton if hidden.is_cuda else wrap_interpreted
         return _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, renormalize,
                                       routing, launch)
+
+    @triton_op("sqcompile::fused_experts_triton", mutates_args=())
+    def fused_experts_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                             w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        """`fused_experts`, Triton implementation (the fused MoE's expert kernels on the model's own routing)."""
+        _check_experts(hidden, topk_weights, topk_ids, w_gate_up, w_down)
+        from .decode_attention import wrap_interpreted
+
+        launch = wrap_triton if hidden.is_cuda else wrap_interpreted
+        return _fused_experts_triton_impl(hidden, topk_weights.float().contiguous(),
+                                          topk_ids.to(torch.int32).contiguous(), w_gate_up, w_down, launch)
 else:  # pragma: no cover
-    fused_moe_triton = None
+    fused_moe_triton = fused_experts_triton = None
 
 if fused_moe_triton is not None and _interpreting():
     # On a GPU the triton_op traces its own body (Inductor sees the kernels); the interpreter's kernels
@@ -740,4 +791,9 @@ if fused_moe_triton is not None and _interpreting():
     @fused_moe_triton.register_fake
     def _(hidden, router_logits, w_gate_up, w_down, top_k, renormalize, routing="softmax"):
         _check(hidden, router_logits, w_gate_up, w_down, top_k, routing)
+        return hidden.new_empty(hidden.shape)
+
+    @fused_experts_triton.register_fake
+    def _(hidden, topk_weights, topk_ids, w_gate_up, w_down):
+        _check_experts(hidden, topk_weights, topk_ids, w_gate_up, w_down)
         return hidden.new_empty(hidden.shape)
