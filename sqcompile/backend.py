@@ -26,7 +26,8 @@ from .passes.detect_moe import detect_moe
 from .passes.fold_value_rotation import fold_value_rotation
 from .passes.insert_kv_quantization import insert_kv_quantization
 from .passes.insert_kv_rotation import insert_kv_rotation
-from .passes.localize_tensor_parallel import localize_tensor_parallel, moe_left_alone_reason, site_kv_heads
+from .passes.localize_tensor_parallel import (has_dtensor_inputs, localize_tensor_parallel, moe_left_alone_reason,
+                                              site_kv_heads)
 from .passes.sites import Site
 from .passes.substitute_moe import substitute_moe
 from .passes.substitute_decode_attention import substitute_decode_attention, upgrade_spectral_sites
@@ -101,7 +102,9 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
     kernels = opts.resolved_kernels(_device_type(example_inputs))
     _log_once(f"sqcompile: kernels={opts.kernels!r} resolved to {kernels!r} on {_device_type(example_inputs)}")
     _last_kernels[0] = kernels
-    tensor_parallel = localize_tensor_parallel(gm, example_inputs) > 0
+    tensor_parallel = has_dtensor_inputs(example_inputs)  # a sharded model (sqcompile.parallel)
+    if tensor_parallel:
+        localize_tensor_parallel(gm, example_inputs)
     sites = detect_attention(gm, graph_index)
     if any(s.reason is not None for s in sites) and _reads_spectral_cache(gm):
         upgrade_spectral_sites(gm, sites)

@@ -180,6 +180,10 @@ def site_kv_heads(gm: fx.GraphModule, site: Any, example_inputs: Optional[list])
     """(first, stop, total) kv-heads of the profile that a tensor-parallel attention site holds, read from its
     k_proj, v_proj and o_proj shards; None for an unsharded site. Raises ValueError (the site's reason) when the
     shards are not whole heads of one consistent slice."""
+    DTensor = _dtensor_types()[0]
+    if any(isinstance(meta_tensor(site.nodes[k]), DTensor) for k in ("q", "new_k", "new_v")):
+        raise ValueError("tensor parallel: attention runs on DTensors (q/k/v_proj colwise with use_local_output=False"
+                         "?); supported: local q/k/v (ColwiseParallel's default), so the graph shows the rank's heads")
     d, hkv, hq = site.head_dim, site.kv_heads, site.q_heads
     shards = {name: weight_shard(gm, arg(site.nodes[f"{name}_linear"], 1, "weight"), example_inputs)
               for name in ("k", "v", "o")}
