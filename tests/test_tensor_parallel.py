@@ -9,6 +9,8 @@ torch.multiprocessing, a FileStore rendezvous: no network) decode the same token
 
 - rotation only (`quantize=False`): logits equal the unsharded eager model's within 1e-4 relative;
 - quantized (simulated at the KV write): logits equal the unsharded compressed model's within float tolerance;
+  (on 2 ranks every architecture in both modes, on 4 each architecture in one mode and each mode at least once:
+  `RUNS`, to keep the test's CPU time down);
 - every compiled graph reports each layer's attention (and Mixtral's MoE) rewritten, with the rank's heads;
 - `SpectralCache` (Llama): each rank holds 1/N of the unsharded cache's packed bytes, and its logits equal
   the unsharded compiled model's with a `SpectralCache` (no outlier slots: `spectral_cache`);
@@ -39,6 +41,11 @@ ARCHS = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
 }
 PROMPT, STEPS, CACHE_LEN, BITS = 12, 8, 32, 4.25
+MODES = {"rotation": {"quantize": False}, "quantized": {"bits": BITS}}
+# (arch, mode) runs per world size: every one on 2 ranks; on 4 ranks each arch once and each mode at least once
+# (dynamo's tracing is most of the time: each run is two graphs per rank)
+RUNS = {2: [(arch, mode) for arch in ARCHS for mode in MODES],
+        4: [("llama", "quantized"), ("qwen2", "rotation"), ("mixtral", "quantized")]}
 TIMEOUT = 600  # seconds per spawn of all ranks (a hang, not a slow run: 2 cores shared by many jobs)
 
 
@@ -109,11 +116,11 @@ def _rank_main(rank: int, world: int, store: str, out_dir: str, refs: dict) -> N
     try:
         dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
         mesh = init_device_mesh("cpu", (world,))
-        for arch in refs["archs"]:
+        for arch in ARCHS:
             model = parallel.parallelize(build(arch), mesh)
             tokens = refs[arch]["tokens"]
-            for mode, opts in (("rotation", {"quantize": False}), ("quantized", {"bits": BITS})):
-                logits, sites = compiled_decode(model, tokens, dict(opts, profile=profile(arch)))
+            for mode in [m for a, m in RUNS[world] if a == arch]:
+                logits, sites = compiled_decode(model, tokens, dict(MODES[mode], profile=profile(arch)))
                 result[f"{arch}/{mode}"] = logits
                 result[f"{arch}/{mode}/report"] = str(Report(sites=sites))
                 result[f"{arch}/{mode}/sites"] = [(s.graph, s.kind, s.layer, s.rewritten, s.q_heads, s.kv_heads,
@@ -164,7 +171,7 @@ def references() -> dict:
     """Unsharded references, computed once: eager logits and greedy tokens, compiled quantized logits, and the
     compiled logits and packed bytes with a SpectralCache (Llama)."""
     torch.set_num_threads(1)
-    refs: dict = {"archs": list(ARCHS)}
+    refs: dict = {}
     for arch in ARCHS:
         model = build(arch)
         with torch.no_grad():
@@ -193,26 +200,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_tensor_parallel(world, references, tmp_path):
     results = _spawn(world, tmp_path, references)
     hq, hkv = BASE["num_attention_heads"] // world, BASE["num_key_value_heads"] // world
-    for arch in ARCHS:
-        ref = references[arch]
+    for arch, mode in RUNS[world]:
+        ref = references[arch]["eager" if mode == "rotation" else "quantized"]
         for r, res in enumerate(results):
-            err = _rel(res[f"{arch}/rotation"], ref["eager"])
-            assert err < 1e-4, f"{arch}, rank {r} of {world}: rotation-only logits differ from eager by {err:.2e}"
-            err = _rel(res[f"{arch}/quantized"], ref["quantized"])
-            assert err < 1e-4, f"{arch}, rank {r} of {world}: quantized logits differ from unsharded by {err:.2e}"
+            err = _rel(res[f"{arch}/{mode}"], ref)
+            assert err < 1e-4, f"{arch}, {mode}, rank {r} of {world}: logits differ from unsharded by {err:.2e}"
         # rank 0's report: every graph has each layer's attention rewritten with this rank's heads (and MoE)
-        for mode in ("rotation", "quantized"):
-            sites = results[0][f"{arch}/{mode}/sites"]
-            report = results[0][f"{arch}/{mode}/report"]
-            graphs = sorted({g for g, *_ in sites})
-            assert len(graphs) >= 2, report
-            for g in graphs:
-                attn = sorted((layer, ok, q, kv) for gg, kind, layer, ok, q, kv, _ in sites
-                              if gg == g and kind == "attention")
-                assert attn == [(layer, True, hq, hkv) for layer in range(BASE["num_hidden_layers"])], report
-                if arch == "mixtral":
-                    moe = sorted((layer, ok) for gg, kind, layer, ok, *_ in sites if gg == g and kind == "moe")
-                    assert moe == [(layer, True) for layer in range(BASE["num_hidden_layers"])], report
+        sites, report = results[0][f"{arch}/{mode}/sites"], results[0][f"{arch}/{mode}/report"]
+        graphs = sorted({g for g, *_ in sites})
+        assert len(graphs) >= 2, report
+        for g in graphs:
+            attn = sorted((layer, ok, q, kv) for gg, kind, layer, ok, q, kv, _ in sites if gg == g and kind == "attention")
+            assert attn == [(layer, True, hq, hkv) for layer in range(BASE["num_hidden_layers"])], report
+            if arch == "mixtral":
+                moe = sorted((layer, ok) for gg, kind, layer, ok, *_ in sites if gg == g and kind == "moe")
+                assert moe == [(layer, True) for layer in range(BASE["num_hidden_layers"])], report
     for r, res in enumerate(results):
         assert res["llama/spectral/kv_heads"] == (r * hkv, (r + 1) * hkv)
         assert res["llama/spectral/nbytes"] * world == references["llama"]["spectral_nbytes"]
@@ -249,3 +251,37 @@ def test_check_divisible_message():
     check_divisible(build("llama").config, 4)
     with pytest.raises(ValueError, match="num_kv_heads=4 is not divisible by the world size 3"):
         check_divisible(build("llama").config, 3)
+
+
+def test_sharded_weights_read_and_sharded_experts_left_alone():
+    """In one process on a fake 2-rank group: `weight_shard` reads rank 0's rows of a colwise weight, and an MoE
+    site whose expert weights are DTensors is left alone with the reason (plain weights are not)."""
+    import torch.distributed as dist
+    import torch.fx as fx
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from sqcompile.passes.localize_tensor_parallel import moe_left_alone_reason, weight_shard
+    from sqcompile.passes.sites import Site
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        w = distribute_tensor(torch.randn(64, 32), mesh, [Shard(0)])
+        experts = distribute_tensor(torch.randn(4, 16, 32), mesh, [Shard(0)])
+        graph = fx.Graph()
+        w_node, e_node, plain_node = graph.placeholder("w"), graph.placeholder("e"), graph.placeholder("p")
+        local = graph.call_method("to_local", (w_node,))
+        graph.output((local, e_node, plain_node))
+        gm = fx.GraphModule(torch.nn.Module(), graph)
+        inputs = [w, experts, torch.randn(4, 16, 32)]
+        assert weight_shard(gm, local, inputs) == (0, 0, 32, 64)
+        assert weight_shard(gm, plain_node, inputs) is None
+        site = Site(layer=0, kind="moe")
+        site.nodes["w_gate_up"] = e_node
+        assert "DTensors (sharded experts)" in moe_left_alone_reason(gm, site, inputs)
+        site.nodes["w_gate_up"] = plain_node
+        assert moe_left_alone_reason(gm, site, inputs) is None
+    finally:
+        dist.destroy_process_group()
