@@ -13,7 +13,8 @@ by PyTorch's own tensor parallelism, the plan transformers' `tp_plan` uses for L
     model.forward = torch.compile(model.forward, backend="spectralquant", options={"profile": profile})
     model.generate(ids, past_key_values=sqcompile.SpectralCache(model, profile, ...))
 
-work as on one process: the backend turns the DTensor linears into local ones (`passes.localize_tensor_parallel`;
+work as on one process (and so they do on a model loaded with transformers' `from_pretrained(path, tp_plan="auto")`,
+whose inference path runs local linears and an explicit all-reduce: tested with transformers 5.25): the backend turns the DTensor linears into local ones (`passes.localize_tensor_parallel`;
 the all-reduce dynamo put after o_proj stays as it is), reads each site's kv-heads from its k/v/o_proj shards and
 takes that slice of the profile's (or the codec's) bases; `SpectralCache` on a sharded model allocates the packed
 codes of its rank's kv-heads only (1/N of the bytes). The codec is built from the whole profile and then sliced,

@@ -14,6 +14,8 @@ torch.multiprocessing, a FileStore rendezvous: no network) decode the same token
 - every compiled graph reports each layer's attention (and Mixtral's MoE) rewritten, with the rank's heads;
 - `SpectralCache` (Llama): each rank holds 1/N of the unsharded cache's packed bytes, and its logits equal
   the unsharded compiled model's with a `SpectralCache` (no outlier slots: `spectral_cache`);
+- transformers' own sharding, `from_pretrained(..., tp_plan="auto")` (2 ranks, a 12-token prefill): rotation-only
+  logits equal eager, every attention site rewritten with the rank's heads;
 - 4 ranks and a model with 2 kv-heads: `parallelize` raises a clear error.
 """
 from __future__ import annotations
@@ -131,6 +133,18 @@ def _rank_main(rank: int, world: int, store: str, out_dir: str, refs: dict) -> N
                 result["llama/spectral"] = logits
                 result["llama/spectral/nbytes"] = cache.nbytes
                 result["llama/spectral/kv_heads"] = cache.codec.config["kv_heads"]
+        if world == 2:  # transformers' own tensor parallelism: from_pretrained(tp_plan="auto"), one prefill
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+            hf = transformers.AutoModelForCausalLM.from_pretrained(refs["hf_dir"], tp_plan="auto")
+            torch._dynamo.reset()
+            fn = torch.compile(hf.forward, backend="spectralquant",
+                               options={"profile": profile("llama"), "quantize": False, "lower": "eager"})
+            sink: list = []
+            token = backend._REPORT_SINK.set(sink)
+            with torch.no_grad():
+                result["tp_plan"] = fn(input_ids=prompt()).logits[:, -1].float()
+            backend._REPORT_SINK.reset(token)
+            result["tp_plan/sites"] = [(s.layer, s.rewritten, s.q_heads, s.kv_heads) for s in sink]
         if world == 4:  # 2 kv-heads over 4 ranks: not whole heads per rank
             try:
                 parallel.parallelize(build("llama", num_key_value_heads=2), mesh)
@@ -167,11 +181,12 @@ def _spawn(world: int, tmp_path, refs: dict) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def references() -> dict:
+def references(tmp_path_factory) -> dict:
     """Unsharded references, computed once: eager logits and greedy tokens, compiled quantized logits, and the
     compiled logits and packed bytes with a SpectralCache (Llama)."""
     torch.set_num_threads(1)
-    refs: dict = {}
+    refs: dict = {"hf_dir": str(tmp_path_factory.mktemp("llama"))}
+    build("llama").save_pretrained(refs["hf_dir"])
     for arch in ARCHS:
         model = build(arch)
         with torch.no_grad():
@@ -220,6 +235,10 @@ def test_tensor_parallel(world, references, tmp_path):
         assert res["llama/spectral/nbytes"] * world == references["llama"]["spectral_nbytes"]
         err = _rel(res["llama/spectral"], references["llama"]["spectral"])
         assert err < 1e-4, f"rank {r} of {world}: SpectralCache logits differ from unsharded by {err:.2e}"
+        if world == 2:  # transformers' tp_plan="auto": rotation-only prefill equals eager, every site rewritten
+            err = _rel(res["tp_plan"], references["llama"]["eager"][:1])
+            assert err < 1e-4, f"rank {r}: tp_plan='auto' logits differ from eager by {err:.2e}"
+            assert sorted(res["tp_plan/sites"]) == [(layer, True, hq, hkv) for layer in range(BASE["num_hidden_layers"])]
         if world == 4:
             assert res["indivisible"] is not None and "num_kv_heads=2 is not divisible by the world size 4" \
                 in res["indivisible"]
