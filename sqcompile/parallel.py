@@ -103,11 +103,11 @@ def local_kv_heads(model: Any) -> Optional[tuple[int, int]]:
         from torch.distributed.tensor.placement_types import Shard
     except ImportError:  # pragma: no cover
         return None
-    head_dim = model_fingerprint(_text_config(model))["head_dim"]
     for mod in model.modules():
         w = getattr(getattr(mod, "k_proj", None), "weight", None)
         if not isinstance(w, DTensor):
             continue
+        head_dim = model_fingerprint(_text_config(model))["head_dim"]
         if len(w.placements) != 1 or not isinstance(w.placements[0], Shard) or w.placements[0].dim % w.dim() != 0:
             raise ValueError(f"sqcompile tensor parallel: k_proj weight placed {w.placements}, expected (Shard(0),)")
         shape, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
