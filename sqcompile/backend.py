@@ -2,6 +2,7 @@
 
 The pipeline, in order (each step a function over the FX graph, testable alone):
 
+0. localize_tensor_parallel       tensor-parallel (DTensor) linears as local ones (a sharded model only)
 1. detect_attention, detect_moe   find the sites and prove them (or record why they are left alone)
 2. insert_kv_rotation             k' = B_k (k - mu_k) at the KV write, q' = B_k q at the attention input
 3. fold_value_rotation            B_v into v_proj, B_v^T into o_proj (weights rewritten once, on copies)
@@ -25,6 +26,8 @@ from .passes.detect_moe import detect_moe
 from .passes.fold_value_rotation import fold_value_rotation
 from .passes.insert_kv_quantization import insert_kv_quantization
 from .passes.insert_kv_rotation import insert_kv_rotation
+from .passes.localize_tensor_parallel import (has_dtensor_inputs, localize_tensor_parallel, moe_left_alone_reason,
+                                              site_kv_heads)
 from .passes.sites import Site
 from .passes.substitute_moe import substitute_moe
 from .passes.substitute_decode_attention import substitute_decode_attention, upgrade_spectral_sites
@@ -99,6 +102,9 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
     kernels = opts.resolved_kernels(_device_type(example_inputs))
     _log_once(f"sqcompile: kernels={opts.kernels!r} resolved to {kernels!r} on {_device_type(example_inputs)}")
     _last_kernels[0] = kernels
+    tensor_parallel = has_dtensor_inputs(example_inputs)  # a sharded model (sqcompile.parallel)
+    if tensor_parallel:
+        localize_tensor_parallel(gm, example_inputs)
     sites = detect_attention(gm, graph_index)
     if any(s.reason is not None for s in sites) and _reads_spectral_cache(gm):
         upgrade_spectral_sites(gm, sites)
@@ -113,12 +119,25 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
             substitute_decode_attention(gm, site, example_inputs)
             site.rewritten = True
             continue
-        rot = transform.layer(site.layer, site.kv_heads, site.head_dim)  # raises on a profile/model mismatch
+        heads = None  # a tensor-parallel site: (first, stop, total) kv-heads of the profile
+        if tensor_parallel:
+            try:
+                heads = site_kv_heads(gm, site, example_inputs)
+            except ValueError as e:
+                site.leave(str(e))
+                continue
+        rot = transform.layer(site.layer, site.kv_heads, site.head_dim, heads)  # raises on a profile/model mismatch
         insert_kv_rotation(gm, site, rot.key_basis, rot.key_mean)
         fold_value_rotation(gm, site, rot.value_basis, rot.value_mean, example_inputs)
         if opts.quantize:
-            insert_kv_quantization(gm, site, transform.codec(site.kv_heads, site.head_dim))
+            insert_kv_quantization(gm, site, transform.codec(site.kv_heads, site.head_dim) if heads is None
+                                   else transform.sliced_codec(site.head_dim, heads))
         site.rewritten = True
+    if moe_sites and tensor_parallel:
+        for s in moe_sites:
+            why = s.reason is None and moe_left_alone_reason(gm, s, example_inputs)
+            if why:
+                s.leave(why)
     if moe_sites:
         if opts.moe:
             # Expert weights already in the kernel layout are shared read-only, not copied (no 2x memory).

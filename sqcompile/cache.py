@@ -253,13 +253,15 @@ class SpectralCache(Cache):
     up to a multiple of 8 tokens (the CUDA decode kernel copies whole 16-byte chunks). Pass it to `model(...)`/`model.generate(...)` as
     `past_key_values`. `nbytes` is the memory the packed layers hold; `sink_nbytes` that of the exact slots (the
     sink with `keep_sink`, and `outlier_tokens` more: 8 * head_dim bytes each per layer, batch row and kv-head).
-    `exact_new`: an update's new tokens attend to their own exact K/V (the module docstring).
+    `exact_new`: an update's new tokens attend to their own exact K/V (the module docstring). `kv_heads`
+    (first, stop): hold only these kv-heads (a tensor-parallel rank's; read from a sharded model's k_proj when not
+    given, `sqcompile.parallel`): the codec is built for all heads and sliced, so the codes are the unsharded cache's.
     """
 
     def __init__(self, model_or_config: Any, profile: Any = None, bits: float = 4.25, max_cache_len: int = 4096,
                  max_batch_size: Optional[int] = None, method: Optional[str] = None, seed: int = 0,
                  keep_sink: bool = True, exact_new: bool = True, outlier_tokens: int = _sink.OUTLIER_TOKENS,
-                 **codec_kwargs: Any):
+                 kv_heads: Optional[tuple[int, int]] = None, **codec_kwargs: Any):
         from .profile import SpectralProfile, model_fingerprint
         from .quant import build_codec
 
@@ -276,6 +278,14 @@ class SpectralCache(Cache):
         kw = {} if profile is not None else dict(num_layers=fp["num_layers"], num_kv_heads=fp["num_kv_heads"],
                                                   head_dim=fp["head_dim"])
         self.codec = build_codec(profile, bits=float(bits), method=method, seed=seed, **kw, **codec_kwargs)
+        if kv_heads is None:  # a tensor-parallel model: this rank's kv-heads, from its k_proj shard
+            from .parallel import local_kv_heads
+
+            kv_heads = local_kv_heads(model_or_config)
+        if kv_heads is not None:
+            from .parallel import slice_codec
+
+            self.codec = slice_codec(self.codec, *kv_heads)
         self.bits = bits
         if self.codec.config.get("layout") == "fast":
             # whole 16-byte chunks per (batch, kv-head) plane for the CUDA decode kernel's copies

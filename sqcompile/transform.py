@@ -36,6 +36,7 @@ class KVTransform:
         self.profile = self._load_profile(options.profile)
         self._codec = None
         self._random: dict[tuple, LayerRotation] = {}
+        self._sliced: dict[tuple, object] = {}
 
     @staticmethod
     def _load_profile(profile):
@@ -72,7 +73,25 @@ class KVTransform:
                                       seed=self.options.seed, layout=self.options.layout, **kwargs)
         return self._codec
 
-    def layer(self, layer: int, kv_heads: int, head_dim: int) -> LayerRotation:
+    def sliced_codec(self, head_dim: int, heads: tuple[int, int, int]):
+        """The codec of a tensor-parallel site's kv-heads: heads = (first, stop, total), built whole, then sliced."""
+        first, stop, total = heads
+        key = (first, stop, total, head_dim)
+        if key not in self._sliced:
+            from .parallel import slice_codec
+
+            self._sliced[key] = slice_codec(self.codec(total, head_dim), first, stop)
+        return self._sliced[key]
+
+    def layer(self, layer: int, kv_heads: int, head_dim: int,
+              heads: Optional[tuple[int, int, int]] = None) -> LayerRotation:
+        """The rotation of `layer`; `heads` = (first, stop, total) gives a tensor-parallel site's kv-heads of the
+        model's `total` (the bases of those heads of the unsharded model)."""
+        if heads is not None:
+            first, stop, total = heads
+            full = self.layer(layer, total, head_dim)
+            return LayerRotation(full.key_basis[first:stop], full.key_mean[first:stop],
+                                 full.value_basis[first:stop], full.value_mean[first:stop])
         self.check_site(layer, kv_heads, head_dim)
         if self.options.quantize:
             lc = self.codec(kv_heads, head_dim).layers[layer]

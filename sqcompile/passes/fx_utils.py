@@ -127,6 +127,10 @@ def tensor_value(gm: fx.GraphModule, n: Any, example_inputs: Optional[list]) -> 
         if idx < len(example_inputs) and isinstance(example_inputs[idx], torch.Tensor):
             return example_inputs[idx]
         return None
+    if n.op == "call_method" and n.target == "to_local" and isinstance(n.args[0], fx.Node):
+        # a tensor-parallel weight: the rank's shard of a DTensor parameter (localize_tensor_parallel)
+        v = tensor_value(gm, n.args[0], example_inputs)
+        return None if v is None or not hasattr(v, "to_local") else v.to_local()
     if n.op == "get_attr":
         obj: Any = gm
         for part in str(n.target).split("."):
