@@ -79,3 +79,17 @@ def test_default_tier_for_many_rows_equals_reference():
     compiled = torch.compile(lambda x, l: torch.ops.sqcompile.fused_moe_triton(x, l, w1, w2, 2, True, "softmax"),
                              dynamic=False)
     assert _rel_err(compiled(x, logits), want) < 1e-2
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,hidden,inter", [(1, 8, 2, 256, 512), (37, 16, 4, 256, 136),
+                                                               (1024, 8, 2, 512, 1024)])
+def test_fused_experts_on_the_models_routing_equals_reference(tokens, experts, top_k, hidden, inter):
+    """`fused_experts_triton` (the experts after a router the fused routing does not compute: bias-corrected,
+    group-limited, scaled) against `experts_reference`, with weights that do not sum to one and an unused expert."""
+    x, logits, w1, w2 = _inputs(tokens, experts, hidden, inter, skew=True, seed=3)
+    weights, ids = torch.topk(torch.sigmoid(logits), top_k, dim=-1)
+    weights = weights * 2.5  # a routed scaling factor
+    want = fm.experts_reference(x, weights, ids, w1, w2)
+    got = torch.ops.sqcompile.fused_experts_triton(x, weights, ids, w1, w2)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert _rel_err(got, want) < 1e-2, _rel_err(got, want)
