@@ -52,8 +52,10 @@ class SpectralLayer(StaticLayer):
                  "v_channel_scale", "k_qjl_proj")
 
     def __init__(self, max_cache_len: int, codec, layer_idx: int, max_batch_size: Optional[int] = None,
-                 keep_sink: bool = True, exact_new: bool = True, outlier_tokens: int = 0, read_copy: bool = False):
+                 keep_sink: bool = True, exact_new: bool = True, outlier_tokens: int = 0, read_copy: bool = False,
+                 recent_window: int = 0):
         super().__init__(max_cache_len=max_cache_len)
+        self.recent_window = _check_window(recent_window)
         self.read_copy = bool(read_copy)
         self._read_k = self._read_v = None  # read_copy: the dequantized cache in the model basis, rows [0, _read_rows)
         self._read_rows = 0
@@ -102,6 +104,11 @@ class SpectralLayer(StaticLayer):
             self.sink_v = torch.zeros_like(self.sink_k)
             self.sink_pos = torch.full((self.batch_size, self.slots), -1, dtype=torch.int64, device=self.device)
             self.sink_crit = torch.full((self.batch_size, self.slots), float("-inf"), device=self.device)
+        if self.recent_window:  # the ring of the last tokens' exact K (model basis) / V (storage basis), fp16
+            W = self.recent_window
+            self.window_k = torch.zeros(*shape[:2], W, self.head_dim, dtype=torch.float16, device=self.device)
+            self.window_v = torch.zeros_like(self.window_k)
+            self.window_pos = torch.full((self.batch_size, W), -1, dtype=torch.int64, device=self.device)
         constants = []
         for name in self.CONSTANTS:
             t = getattr(self, name)
@@ -120,7 +127,8 @@ class SpectralLayer(StaticLayer):
         self.is_initialized = True
 
     # the tensors a layer allocates per sequence (batch row) at lazy_initialization; None where unused
-    SEQUENCE_TENSORS = ("keys", "values", "sink_k", "sink_v", "sink_pos", "sink_crit")
+    SEQUENCE_TENSORS = ("keys", "values", "sink_k", "sink_v", "sink_pos", "sink_crit", "window_k", "window_v",
+                        "window_pos")
     # what `read_copy` keeps for eager reads: a reader's float32 buffer, not storage
     READ_BUFFERS = ("_read_k", "_read_v")
 
@@ -154,6 +162,8 @@ class SpectralLayer(StaticLayer):
         self._read_rows = 0
         if self.is_initialized and self.slots:
             self.sink_k.zero_(), self.sink_v.zero_(), self.sink_pos.fill_(-1), self.sink_crit.fill_(float("-inf"))
+        if self.is_initialized and self.recent_window:
+            self.window_pos.fill_(-1)
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
@@ -161,6 +171,8 @@ class SpectralLayer(StaticLayer):
         if self.is_initialized and self.slots:  # an exact token cropped away is none
             gone = self.sink_pos >= self.cumulative_length
             self.sink_pos.masked_fill_(gone, -1), self.sink_crit.masked_fill_(gone, float("-inf"))
+        if self.is_initialized and self.recent_window:
+            self.window_pos.masked_fill_(self.window_pos >= self.cumulative_length, -1)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -168,6 +180,22 @@ class SpectralLayer(StaticLayer):
         if self.is_initialized and self.slots:
             for t in (self.sink_k, self.sink_v, self.sink_pos, self.sink_crit):  # in place: static addresses
                 t.copy_(t.index_select(0, beam_idx.to(self.device)))
+        if self.is_initialized and self.recent_window:
+            for t in (self.window_k, self.window_v, self.window_pos):
+                t.copy_(t.index_select(0, beam_idx.to(self.device)))
+
+    def _store_window(self, key_states: torch.Tensor, v_store: torch.Tensor, positions: torch.Tensor) -> None:
+        """The ring of the `recent_window` last tokens: position p in slot p % W (K model basis, V storage basis,
+        fp16); eager reads replace the dequantized rows of the positions it holds with these."""
+        if _is_compiling():
+            raise NotImplementedError("recent_window is read by the eager SpectralCache only: the decode kernels do "
+                                      "not read the window yet (use recent_window=0 under torch.compile)")
+        m = min(key_states.shape[-2], self.recent_window)
+        pos = positions[-m:]
+        slot = pos % self.recent_window
+        self.window_k[:, :, slot] = key_states[:, :, -m:].to(torch.float16)
+        self.window_v[:, :, slot] = v_store[:, :, -m:].to(torch.float16)
+        self.window_pos[:, slot] = pos
 
     def _store_exact(self, key_states, v_store, positions, position_ids) -> None:
         """Copy the new tokens that become exact slots. Slot 0 (`keep_sink`): the sink, by `position_ids` [B|1, n]
@@ -202,6 +230,8 @@ class SpectralLayer(StaticLayer):
         v_store = rotate_values(value_states, self.v_mean, self.v_basis)
         if self.slots:
             self._store_exact(key_states, v_store, positions, _position_ids(args, kwargs))
+        if self.recent_window:
+            self._store_window(key_states, v_store, positions)
         # the new tokens attend to their own exact K/V (a prompt to itself, a decode step to its token)
         fresh = (positions, key_states, v_store) if self.exact_new else None
         if self.fast:
@@ -243,6 +273,9 @@ class SpectralLayer(StaticLayer):
         self._read_v[:, :, lo:end] = torch.matmul(v_store, self.v_basis) + self.v_mean[None, :, None, :]
         self._read_rows = max(self._read_rows, end)
         k_hat, v_hat = self._read_k.clone(), self._read_v.clone()
+        if self.recent_window:
+            window_v = torch.matmul(self.window_v.float(), self.v_basis) + self.v_mean[None, :, None, :]
+            _put_rows(k_hat, self.window_k, self.window_pos), _put_rows(v_hat, window_v, self.window_pos)
         if self.slots:
             sink_v = torch.matmul(self.sink_v, self.v_basis) + self.v_mean[None, :, None, :]
             _put_rows(k_hat, self.sink_k, self.sink_pos), _put_rows(v_hat, sink_v, self.sink_pos)
@@ -256,12 +289,16 @@ class SpectralLayer(StaticLayer):
         tokens' exact K/V over theirs (`fresh`: a prompt attends to itself in full precision, issue #4; a decode
         step to its own token); later steps read them compressed. Values are replaced in the storage basis (what
         SDPA reads once o_proj absorbs the basis), keys in the model basis."""
+        if self.recent_window:  # eager only (_store_window)
+            _put_rows(v_store_hat, self.window_v, self.window_pos)
         if self.slots:
             v_store_hat = torch.ops.sqcompile.put_sink(v_store_hat, self.sink_v, self.sink_pos)
         if fresh is not None:
             v_store_hat = v_store_hat.index_copy(2, fresh[0], fresh[2].to(v_store_hat.dtype))
         k_hat = torch.matmul(k_store, self.k_basis) + self.k_mean[None, :, None, :]
         v_hat = torch.matmul(v_store_hat, self.v_basis) + self.v_mean[None, :, None, :]
+        if self.recent_window:
+            _put_rows(k_hat, self.window_k, self.window_pos)
         if self.slots:
             k_hat = torch.ops.sqcompile.put_sink(k_hat, self.sink_k, self.sink_pos)
         if fresh is not None:
@@ -288,6 +325,12 @@ def rotate_values(value_states: torch.Tensor, v_mean: torch.Tensor, v_basis: tor
     B, H, n, d = value_states.shape
     centered = (value_states.to(torch.float32) - v_mean[None, :, None, :]).transpose(0, 1).reshape(H, B * n, d)
     return torch.matmul(centered, v_basis.transpose(-1, -2)).reshape(H, B, n, d).transpose(0, 1)
+
+
+def _check_window(recent_window: Any) -> int:
+    if isinstance(recent_window, bool) or not isinstance(recent_window, int) or recent_window < 0:
+        raise ValueError(f"recent_window must be an int >= 0 (the last tokens kept exact), got {recent_window!r}")
+    return recent_window
 
 
 def _check_outliers(outlier_tokens: Any, keep_sink: bool) -> int:
@@ -319,12 +362,15 @@ class SpectralCache(Cache):
     reads keep a float32 copy of the dequantized cache that only new rows are dequantized into (what eager attention
     reads is the same; a step costs O(new tokens) instead of O(capacity), at FP32 K/V memory for the capacity: for
     token-by-token evaluation on a CPU, `sqcompile.evaluate.evaluate_decode`; compiled steps never use it).
+    `recent_window` W: the last W tokens also kept exact (fp16) in a ring beside the codes, 4 * W * head_dim bytes
+    per layer, batch row and kv-head (counted in `sequence_nbytes`); read by the eager path only for now (under
+    torch.compile it is an error, not a silent difference).
     """
 
     def __init__(self, model_or_config: Any, profile: Any = None, bits: float = 4.25, max_cache_len: int = 4096,
                  max_batch_size: Optional[int] = None, method: Optional[str] = None, seed: int = 0,
                  keep_sink: bool = True, exact_new: bool = True, outlier_tokens: int = _sink.OUTLIER_TOKENS,
-                 read_copy: bool = False, **codec_kwargs: Any):
+                 read_copy: bool = False, recent_window: int = 0, **codec_kwargs: Any):
         from .profile import SpectralProfile, model_fingerprint
         from .quant import build_codec
 
@@ -346,8 +392,9 @@ class SpectralCache(Cache):
             # whole 16-byte chunks per (batch, kv-head) plane for the CUDA decode kernel's copies
             max_cache_len = -(-max_cache_len // 8) * 8
         _check_outliers(outlier_tokens, bool(keep_sink))
+        _check_window(recent_window)
         layers = [SpectralLayer(max_cache_len, self.codec, i, max_batch_size, keep_sink, exact_new, outlier_tokens,
-                                read_copy) for i in range(fp["num_layers"])]
+                                read_copy, recent_window) for i in range(fp["num_layers"])]
         super().__init__(layers=layers)
 
     @property

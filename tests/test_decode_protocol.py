@@ -21,13 +21,13 @@ def _tensor_attributes(layer) -> dict:
 
 
 @pytest.mark.parametrize("layout", ["planes", "fast"])
-@pytest.mark.parametrize("outliers", [0, 4])
-def test_sequence_nbytes_counts_every_allocated_per_sequence_byte(layout, outliers):
+@pytest.mark.parametrize("outliers,window", [(0, 0), (4, 0), (4, 16)])
+def test_sequence_nbytes_counts_every_allocated_per_sequence_byte(layout, outliers, window):
     model = _model("llama")
     cfg = model.config
     batch, capacity = 3, 40
     cache = SpectralCache(model, bits=3.25, max_cache_len=capacity, layout=layout, outlier_tokens=outliers,
-                          read_copy=True)
+                          read_copy=True, recent_window=window)
     with torch.no_grad():
         model(input_ids=torch.zeros(batch, 5, dtype=torch.long), past_key_values=cache, use_cache=True)
     capacity = cache.max_cache_len  # fast: rounded up to a multiple of 8
@@ -50,20 +50,23 @@ def test_sequence_nbytes_counts_every_allocated_per_sequence_byte(layout, outlie
     expected = batch * cfg.num_hidden_layers * cfg.num_key_value_heads * (
         capacity * 0 + slots * head_dim * 4 * 2) + batch * cfg.num_hidden_layers * slots * (8 + 4)
     expected += batch * capacity * cache.packed_bytes_per_token()
+    # the recent window: fp16 K and V per kv-head, and an int64 position per slot
+    expected += batch * cfg.num_hidden_layers * window * (cfg.num_key_value_heads * head_dim * 2 * 2 + 8)
     assert cache.sequence_nbytes == expected
-    assert cache.sequence_nbytes == cache.nbytes + cache.sink_nbytes
+    if not window:
+        assert cache.sequence_nbytes == cache.nbytes + cache.sink_nbytes
 
 
 @pytest.mark.parametrize("layout", ["planes", "fast"])
-@pytest.mark.parametrize("outliers", [0, 3])
-def test_read_copy_returns_what_the_full_read_returns(layout, outliers):
+@pytest.mark.parametrize("outliers,window", [(0, 0), (3, 0), (3, 6)])
+def test_read_copy_returns_what_the_full_read_returns(layout, outliers, window):
     """read_copy dequantizes only the rows written since the last read; what attention reads is the full read's:
     prefill chunks, single decode steps, the exact slots moving, and a crop (the copy rebuilt)."""
     model = _model("llama")
     cfg = model.config
     gen = torch.Generator().manual_seed(2)
-    full = SpectralCache(model, bits=3.25, max_cache_len=48, layout=layout, outlier_tokens=outliers)
-    inc = SpectralCache(model, bits=3.25, max_cache_len=48, layout=layout, outlier_tokens=outliers, read_copy=True)
+    kw = dict(bits=3.25, max_cache_len=48, layout=layout, outlier_tokens=outliers, recent_window=window)
+    full, inc = SpectralCache(model, **kw), SpectralCache(model, read_copy=True, **kw)
     for step, n in enumerate([7, 9, 1, 1, 1, 5, 1]):
         if step == 5:
             full.crop(-5), inc.crop(-5)  # the last 5 tokens removed
@@ -146,3 +149,33 @@ def test_cli_eval_decode_runs_on_a_users_model_directory(tmp_path, capsys):
     assert "error" not in out and (tmp_path / "out" / "eval-decode.json").is_file()
     with pytest.raises(ValueError, match="never downloads"):
         main(["eval", "--model", str(tmp_path / "missing"), "--profile", str(tmp_path / "p.safetensors")])
+
+
+@pytest.mark.parametrize("layout", ["planes", "fast"])
+def test_recent_window_reads_the_last_tokens_exact(layout):
+    """recent_window=W: the rows of the last W positions read the exact K/V (fp16), a window that wraps
+    (W < tokens written) and a crop; every other row reads what the cache without a window reads."""
+    model = _model("llama")
+    cfg = model.config
+    gen = torch.Generator().manual_seed(5)
+    W = 5
+    plain = SpectralCache(model, bits=3.25, max_cache_len=48, layout=layout, exact_new=False)
+    win = SpectralCache(model, bits=3.25, max_cache_len=48, layout=layout, exact_new=False, recent_window=W)
+    written_k, written_v = [], []
+    for step, n in enumerate([9, 1, 3, 1, 1]):
+        if step == 3:
+            plain.crop(-2), win.crop(-2)  # the last 2 tokens removed
+            written_k, written_v = [written_k[0][:, :, :-2]], [written_v[0][:, :, :-2]]
+        k, v = _kv(cfg, 2, n, gen)
+        written_k, written_v = [torch.cat(written_k + [k], 2)], [torch.cat(written_v + [v], 2)]
+        a, b = plain.update(k, v, 0), win.update(k, v, 0)
+        end = written_k[0].shape[2]
+        # after the crop (13 -> 11 tokens, then 1 more) the ring holds 8, 9, 10 from before and the new 11
+        recent = torch.arange(max(0, end - W if step != 3 else 8), end)
+        other = torch.tensor([t for t in range(48) if t not in set(recent.tolist())])
+        torch.testing.assert_close(b[0][:, :, recent], written_k[0][:, :, recent], rtol=2e-3, atol=2e-3)  # fp16
+        torch.testing.assert_close(b[1][:, :, recent], written_v[0][:, :, recent], rtol=2e-3, atol=2e-3)
+        assert (a[0][:, :, recent] - written_k[0][:, :, recent]).abs().max() > 1e-2  # the codes are not exact
+        torch.testing.assert_close(b[0][:, :, other], a[0][:, :, other]), torch.testing.assert_close(b[1][:, :, other], a[1][:, :, other])
+    with pytest.raises(ValueError, match="recent_window"):
+        SpectralCache(model, bits=3.25, recent_window=-1)
