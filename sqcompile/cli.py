@@ -48,7 +48,7 @@ def cmd_eval(args) -> int:
                                         scored=args.scored, calibration_text=args.calibration_text,
                                         eval_text=args.eval_text, eval_offset=args.eval_offset,
                                         profile_path=args.profile, bos=args.bos, out_dir=args.out,
-                                        rows=default_decode_rows(budgets, args.layouts.split(",")))
+                                        rows=default_decode_rows(budgets, args.layouts.split(","), args.window))
         print("\n".join(f"- {k}: {v}" for k, v in info.items()) + "\n\n" + decode_markdown(results))
         return 0
     if args.model != "smollm2" or args.gguf_file:
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help="decode: 'smollm2', a local HF model directory or a .gguf file")
     p.add_argument("--gguf-file", default=None, help="decode: the GGUF file inside --model's directory")
     p.add_argument("--layouts", default="fast,planes", help="decode: comma-separated SpectralCache layouts")
+    p.add_argument("--window", type=int, default=64,
+                   help="decode: also the fast layout at 2.5 bits with this many recent tokens exact (0: no such row)")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="decode: prepend the BOS token (default: when the tokenizer does)")
     p.add_argument("--calibration-text", default="britannica")

@@ -561,11 +561,16 @@ class DecodeRowSpec:
 
 
 def default_decode_rows(budgets: Sequence[float] = (4.25, 3.25, 2.69),
-                        layouts: Sequence[str] = ("fast", "planes")) -> list[DecodeRowSpec]:
-    """FP16, then every layout at every budget (SpectralCache's defaults otherwise)."""
+                        layouts: Sequence[str] = ("fast", "planes"), window: int = 64,
+                        window_bits: float = 2.5) -> list[DecodeRowSpec]:
+    """FP16, then every layout at every budget (SpectralCache's defaults otherwise), then (window > 0, with "fast"
+    among the layouts) the fast layout at `window_bits` with the last `window` tokens exact (`recent_window`)."""
     rows = [DecodeRowSpec("FP16")]
     for b in budgets:
         rows += [DecodeRowSpec(f"{layout} {b:g} bits", layout, float(b)) for layout in layouts]
+    if window and "fast" in layouts:
+        rows.append(DecodeRowSpec(f"fast {window_bits:g} bits + recent window {window}", "fast", float(window_bits),
+                                  {"recent_window": int(window)}))
     return rows
 
 

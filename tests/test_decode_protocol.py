@@ -143,9 +143,10 @@ def test_cli_eval_decode_runs_on_a_users_model_directory(tmp_path, capsys):
                         progress=False)
     profile.save(tmp_path / "p.safetensors")
     rc = main(["eval", "--model", str(tmp_path / "m"), "--context", "80", "--scored", "8", "--budgets", "4.25",
-               "--profile", str(tmp_path / "p.safetensors"), "--out", str(tmp_path / "out")])
+               "--window", "8", "--profile", str(tmp_path / "p.safetensors"), "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert rc == 0 and "| FP16 |" in out and "| fast 4.25 bits |" in out and "| planes 4.25 bits |" in out, out
+    assert "| fast 2.5 bits + recent window 8 |" in out
     assert "error" not in out and (tmp_path / "out" / "eval-decode.json").is_file()
     with pytest.raises(ValueError, match="never downloads"):
         main(["eval", "--model", str(tmp_path / "missing"), "--profile", str(tmp_path / "p.safetensors")])
@@ -179,3 +180,49 @@ def test_recent_window_reads_the_last_tokens_exact(layout):
         torch.testing.assert_close(b[0][:, :, other], a[0][:, :, other]), torch.testing.assert_close(b[1][:, :, other], a[1][:, :, other])
     with pytest.raises(ValueError, match="recent_window"):
         SpectralCache(model, bits=3.25, recent_window=-1)
+
+
+# --- the real model on the protocol's proxy (slow) ----------------------------------------------------------
+# The proxy: the same 2048-token Hamlet window as `sqcompile eval --context 2048`, the last PROXY_SCORED tokens
+# scored one at a time (the full protocol scores 512); calibration on the first 1024 Britannica tokens, what
+# calibrate()'s defaults use on 2 busy cores (its 15 s budget stops after one 1024-token window), fixed here so
+# the test does not depend on the machine's load. Measured values: /work/coord/results-quality.md.
+PROXY_SCORED = 128
+# the best fast-format row measured on the proxy (CPU, 2026-12-07): 4.98x at +4.46% dPPL (FP16 PPL 68.45)
+BEST_NAME, BEST_BITS, BEST_KWARGS = "fast 2.75 bits + recent window 64", 2.75, {"recent_window": 64}
+BEST_RATIO_MIN, BEST_DPPL_MAX = 4.95, 7.5  # margin: 128 scored tokens, float rounding can flip codes
+Q1_REASON = ("Q1 not met: the best fast-format row measured 4.98x at +4.46% dPPL on the proxy "
+             "(fast 2.75 bits + the last 64 tokens exact); without the window, fast 3.0 bits gives 5.20x at +28%")
+Q1_ROW = dict(name=BEST_NAME, layout="fast", bits=BEST_BITS, cache_kwargs=BEST_KWARGS)
+
+
+@pytest.fixture(scope="module")
+def proxy_rows(smollm2, shared_texts):
+    from sqcompile.calibrate import calibrate
+    from sqcompile.evaluate import DecodeRowSpec, decode_context, evaluate_decode
+
+    torch.set_num_threads(1)
+    model, tok = smollm2
+    profile = calibrate(model, shared_texts["britannica"], tokenizer=tok, seconds=1e9, max_tokens=1024,
+                        progress=False)
+    ids = decode_context(tok, shared_texts["hamlet"], 2048)
+    rows = [DecodeRowSpec("FP16"), DecodeRowSpec(**Q1_ROW)]
+    fp16, best = evaluate_decode(model, profile, ids, rows, scored=PROXY_SCORED, chunked=None, progress=False)
+    assert fp16.error is None and best.error is None, (fp16.error, best.error)
+    return fp16, best
+
+
+@pytest.mark.slow
+def test_real_model_decode_proxy_best_fast_row(proxy_rows):
+    """The best fast-format row found on the proxy keeps its measured compression and dPPL (with a margin)."""
+    fp16, best = proxy_rows
+    assert best.compression >= BEST_RATIO_MIN, best.compression
+    assert best.dppl_pct <= BEST_DPPL_MAX, best.dppl_pct
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=Q1_REASON)
+def test_real_model_decode_proxy_q1(proxy_rows):
+    """Issue #17's Q1: >= 5.0x at dPPL <= +3% with the fast format, decoded token by token."""
+    fp16, best = proxy_rows
+    assert best.compression >= 5.0 and best.dppl_pct <= 3.0, (best.compression, best.dppl_pct)
