@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help="decode: 'smollm2', a local HF model directory or a .gguf file")
     p.add_argument("--gguf-file", default=None, help="decode: the GGUF file inside --model's directory")
     p.add_argument("--layouts", default="fast,planes", help="decode: comma-separated SpectralCache layouts")
-    p.add_argument("--window", type=int, default=64,
-                   help="decode: also the fast layout at 2.5 bits with this many recent tokens exact (0: no such row)")
+    p.add_argument("--window", type=int, default=32,
+                   help="decode: also the fast layout at 2.75 bits with this many recent tokens exact (0: no such row)")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="decode: prepend the BOS token (default: when the tokenizer does)")
     p.add_argument("--calibration-text", default="britannica")

@@ -561,8 +561,8 @@ class DecodeRowSpec:
 
 
 def default_decode_rows(budgets: Sequence[float] = (4.25, 3.25, 2.69),
-                        layouts: Sequence[str] = ("fast", "planes"), window: int = 64,
-                        window_bits: float = 2.5) -> list[DecodeRowSpec]:
+                        layouts: Sequence[str] = ("fast", "planes"), window: int = 32,
+                        window_bits: float = 2.75) -> list[DecodeRowSpec]:
     """FP16, then every layout at every budget (SpectralCache's defaults otherwise), then (window > 0, with "fast"
     among the layouts) the fast layout at `window_bits` with the last `window` tokens exact (`recent_window`)."""
     rows = [DecodeRowSpec("FP16")]
