@@ -52,8 +52,13 @@ class SpectralLayer(StaticLayer):
                  "v_channel_scale", "k_qjl_proj")
 
     def __init__(self, max_cache_len: int, codec, layer_idx: int, max_batch_size: Optional[int] = None,
-                 keep_sink: bool = True, exact_new: bool = True, outlier_tokens: int = 0):
+                 keep_sink: bool = True, exact_new: bool = True, outlier_tokens: int = 0, read_copy: bool = False,
+                 recent_window: int = 0):
         super().__init__(max_cache_len=max_cache_len)
+        self.recent_window = _check_window(recent_window)
+        self.read_copy = bool(read_copy)
+        self._read_k = self._read_v = None  # read_copy: the dequantized cache in the model basis, rows [0, _read_rows)
+        self._read_rows = 0
         self.layer_idx = layer_idx
         self.keep_sink = bool(keep_sink)
         self.outlier_tokens = _check_outliers(outlier_tokens, self.keep_sink)
@@ -99,6 +104,11 @@ class SpectralLayer(StaticLayer):
             self.sink_v = torch.zeros_like(self.sink_k)
             self.sink_pos = torch.full((self.batch_size, self.slots), -1, dtype=torch.int64, device=self.device)
             self.sink_crit = torch.full((self.batch_size, self.slots), float("-inf"), device=self.device)
+        if self.recent_window:  # the ring of the last tokens' exact K (model basis) / V (storage basis), fp16
+            W = self.recent_window
+            self.window_k = torch.zeros(*shape[:2], W, self.head_dim, dtype=torch.float16, device=self.device)
+            self.window_v = torch.zeros_like(self.window_k)
+            self.window_pos = torch.full((self.batch_size, W), -1, dtype=torch.int64, device=self.device)
         constants = []
         for name in self.CONSTANTS:
             t = getattr(self, name)
@@ -116,9 +126,28 @@ class SpectralLayer(StaticLayer):
                 torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
+    # the tensors a layer allocates per sequence (batch row) at lazy_initialization; None where unused
+    SEQUENCE_TENSORS = ("keys", "values", "sink_k", "sink_v", "sink_pos", "sink_crit", "window_k", "window_v",
+                        "window_pos")
+    # what `read_copy` keeps for eager reads: a reader's float32 buffer, not storage
+    READ_BUFFERS = ("_read_k", "_read_v")
+
     @property
     def nbytes(self) -> int:
         return 0 if not self.is_initialized else self.keys.numel() + self.values.numel()
+
+    @property
+    def sequence_nbytes(self) -> int:
+        """Every byte this layer allocates for its sequences (`SEQUENCE_TENSORS`: codes, exact slots and their
+        positions and criteria); 0 before the first update."""
+        if not self.is_initialized:
+            return 0
+        return sum(t.nbytes for t in (getattr(self, n, None) for n in self.SEQUENCE_TENSORS) if t is not None)
+
+    @property
+    def constant_nbytes(self) -> int:
+        """Bytes of the per-layer constants (`CONSTANTS`: bases, means, codebooks), shared by every sequence."""
+        return sum(t.nbytes for t in (getattr(self, n) for n in self.CONSTANTS) if t is not None)
 
     @property
     def sink_nbytes(self) -> int:
@@ -130,20 +159,43 @@ class SpectralLayer(StaticLayer):
 
     def reset(self) -> None:
         super().reset()
+        self._read_rows = 0
         if self.is_initialized and self.slots:
             self.sink_k.zero_(), self.sink_v.zero_(), self.sink_pos.fill_(-1), self.sink_crit.fill_(float("-inf"))
+        if self.is_initialized and self.recent_window:
+            self.window_pos.fill_(-1)
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
+        self._read_rows = 0
         if self.is_initialized and self.slots:  # an exact token cropped away is none
             gone = self.sink_pos >= self.cumulative_length
             self.sink_pos.masked_fill_(gone, -1), self.sink_crit.masked_fill_(gone, float("-inf"))
+        if self.is_initialized and self.recent_window:
+            self.window_pos.masked_fill_(self.window_pos >= self.cumulative_length, -1)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
+        self._read_rows = 0
         if self.is_initialized and self.slots:
             for t in (self.sink_k, self.sink_v, self.sink_pos, self.sink_crit):  # in place: static addresses
                 t.copy_(t.index_select(0, beam_idx.to(self.device)))
+        if self.is_initialized and self.recent_window:
+            for t in (self.window_k, self.window_v, self.window_pos):
+                t.copy_(t.index_select(0, beam_idx.to(self.device)))
+
+    def _store_window(self, key_states: torch.Tensor, v_store: torch.Tensor, positions: torch.Tensor) -> None:
+        """The ring of the `recent_window` last tokens: position p in slot p % W (K model basis, V storage basis,
+        fp16); eager reads replace the dequantized rows of the positions it holds with these."""
+        if _is_compiling():
+            raise NotImplementedError("recent_window is read by the eager SpectralCache only: the decode kernels do "
+                                      "not read the window yet (use recent_window=0 under torch.compile)")
+        m = min(key_states.shape[-2], self.recent_window)
+        pos = positions[-m:]
+        slot = pos % self.recent_window
+        self.window_k[:, :, slot] = key_states[:, :, -m:].to(torch.float16)
+        self.window_v[:, :, slot] = v_store[:, :, -m:].to(torch.float16)
+        self.window_pos[:, slot] = pos
 
     def _store_exact(self, key_states, v_store, positions, position_ids) -> None:
         """Copy the new tokens that become exact slots. Slot 0 (`keep_sink`): the sink, by `position_ids` [B|1, n]
@@ -178,41 +230,88 @@ class SpectralLayer(StaticLayer):
         v_store = rotate_values(value_states, self.v_mean, self.v_basis)
         if self.slots:
             self._store_exact(key_states, v_store, positions, _position_ids(args, kwargs))
+        if self.recent_window:
+            self._store_window(key_states, v_store, positions)
         # the new tokens attend to their own exact K/V (a prompt to itself, a decode step to its token)
         fresh = (positions, key_states, v_store) if self.exact_new else None
         if self.fast:
             torch.ops.sqcompile.quantize_write_fast(
                 key_states.to(torch.float32), v_store, self.keys, self.values, positions, self.k_basis, self.k_mean,
                 self.k_layout, self.v_layout)
-            k_store = torch.ops.sqcompile.dequantize_fast(self.keys, self.k_layout, self.head_dim)
-            v_store_hat = torch.ops.sqcompile.dequantize_fast(self.values, self.v_layout, self.head_dim)
-            return self._from_store(k_store, v_store_hat, fresh)
-        torch.ops.sqcompile.quantize_write(
-            key_states.to(torch.float32), v_store, self.keys, self.values, positions, self.k_basis, self.k_mean,
-            self.k_codebooks, self.k_channel_scale, self.v_codebooks, self.v_channel_scale, self.k_qjl_proj,
-            self.k_groups, self.v_groups, self.qjl_dims, self.qjl_bits)
-        k_store = torch.ops.sqcompile.dequantize_packed(self.keys, self.k_codebooks, self.k_channel_scale,
-                                                         self.k_groups, self.head_dim)
-        v_store_hat = torch.ops.sqcompile.dequantize_packed(self.values, self.v_codebooks, self.v_channel_scale,
-                                                            self.v_groups, self.head_dim)
-        return self._from_store(k_store, v_store_hat, fresh)
+        else:
+            torch.ops.sqcompile.quantize_write(
+                key_states.to(torch.float32), v_store, self.keys, self.values, positions, self.k_basis, self.k_mean,
+                self.k_codebooks, self.k_channel_scale, self.v_codebooks, self.v_channel_scale, self.k_qjl_proj,
+                self.k_groups, self.v_groups, self.qjl_dims, self.qjl_bits)
+        if self.read_copy and not _is_compiling():
+            return self._read_from_copy(int(positions[0]), int(positions[-1]) + 1, fresh)
+        return self._from_store(*self._dequantize(self.keys, self.values), fresh)
+
+    def _dequantize(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed rows [B, H, n, row_bytes] -> float32 [B, H, n, head_dim] in the storage basis (keys, values)."""
+        if self.fast:
+            return (torch.ops.sqcompile.dequantize_fast(keys, self.k_layout, self.head_dim),
+                    torch.ops.sqcompile.dequantize_fast(values, self.v_layout, self.head_dim))
+        return (torch.ops.sqcompile.dequantize_packed(keys, self.k_codebooks, self.k_channel_scale, self.k_groups,
+                                                      self.head_dim),
+                torch.ops.sqcompile.dequantize_packed(values, self.v_codebooks, self.v_channel_scale, self.v_groups,
+                                                      self.head_dim))
+
+    def _read_from_copy(self, start: int, end: int, fresh=None):
+        """`_from_store`'s result from a float32 copy of the dequantized cache in the model basis that only the rows
+        not yet in it, [min(_read_rows, start), end), are dequantized into: O(new tokens) per step instead of
+        O(capacity). A reader's buffer, not storage (`sequence_nbytes` leaves it out): eager token-by-token
+        evaluation on a CPU (`read_copy=True`)."""
+        if self._read_k is None or self._read_k.shape[:3] != self.keys.shape[:3]:
+            shape = (*self.keys.shape[:3], self.head_dim)  # unwritten rows read as zero codes would: the means
+            self._read_k = self.k_mean[None, :, None, :].expand(shape).clone()
+            self._read_v = self.v_mean[None, :, None, :].expand(shape).clone()
+            self._read_rows = 0
+        lo = min(self._read_rows, start)
+        k_store, v_store = self._dequantize(self.keys[:, :, lo:end].contiguous(), self.values[:, :, lo:end].contiguous())
+        self._read_k[:, :, lo:end] = torch.matmul(k_store, self.k_basis) + self.k_mean[None, :, None, :]
+        self._read_v[:, :, lo:end] = torch.matmul(v_store, self.v_basis) + self.v_mean[None, :, None, :]
+        self._read_rows = max(self._read_rows, end)
+        k_hat, v_hat = self._read_k.clone(), self._read_v.clone()
+        if self.recent_window:
+            window_v = torch.matmul(self.window_v.float(), self.v_basis) + self.v_mean[None, :, None, :]
+            _put_rows(k_hat, self.window_k, self.window_pos), _put_rows(v_hat, window_v, self.window_pos)
+        if self.slots:
+            sink_v = torch.matmul(self.sink_v, self.v_basis) + self.v_mean[None, :, None, :]
+            _put_rows(k_hat, self.sink_k, self.sink_pos), _put_rows(v_hat, sink_v, self.sink_pos)
+        if fresh is not None:
+            k_hat[:, :, fresh[0]] = fresh[1].to(k_hat.dtype)
+            v_hat[:, :, fresh[0]] = torch.matmul(fresh[2].to(torch.float32), self.v_basis) + self.v_mean[None, :, None, :]
+        return k_hat.to(self.dtype), v_hat.to(self.dtype)
 
     def _from_store(self, k_store: torch.Tensor, v_store_hat: torch.Tensor, fresh=None):
         """The model-basis K/V attention reads: the dequantized cache, the exact sink over its row, and the new
         tokens' exact K/V over theirs (`fresh`: a prompt attends to itself in full precision; a decode
         step to its own token); later steps read them compressed. Values are replaced in the storage basis (what
         SDPA reads once o_proj absorbs the basis), keys in the model basis."""
+        if self.recent_window:  # eager only (_store_window)
+            _put_rows(v_store_hat, self.window_v, self.window_pos)
         if self.slots:
             v_store_hat = torch.ops.sqcompile.put_sink(v_store_hat, self.sink_v, self.sink_pos)
         if fresh is not None:
             v_store_hat = v_store_hat.index_copy(2, fresh[0], fresh[2].to(v_store_hat.dtype))
         k_hat = torch.matmul(k_store, self.k_basis) + self.k_mean[None, :, None, :]
         v_hat = torch.matmul(v_store_hat, self.v_basis) + self.v_mean[None, :, None, :]
+        if self.recent_window:
+            _put_rows(k_hat, self.window_k, self.window_pos)
         if self.slots:
             k_hat = torch.ops.sqcompile.put_sink(k_hat, self.sink_k, self.sink_pos)
         if fresh is not None:
             k_hat = k_hat.index_copy(2, fresh[0], fresh[1].to(k_hat.dtype))
         return k_hat.to(self.dtype), v_hat.to(self.dtype)
+
+
+def _put_rows(x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> None:
+    """In place: x[b, :, pos[b, s]] = rows[b, :, s] for every slot with 0 <= pos[b, s] < T (x [B, H, T, d], rows
+    [B, H, S, d], pos [B, S]): `put_sink` by indexing, O(slots) instead of O(T) per slot."""
+    valid = (pos >= 0) & (pos < x.shape[2])
+    b, s = valid.nonzero(as_tuple=True)
+    x[b, :, pos[b, s]] = rows[b, :, s].to(x.dtype)
 
 
 def rotate_values(value_states: torch.Tensor, v_mean: torch.Tensor, v_basis: torch.Tensor) -> torch.Tensor:
@@ -226,6 +325,12 @@ def rotate_values(value_states: torch.Tensor, v_mean: torch.Tensor, v_basis: tor
     B, H, n, d = value_states.shape
     centered = (value_states.to(torch.float32) - v_mean[None, :, None, :]).transpose(0, 1).reshape(H, B * n, d)
     return torch.matmul(centered, v_basis.transpose(-1, -2)).reshape(H, B, n, d).transpose(0, 1)
+
+
+def _check_window(recent_window: Any) -> int:
+    if isinstance(recent_window, bool) or not isinstance(recent_window, int) or recent_window < 0:
+        raise ValueError(f"recent_window must be an int >= 0 (the last tokens kept exact), got {recent_window!r}")
+    return recent_window
 
 
 def _check_outliers(outlier_tokens: Any, keep_sink: bool) -> int:
@@ -256,12 +361,20 @@ class SpectralCache(Cache):
     `exact_new`: an update's new tokens attend to their own exact K/V (the module docstring). `kv_heads`
     (first, stop): hold only these kv-heads (a tensor-parallel rank's; read from a sharded model's k_proj when not
     given, `sqcompile.parallel`): the codec is built for all heads and sliced, so the codes are the unsharded cache's.
+    `read_copy`: eager
+    reads keep a float32 copy of the dequantized cache that only new rows are dequantized into (what eager attention
+    reads is the same; a step costs O(new tokens) instead of O(capacity), at FP32 K/V memory for the capacity: for
+    token-by-token evaluation on a CPU, `sqcompile.evaluate.evaluate_decode`; compiled steps never use it).
+    `recent_window` W: the last W tokens also kept exact (fp16) in a ring beside the codes, 4 * W * head_dim bytes
+    per layer, batch row and kv-head (counted in `sequence_nbytes`); read by the eager path only for now (under
+    torch.compile it is an error, not a silent difference).
     """
 
     def __init__(self, model_or_config: Any, profile: Any = None, bits: float = 4.25, max_cache_len: int = 4096,
                  max_batch_size: Optional[int] = None, method: Optional[str] = None, seed: int = 0,
                  keep_sink: bool = True, exact_new: bool = True, outlier_tokens: int = _sink.OUTLIER_TOKENS,
-                 kv_heads: Optional[tuple[int, int]] = None, **codec_kwargs: Any):
+                 kv_heads: Optional[tuple[int, int]] = None, read_copy: bool = False, recent_window: int = 0,
+                 **codec_kwargs: Any):
         from .profile import SpectralProfile, model_fingerprint
         from .quant import build_codec
 
@@ -291,8 +404,9 @@ class SpectralCache(Cache):
             # whole 16-byte chunks per (batch, kv-head) plane for the CUDA decode kernel's copies
             max_cache_len = -(-max_cache_len // 8) * 8
         _check_outliers(outlier_tokens, bool(keep_sink))
-        layers = [SpectralLayer(max_cache_len, self.codec, i, max_batch_size, keep_sink, exact_new, outlier_tokens)
-                  for i in range(fp["num_layers"])]
+        _check_window(recent_window)
+        layers = [SpectralLayer(max_cache_len, self.codec, i, max_batch_size, keep_sink, exact_new, outlier_tokens,
+                                read_copy, recent_window) for i in range(fp["num_layers"])]
         super().__init__(layers=layers)
 
     def allocate(self, batch_size: int, device: Any, dtype: torch.dtype) -> "SpectralCache":
@@ -323,6 +437,17 @@ class SpectralCache(Cache):
     def sink_nbytes(self) -> int:
         """Bytes of the exact sink token copies of all layers (a constant per batch row, not per token)."""
         return sum(layer.sink_nbytes for layer in self.layers)
+
+    @property
+    def sequence_nbytes(self) -> int:
+        """Every byte the layers allocate for the sequences (codes, exact slots, their positions and criteria), the
+        batch's rows together: what a compression ratio against an FP16 cache divides by. 0 before the first update."""
+        return sum(layer.sequence_nbytes for layer in self.layers)
+
+    @property
+    def constant_nbytes(self) -> int:
+        """Bytes of the per-model constants (every layer's bases, means, codebooks), reported apart."""
+        return sum(layer.constant_nbytes for layer in self.layers)
 
     def packed_bytes_per_token(self) -> int:
         """K+V bytes one token occupies across all layers and kv-heads (the bit accounting, exactly)."""

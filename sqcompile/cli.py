@@ -53,9 +53,19 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import default_rows, run_eval, to_markdown
+    from .evaluate import decode_markdown, default_decode_rows, default_rows, run_decode_eval, run_eval, to_markdown
 
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else (4.25, 3.25, 2.69)
+    if args.protocol == "decode":
+        results, info = run_decode_eval(model=args.model, gguf_file=args.gguf_file, context=args.context,
+                                        scored=args.scored, calibration_text=args.calibration_text,
+                                        eval_text=args.eval_text, eval_offset=args.eval_offset,
+                                        profile_path=args.profile, bos=args.bos, out_dir=args.out,
+                                        rows=default_decode_rows(budgets, args.layouts.split(","), args.window))
+        print("\n".join(f"- {k}: {v}" for k, v in info.items()) + "\n\n" + decode_markdown(results))
+        return 0
+    if args.model != "smollm2" or args.gguf_file:
+        raise SystemExit("sqcompile eval --protocol short runs on SmolLM2 only; --model needs --protocol decode")
     rows = default_rows(budgets)
     if args.only:
         keep = [s.strip().lower() for s in args.only.split(",")]
@@ -211,7 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure per-layer K/V sensitivity on this many tokens (0: off; minutes on a CPU)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("eval", help="KV compression quality on SmolLM2-135M (perplexity, attention error)")
+    p = sub.add_parser("eval", help="KV compression quality: perplexity decoded token by token through the real "
+                                     "cache (--protocol decode), or the simulated 64-token-chunk table (short)")
+    p.add_argument("--protocol", choices=("decode", "short"), default="decode",
+                   help="decode: the last --scored tokens of a --context window scored one token at a time through "
+                        "SpectralCache; short: SmolLM2, --eval-tokens in chunks of 64 through the simulated codec")
+    p.add_argument("--context", type=int, default=2048, help="decode: context tokens C (the first C - scored prefilled)")
+    p.add_argument("--scored", type=int, default=512, help="decode: tokens scored one at a time")
+    p.add_argument("--model", default="smollm2", help="decode: 'smollm2', a local HF model directory or a .gguf file")
+    p.add_argument("--gguf-file", default=None, help="decode: the GGUF file inside --model's directory")
+    p.add_argument("--layouts", default="fast,planes", help="decode: comma-separated SpectralCache layouts")
+    p.add_argument("--window", type=int, default=32,
+                   help="decode: also the fast layout at 2.75 bits with this many recent tokens exact (0: no such row)")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode: prepend the BOS token (default: when the tokenizer does)")
     p.add_argument("--calibration-text", default="britannica")
     p.add_argument("--eval-text", default="hamlet")
     p.add_argument("--eval-tokens", type=int, default=1024)

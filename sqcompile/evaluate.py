@@ -567,6 +567,273 @@ def teacher_forced_picks(step, ids: Tensor, mask: Tensor, continuation: Tensor, 
     return teacher_forced_logits(step, ids, mask, continuation, cache).argmax(-1)
 
 
+# --- the decode quality protocol (issue #17) ----------------------------------------------------------
+DECODE_CONTEXT = 2048
+DECODE_SCORED = 512
+DECODE_PREFILL_CHUNK = 256
+
+
+@dataclass
+class DecodeRowSpec:
+    """One cache to score on the decode protocol: FP16 when `bits` is None, else `SpectralCache(layout, bits,
+    **cache_kwargs)` (cache_kwargs: SpectralCache / build_codec keywords, e.g. recent_window or key_weight)."""
+
+    name: str
+    layout: Optional[str] = None
+    bits: Optional[float] = None
+    cache_kwargs: dict = field(default_factory=dict)
+
+
+def default_decode_rows(budgets: Sequence[float] = (4.25, 3.25, 2.69),
+                        layouts: Sequence[str] = ("fast", "planes"), window: int = 32,
+                        window_bits: float = 2.75) -> list[DecodeRowSpec]:
+    """FP16, then every layout at every budget (SpectralCache's defaults otherwise), then (window > 0, with "fast"
+    among the layouts) the fast layout at `window_bits` with the last `window` tokens exact (`recent_window`)."""
+    rows = [DecodeRowSpec("FP16")]
+    for b in budgets:
+        rows += [DecodeRowSpec(f"{layout} {b:g} bits", layout, float(b)) for layout in layouts]
+    if window and "fast" in layouts:
+        rows.append(DecodeRowSpec(f"fast {window_bits:g} bits + recent window {window}", "fast", float(window_bits),
+                                  {"recent_window": int(window)}))
+    return rows
+
+
+@dataclass
+class DecodeRowResult:
+    name: str
+    layout: Optional[str]
+    target_bits: Optional[float]
+    ppl: float = float("nan")  # token by token
+    dppl_pct: float = 0.0
+    ppl_chunked: float = float("nan")  # the same tokens scored in chunks of 64 (exact_new: a free recent window)
+    dppl_chunked_pct: float = 0.0
+    sequence_bytes: int = 0  # every byte the cache allocates per sequence for the context (all layers)
+    constant_bytes: int = 0  # per-model constants (bases, means, codebooks), apart
+    fp16_bytes: int = 0
+    compression: float = 1.0  # fp16_bytes / sequence_bytes
+    seconds: float = 0.0
+    error: Optional[str] = None
+
+
+def fp16_cache(config):
+    """A DynamicCache storing K/V rounded to fp16 (the decode protocol's baseline)."""
+    from transformers import DynamicCache
+
+    class FP16KVCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(key_states.half().to(key_states.dtype), value_states.half().to(value_states.dtype),
+                                  layer_idx, *args, **kwargs)
+
+    return FP16KVCache(config=config)
+
+
+def fp16_kv_bytes(config, tokens: int) -> int:
+    """Bytes an FP16 cache holds for `tokens` tokens of one sequence: K and V, every layer and kv-head."""
+    from .profile import model_fingerprint
+
+    fp = model_fingerprint(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config)
+    return 2 * fp["num_layers"] * fp["num_kv_heads"] * fp["head_dim"] * tokens * 2
+
+
+@torch.no_grad()
+def _decode_nll(model, ids: Tensor, cache, scored: int, prefill_chunk: int, score_chunk: int = 1) -> tuple[float, int]:
+    """Sum of the next-token NLL of the last `scored` tokens of `ids` [S] and their count: the first S - scored
+    tokens are prefilled through `cache` in chunks of `prefill_chunk` (each write compressed), then the scored
+    tokens are fed `score_chunk` at a time (1: as decode does, every token reads the cache of all before it)."""
+    kwarg = cache_kwarg(model)
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    S = ids.numel()
+    prefix = S - scored
+    last = None
+    for start in range(0, prefix, prefill_chunk):
+        out = model(input_ids=ids[None, start:min(prefix, start + prefill_chunk)], use_cache=True, **{kwarg: cache})
+        last = out.logits[0, -1].float()
+    nll, count = 0.0, 0
+    if last is not None:  # the prefill's last position predicts the first scored token
+        nll += F.cross_entropy(last[None], ids[prefix:prefix + 1], reduction="sum").item()
+        count += 1
+    start = prefix
+    while start < S - 1:  # feed ids[start:stop], scoring ids[start + 1:stop + 1]
+        stop = min(S - 1, start + score_chunk)
+        out = model(input_ids=ids[None, start:stop], use_cache=True, **{kwarg: cache})
+        nll += F.cross_entropy(out.logits[0].float(), ids[start + 1:stop + 1], reduction="sum").item()
+        count += stop - start
+        start = stop
+    return nll, count
+
+
+def decode_perplexity(model, ids: Tensor, make_cache: Callable[[], Any], scored: int = DECODE_SCORED,
+                      prefill_chunk: int = DECODE_PREFILL_CHUNK, score_chunk: int = 1) -> float:
+    """Perplexity of the last `scored` tokens of `ids` [C] under the decode protocol (`_decode_nll`), with a fresh
+    cache from `make_cache()`."""
+    if not 1 <= scored < ids.numel():
+        raise ValueError(f"scored must be in 1..{ids.numel() - 1} (the context has {ids.numel()} tokens), got {scored}")
+    nll, count = _decode_nll(model, ids, make_cache(), scored, prefill_chunk, score_chunk)
+    return math.exp(nll / count)
+
+
+def evaluate_decode(model, profile, ids: Tensor, rows: Optional[Sequence[DecodeRowSpec]] = None,
+                    scored: int = DECODE_SCORED, prefill_chunk: int = DECODE_PREFILL_CHUNK,
+                    chunked: Optional[int] = EVAL_CHUNK, progress: bool = True) -> list[DecodeRowResult]:
+    """The decode quality protocol on the context `ids` [C] (1-D): per row, prefill the first C - `scored` tokens
+    through the row's real cache in chunks of `prefill_chunk`, then score the last `scored` tokens one token at a
+    time (what decode sees: the compressed cache of everything before, the exact slots, the current token's own
+    exact K/V). `chunked` (64; None: off) also scores the same tokens in chunks of that many after the same
+    prefill, the short protocol, where every token reads up to chunked - 1 predecessors exact. dPPL against the
+    FP16 row (else the first row); compression = FP16 KV bytes of C tokens / `SpectralCache.sequence_nbytes`."""
+    from tqdm.auto import tqdm
+
+    from .cache import SpectralCache
+
+    rows = list(rows) if rows is not None else default_decode_rows()
+    C = ids.numel()
+    fp16_bytes = fp16_kv_bytes(model.config, C)
+    results: list[DecodeRowResult] = []
+    for spec in tqdm(rows, desc="decode rows", disable=not progress):
+        t0 = time.monotonic()
+        res = DecodeRowResult(spec.name, spec.layout, spec.bits, fp16_bytes=fp16_bytes)
+        try:
+            if spec.bits is None:
+                make = lambda: fp16_cache(model.config)
+                res.sequence_bytes = fp16_bytes
+            else:
+                kw = dict(spec.cache_kwargs)
+                if spec.layout is not None:
+                    kw["layout"] = spec.layout
+                make = lambda kw=kw, b=spec.bits: SpectralCache(model, profile, bits=b, max_cache_len=C, read_copy=True, **kw)
+                cache = make()
+                model(input_ids=ids[None, :1].to(next(model.parameters()).device), use_cache=True,
+                      **{cache_kwarg(model): cache})  # allocates every layer: the bytes counted are the real ones
+                res.sequence_bytes, res.constant_bytes = cache.sequence_nbytes, cache.constant_nbytes
+                del cache
+            res.compression = fp16_bytes / res.sequence_bytes
+            res.ppl = decode_perplexity(model, ids, make, scored, prefill_chunk, 1)
+            if chunked:
+                res.ppl_chunked = decode_perplexity(model, ids, make, scored, prefill_chunk, chunked)
+        except Exception as e:  # a row that cannot be built is reported, not fatal
+            log.exception("decode row %s failed", spec)
+            res.error = f"{type(e).__name__}: {e}"
+        res.seconds = round(time.monotonic() - t0, 1)
+        results.append(res)
+    base = next((r for r in results if r.layout is None and r.target_bits is None and r.error is None),
+                next((r for r in results if r.error is None), None))
+    for r in results:
+        if r.error is None and base is not None:
+            r.dppl_pct = 100.0 * (r.ppl / base.ppl - 1.0)
+            r.dppl_chunked_pct = 100.0 * (r.ppl_chunked / base.ppl_chunked - 1.0) if chunked else float("nan")
+    return results
+
+
+def decode_markdown(results: Sequence[DecodeRowResult]) -> str:
+    """The decode protocol's table: one row per cache, token-by-token and 64-token-chunk columns."""
+    lines = ["| row | target bits | ratio vs FP16 (all per-sequence bytes) | PPL token by token | dPPL % | "
+             "PPL chunks of 64 | dPPL % (chunks) | per-sequence bytes | constants bytes | s |",
+             "|" + "---|" * 10]
+    for r in results:
+        if r.error:
+            lines.append(f"| {r.name} | {_fmt(r.target_bits)} | | error: {r.error[:100]} | | | | | | |")
+            continue
+        lines.append(f"| {r.name} | {_fmt(r.target_bits)} | {r.compression:.2f}x | {r.ppl:.3f} | {r.dppl_pct:+.2f} | "
+                     f"{r.ppl_chunked:.3f} | {r.dppl_chunked_pct:+.2f} | {r.sequence_bytes} | {r.constant_bytes} | "
+                     f"{r.seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def decode_context(tokenizer, text: str, context: int, offset: int = 0, bos: bool = False) -> Tensor:
+    """The C-token window [offset, offset + context) of `text` (1-D ids); `bos`: the tokenizer's BOS id first
+    (models whose perplexity needs it, e.g. Gemma-3). Raises when the text is too short."""
+    from .hf import tokenize
+
+    ids = tokenize(tokenizer, text)
+    if bos:
+        if tokenizer.bos_token_id is None:
+            raise ValueError("bos=True but the tokenizer has no bos_token_id")
+        ids = torch.cat([torch.tensor([tokenizer.bos_token_id]), ids])
+    window = ids[offset:offset + context]
+    if window.numel() < context:
+        raise ValueError(f"the evaluation text has {ids.numel()} tokens; a {context}-token context from offset "
+                         f"{offset} needs {offset + context}")
+    return window
+
+
+def load_model(name: str = "smollm2", gguf_file: Optional[str] = None):
+    """(model, tokenizer) in eval mode, float32: "smollm2" (`hf.load_smollm2`), a local transformers model
+    directory, or a directory holding `gguf_file` (dequantized by transformers' GGUF reader). Never downloads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct") and gguf_file is None:
+        from .hf import load_smollm2
+
+        return load_smollm2()
+    path = Path(name)
+    if path.is_file() and path.suffix == ".gguf" and gguf_file is None:
+        path, gguf_file = path.parent, path.name
+    if not path.is_dir():
+        raise ValueError(f"--model must be 'smollm2', a local model directory or a .gguf file; {name!r} is none of "
+                         "them (this tool never downloads from a model hub)")
+    kw = dict(local_files_only=True)
+    if gguf_file is not None:
+        if not (path / gguf_file).is_file():
+            raise ValueError(f"--gguf-file {gguf_file!r} is not a file in {path}")
+        kw["gguf_file"] = gguf_file
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kw).eval()
+    return model, AutoTokenizer.from_pretrained(str(path), **kw)
+
+
+def _wants_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself starts an encoded text with its BOS token (Gemma-3 does; SmolLM2 does not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def run_decode_eval(model: str = "smollm2", gguf_file: Optional[str] = None, context: int = DECODE_CONTEXT,
+                    scored: int = DECODE_SCORED, calibration_text: str = "britannica", eval_text: str = "hamlet",
+                    eval_offset: int = 0, profile_path: Optional[str] = None,
+                    rows: Optional[Sequence[DecodeRowSpec]] = None, bos: Optional[bool] = None,
+                    chunked: Optional[int] = EVAL_CHUNK, out_dir: Optional[str] = None,
+                    progress: bool = True) -> tuple[list[DecodeRowResult], dict]:
+    """`sqcompile eval --context C`: load the model, calibrate as a user would (`calibrate(model, texts,
+    tokenizer=tok)`, its defaults; or load `profile_path`), take the C-token window of the held-out text, run
+    `evaluate_decode`, write eval-decode.md/json to `out_dir`. `bos` None: prepend BOS when the tokenizer does."""
+    from .calibrate import calibrate
+    from .hf import load_text
+    from .profile import SpectralProfile, model_fingerprint
+
+    torch.manual_seed(0)
+    net, tokenizer = load_model(model, gguf_file)
+    if profile_path and Path(profile_path).is_file():
+        profile = SpectralProfile.load(profile_path)
+        profile.check_matches(model_fingerprint(net.config))
+    else:
+        profile = calibrate(net, load_text(calibration_text, prefer_shared=True), tokenizer=tokenizer,
+                            progress=progress)
+        profile.meta["texts"] = [calibration_text]
+        if profile_path:
+            profile.save(profile_path)
+    bos = _wants_bos(tokenizer) if bos is None else bos
+    ids = decode_context(tokenizer, load_text(eval_text, prefer_shared=True), context, eval_offset, bos=bos)
+    t0 = time.monotonic()
+    results = evaluate_decode(net, profile, ids, rows=rows, scored=scored, chunked=chunked, progress=progress)
+    info = {"model": model + (f" ({gguf_file})" if gguf_file else ""),
+            "calibration": f"{calibration_text}, {profile.tokens} tokens, calibrate() defaults "
+                           f"(stopped by {profile.meta.get('stopped_by', '?')})",
+            "protocol": f"{eval_text} tokens [{eval_offset}, {eval_offset + context}){' after BOS' if bos else ''}: "
+                        f"{context - scored} prefilled in chunks of {DECODE_PREFILL_CHUNK}, the last {scored} scored "
+                        f"one token at a time" + (f" (and in chunks of {chunked})" if chunked else ""),
+            "ratio": "FP16 K/V bytes of the context / every per-sequence byte the cache allocates for it",
+            "device": "CPU", "torch": torch.__version__, "eval_seconds": round(time.monotonic() - t0, 1)}
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        header = "\n".join(f"- {k}: {v}" for k, v in info.items())
+        (out / "eval-decode.md").write_text(f"{header}\n\n{decode_markdown(results)}\n")
+        (out / "eval-decode.json").write_text(json.dumps({"info": info, "rows": [asdict(r) for r in results]},
+                                                         indent=2, default=str))
+    return results, info
+
+
 __all__ = ["RowSpec", "RowResult", "default_rows", "evaluate", "run_row", "run_eval", "to_markdown",
            "write_results", "left_padded", "teacher_forced_logits", "teacher_forced_picks", "generated_positions",
-           "agreement"]
+           "agreement", "DecodeRowSpec", "DecodeRowResult", "default_decode_rows", "evaluate_decode",
+           "decode_perplexity", "decode_markdown", "decode_context", "run_decode_eval", "load_model"]
