@@ -19,8 +19,8 @@ the compressed one). `--unpadded` also runs every prompt alone (batch 1, no padd
 first token) against the same FP32 continuation of the padded batch, over the same positions; the KL there is
 against the unpadded FP32 run. It first checks the unpadded FP32 greedy continuations against the padded ones.
 Every run passes RoPE positions counted from each row's first real token, as generate() does
-(`sqcompile.evaluate.teacher_forced_logits`; before the sixth session the harness passed none, so a padded row's
-keys were rotated `pad` positions later than in generate(): the rows measured then differ from these).
+(`sqcompile.evaluate.teacher_forced_logits`; without them a padded row's keys would be rotated `pad` positions later
+than in generate()).
 
     python benchmarks/agreement_diagnosis.py --bits 4.25 3.25      # ~2 min on 2 cores
     python benchmarks/agreement_diagnosis.py --sensitivity-tokens 512   # + ~1.5 min
@@ -60,8 +60,8 @@ FEATURES = {
     "position-0 K/V + newest token K/V exact": {"pos0", "newest"},
     "position-0 K/V + prefill K/V exact": {"pos0", "prefill"},
     "position-0 K/V + prefill K/V + newest token K/V exact": {"pos0", "prefill", "newest"},
-    # SpectralCache's own options, no simulated part. Seventh session: the sink and the new tokens (its defaults
-    # then, outlier_tokens=0 now), and each alone; eighth session: the defaults with the outlier slots, and counts
+    # SpectralCache's own options, no simulated part: the sink and the new tokens exact (outlier_tokens=0; the row's
+    # name is kept as a selector), each alone, the defaults (4 outlier slots), and other outlier counts
     "SpectralCache defaults (exact sink + exact new tokens)": {"cache:sink+new"},
     "SpectralCache exact sink only": {"cache:sink"},
     "SpectralCache exact new tokens only": {"cache:new"},

@@ -33,7 +33,7 @@ from sqcompile.kernels._bitplanes import PackedLayout, kernel_args
 from sqcompile.quant import packing
 from sqcompile.quant.codec import build_codec
 
-VARIANTS = {  # name -> decode_attention_triton keyword arguments (run 2 on an H200: see RESULTS)
+VARIANTS = {  # name -> decode_attention_triton keyword arguments (tuned on an H200; BENCHMARKS.md)
     "bn64_l1_w4": dict(block_n=64, unpack=1, lookup=1, num_warps=4, num_stages=2),
     "bn32_l1_w4_sp16": dict(block_n=32, unpack=1, lookup=1, num_warps=4, num_stages=2, num_splits=16),
     "bn64_l1_w4_r128": dict(block_n=64, unpack=1, lookup=1, num_warps=4, num_stages=2, maxnreg=128),

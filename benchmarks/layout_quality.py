@@ -22,6 +22,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
+def turboquant_codec(config, bits: float, **codec_kwargs):
+    """The data-oblivious TurboQuant codec sized for `config`: head_dim is `config.head_dim` where the model sets
+    it (Gemma-3: 256, not hidden_size / heads = 160), the profile's fingerprint rule."""
+    from sqcompile.profile import model_fingerprint
+    from sqcompile.quant import build_codec
+
+    fp = model_fingerprint(config)
+    return build_codec(None, bits=bits, num_layers=fp["num_layers"], num_kv_heads=fp["num_kv_heads"],
+                       head_dim=fp["head_dim"], **codec_kwargs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", type=float, nargs="+", default=[4.25, 3.25, 2.69])
@@ -71,9 +82,7 @@ def main() -> None:
     for bits in args.bits:
         rows.append(row("spectralquant planes", bits, build_codec(profile, bits=bits)))
         rows.append(row("spectralquant fast", bits, build_codec(profile, bits=bits, layout="fast")))
-        rows.append(row("turboquant fast", bits, build_codec(
-            None, bits=bits, num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
-            head_dim=cfg.hidden_size // cfg.num_attention_heads, layout="fast")))
+        rows.append(row("turboquant fast", bits, turboquant_codec(cfg, bits, layout="fast")))
     Path(args.out).write_text(json.dumps(rows, indent=1))
     print("\n| row | bits/elem | dPPL | teacher-forced agreement |\n|---|---|---|---|")
     for r in rows:

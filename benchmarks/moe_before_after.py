@@ -2,7 +2,7 @@
 under torch.compile (Inductor), optionally next to HF's MoE block under Inductor.
 
 Every row is first checked (the current op against `fused_moe_reference`, the other version against the current
-op), then all rows are timed in interleaved rounds (clock drift under sustained load hits every row alike; the
+op), then all rows are timed in interleaved repeats (clock drift under sustained load hits every row alike; the
 median per row is reported), then each row's kernels are profiled once. Inputs and shapes as in moe_tune.py.
 
     git show HEAD:sqcompile/kernels/fused_moe.py > /tmp/fused_moe_before.py
@@ -10,7 +10,7 @@ median per row is reported), then each row's kernels are profiled once. Inputs a
 
 --variants adds compiled rows of the current op with some `_config` fields changed; --energy SECONDS runs every
 compiled row back to back that long (interleaved, twice) and reads NVML's energy counter: us and mJ per call at the
-power cap, the regime a long prefill runs in (BENCHMARKS.md, eighth session).
+power cap, the regime a long prefill runs in (BENCHMARKS.md, "Fused MoE").
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def parse_variants(text: str) -> dict:
     return variants
 
 
-def case(name: str, tokens: int, before, rounds: int, compiled: bool, hf: bool, grouped_mm: bool = False,
+def case(name: str, tokens: int, before, repeats: int, compiled: bool, hf: bool, grouped_mm: bool = False,
          variants: dict | None = None, energy_s: float = 0.0) -> dict:
     shape = SHAPES[name]
     k, renormalize = shape["top_k"], shape["renormalize"]
@@ -77,11 +77,11 @@ def case(name: str, tokens: int, before, rounds: int, compiled: bool, hf: bool, 
                                                             / ref.norm())
         print(f"  torch_grouped_mm vs reference {checks['torch_grouped_mm_vs_reference']:.3g}", flush=True)
     with torch.no_grad():
-        rows = interleaved_medians(fns, rounds)
+        rows = interleaved_medians(fns, repeats)
     for row, r in rows.items():
-        print(f"  {row:16s} {r['us']:9.1f} us (min {min(r['us_rounds']):.1f} max {max(r['us_rounds']):.1f})  "
+        print(f"  {row:16s} {r['us']:9.1f} us (min {min(r['us_repeats']):.1f} max {max(r['us_repeats']):.1f})  "
               f"{r['kernels_us']}", flush=True)
-    result = {"shape": name, "tokens": tokens, "rounds": rounds, "checks": checks, "rows": rows}
+    result = {"shape": name, "tokens": tokens, "repeats": repeats, "checks": checks, "rows": rows}
     if energy_s > 0:  # the compiled rows back to back at the power cap: time and energy per call
         with torch.no_grad():
             result["sustained"] = sustained({row: fn for row, fn in fns.items()
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--before", required=True, help="the other fused_moe.py")
     ap.add_argument("--shapes", default="mixtral")
     ap.add_argument("--tokens", default="4096")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--no-compile", action="store_true", help="eager rows only")
     ap.add_argument("--hf", action="store_true", help="also HF's block under torch.compile")
     ap.add_argument("--grouped-mm", action="store_true", help="also benchmarks/moe.py's torch._grouped_mm row")
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": []}
     for name in args.shapes.split(","):
         for tokens in (int(t) for t in args.tokens.split(",")):
-            results["cases"].append(case(name, tokens, before, args.rounds, not args.no_compile, args.hf,
+            results["cases"].append(case(name, tokens, before, args.repeat, not args.no_compile, args.hf,
                                          args.grouped_mm, parse_variants(args.variants), args.energy))
             with open(args.out, "w") as f:  # partial results survive a cut-off run
                 json.dump(results, f, indent=1)

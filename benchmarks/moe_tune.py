@@ -162,16 +162,16 @@ class Energy:
         return value.value if self._lib.nvmlDeviceGetClockInfo(self._handle, 1, self._c.byref(value)) == 0 else None
 
 
-def sustained(fns: dict, seconds: float, rounds: int = 2) -> dict:
+def sustained(fns: dict, seconds: float, repeats: int = 2) -> dict:
     """Each fn back to back for `seconds` (the GPU at its power cap, as in a long prefill), rows interleaved over
-    `rounds` rounds (order reversed every other round): per row the median us per call, mJ per call from the energy
+    `repeats` repeats (order reversed every other repeat): per row the median us per call, mJ per call from the energy
     counter, mean watts and the SM clock at the end. Empty where NVML is not available."""
     meter = Energy()
     if not meter.available:
         return {}
     out = {name: [] for name in fns}
     names = list(fns)
-    for r in range(rounds):
+    for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
             fn = fns[name]
             fn()
@@ -212,26 +212,26 @@ def compiled_with(cfg: dict, tag: str, x, logits, w1, w2, k: int, renormalize: b
     return lambda: c(x, logits)
 
 
-def interleaved_medians(fns: dict, rounds: int, top: int = 8, profile: bool = True) -> dict:
-    """Time every fn of `fns` in `rounds` interleaved rounds (clock drift under sustained load hits every row alike):
-    per name the median us, each round's us, and the `top` longest kernels' device times (`kernel_us`)."""
+def interleaved_medians(fns: dict, repeats: int, top: int = 8, profile: bool = True) -> dict:
+    """Time every fn of `fns` in `repeats` interleaved repeats (clock drift under sustained load hits every row alike):
+    per name the median us, each repeat's us, and the `top` longest kernels' device times (`kernel_us`)."""
     times = {name: [] for name in fns}
-    for _ in range(rounds):
+    for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(bench(fn))
     rows = {}
     for name, fn in fns.items():
         t = sorted(times[name])
-        rows[name] = {"us": float(t[len(t) // 2]), "us_rounds": [round(v, 1) for v in times[name]],
+        rows[name] = {"us": float(t[len(t) // 2]), "us_repeats": [round(v, 1) for v in times[name]],
                       "kernels_us": kernel_us(fn, top=top) if profile else {}}
     return rows
 
 
-def candidates(shape: dict, tokens: int, dtype, device, cands: list, dense_reference: bool, rounds: int = 1,
+def candidates(shape: dict, tokens: int, dtype, device, cands: list, dense_reference: bool, repeats: int = 1,
                before=None) -> dict:
     """A fixed list of candidates, each `{"name": ..., "config": {...}}` applied over `_config`'s choice.
 
-    Each is checked against the baseline output first; then all are timed in `rounds` interleaved rounds (so that
+    Each is checked against the baseline output first; then all are timed in `repeats` interleaved repeats (so that
     clock drift under sustained load hits every candidate alike) and the median per candidate is reported, with
     its longest kernels' times from the profiler. `before`: a `load_before` module, timed as the row "before".
     With dense_reference also the two GEMMs as dense cuBLAS bmm with the same rows per expert."""
@@ -271,11 +271,11 @@ def candidates(shape: dict, tokens: int, dtype, device, cands: list, dense_refer
             print(f"  {name:24s} {rows[name]['error']}", flush=True)
     if "before" in fns:
         rows["before"]["rel_err"] = float((fns["before"]().float() - ref).norm() / ref.norm().clamp_min(1e-30))
-    for name, timed in interleaved_medians(fns, rounds, profile=device == "cuda").items():
+    for name, timed in interleaved_medians(fns, repeats, profile=device == "cuda").items():
         rows[name].update(timed)
-        print(f"  {name:24s} {timed['us']:9.1f} us  (min {min(timed['us_rounds']):.1f} max {max(timed['us_rounds']):.1f}) "
+        print(f"  {name:24s} {timed['us']:9.1f} us  (min {min(timed['us_repeats']):.1f} max {max(timed['us_repeats']):.1f}) "
               f"err {rows[name].get('rel_err', float('nan')):.1e}  {timed['kernels_us']}", flush=True)
-    result = {"tokens": tokens, "rounds": rounds, "rows": list(rows.values())}
+    result = {"tokens": tokens, "repeats": repeats, "rows": list(rows.values())}
     if dense_reference and device == "cuda":
         rows_per_expert = tokens * k // E
         a = torch.randn(E, rows_per_expert, H, device=device, dtype=dtype)
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     ap.add_argument("--down", default="", help="down candidates 'BN,BK,warps,stages;...' (default: DOWN)")
     ap.add_argument("--groups", default="", help="GROUP_M candidates 'a,b,...' (default: GROUPS)")
     ap.add_argument("--candidates", default="", help="JSON list of {name, config}: time these instead of the sweep")
-    ap.add_argument("--rounds", type=int, default=1, help="with --candidates: interleaved timing rounds")
+    ap.add_argument("--repeat", type=int, default=1, help="with --candidates: interleaved timing repeats")
     ap.add_argument("--before", default="", help="with --candidates: another fused_moe.py to time as 'before'")
     ap.add_argument("--dense-reference", action="store_true", help="with --candidates: also time dense cuBLAS bmm")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape, fp32, TRITON_INTERPRET=1 required")
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
             for t in tokens:
                 print(f"{name} T={t}", flush=True)
                 results["cases"][f"{name}/{t}"] = candidates(SHAPES[name], t, dtype, device, cands,
-                                                             args.dense_reference, args.rounds, before)
+                                                             args.dense_reference, args.repeat, before)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
         return 0

@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sqcompile
+from sqcompile.calibrate import cache_kwarg
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--context", type=int, default=65536)
@@ -22,17 +23,18 @@ with torch.device("cuda"):
     model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
 opt = sqcompile.optimize(model, bits=args.bits, max_cache_len=args.context + 64)
 cache = opt.cache()
+kv = {cache_kwarg(model): cache}  # `cache=` from transformers 5.25 on, `past_key_values=` before
 prompt = torch.randint(0, 1000, (1, args.context), device="cuda")
 t0 = time.time()
 with torch.no_grad():
     for i in range(0, args.context, 4096):  # chunked prefill into the compressed cache
-        model(input_ids=prompt[:, i:i + 4096], past_key_values=cache, use_cache=True)
+        model(input_ids=prompt[:, i:i + 4096], use_cache=True, **kv)
     torch.cuda.synchronize()
     prefill = time.time() - t0
     x = prompt[:, -1:]
     t0 = time.time()
     for _ in range(32):
-        x = model(input_ids=x, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        x = model(input_ids=x, use_cache=True, **kv).logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
 fp16 = cfg.num_hidden_layers * 8 * 128 * 2 * 2 * (args.context + 64)
 print(f"context {args.context}: KV {cache.nbytes / 2**30:.2f} GiB (FP16 would be {fp16 / 2**30:.2f} GiB, "

@@ -117,6 +117,8 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
                 except ValueError as e:
                     site.leave(str(e))
     transform = _transform_for(opts) if any(not s.nodes.get("spectral") for s in sites) else None
+    if transform is not None and transform.profile is not None:
+        check_profile(gm, sites, transform.profile)  # one error, before any rewrite, on a profile/model mismatch
     for site in sites:
         if site.reason is not None:
             continue
@@ -147,6 +149,8 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
                     s.leave("MoE substitution is off (options['moe'] = False)")
     all_sites = sites + moe_sites
     _check_consistent(scope, sites)
+    if any(s.rewritten and not s.nodes.get("spectral") for s in sites):
+        check_recompile_headroom(gm)
     _inline_fast_cache_ops(gm)
     for s in all_sites:
         if s.reason is not None:
@@ -154,6 +158,85 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
     gm.graph.lint()
     gm.recompile()
     return all_sites
+
+
+def decoder_depth(gm: fx.GraphModule, sites: list[Site]) -> Optional[int]:
+    """The number of decoder layers when `gm` provably holds the whole stack, else None.
+
+    Proof: the attention sites' layers (read from the weights' module paths) are exactly 0..n-1, a parameter
+    outside every layer (the token embedding) is read before the first site's attention and another (the final
+    norm or the LM head) after the last one's output. A graph cut by a graph break inside the stack lacks one of
+    the two ends; a graph of one layer called alone has neither.
+    """
+    from .passes.detect_moe import _LAYER_RE
+
+    named = [s for s in sites if s.kind == "attention" and not s.nodes.get("layer_from_order")
+             and isinstance(s.nodes.get("attn"), fx.Node) and isinstance(s.nodes.get("out"), fx.Node)]
+    layers = sorted({s.layer for s in named})
+    if not layers or layers != list(range(len(layers))):
+        return None
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first = min(order[s.nodes["attn"]] for s in named)
+    last = max(order[s.nodes["out"]] for s in named)
+    outside = [n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr") and "parameters" in n.name
+               and not _LAYER_RE.search(n.name)]
+    uses = [order[u] for n in outside for u in n.users]
+    if any(i < first for i in uses) and any(i > last for i in uses):
+        return len(layers)
+    return None
+
+
+def check_profile(gm: fx.GraphModule, sites: list[Site], profile: Any) -> None:
+    """A profile that does not fit the model is one ValueError, raised when the first graph compiles (the first
+    call), with `SpectralCache`'s wording for the layer count.
+
+    A site past the profile's last layer is always caught; a profile with MORE layers than the model is caught
+    where the graph provably holds the whole decoder stack (`decoder_depth`), which is the case for a model
+    compiled without graph breaks. Head counts and sizes are checked per site (`KVTransform.check_site`).
+    """
+    profile_layers = int(profile.key_mean.shape[0])
+    depth = decoder_depth(gm, sites)
+    if depth is not None and depth != profile_layers:
+        profile.check_matches({"num_layers": depth})  # raises with SpectralCache's message
+        raise ValueError(f"SpectralProfile does not match the model: num_layers: profile has {profile_layers}, "
+                         f"model has {depth}")
+    rewritable = [s for s in sites if s.kind == "attention" and s.reason is None and not s.nodes.get("spectral")]
+    beyond = [s.layer for s in rewritable if s.layer >= profile_layers]
+    if beyond:
+        raise ValueError(f"SpectralProfile does not match the model: num_layers: profile has {profile_layers}, "
+                         f"model has at least {max(beyond) + 1} (an attention site at layer {max(beyond)})")
+    _, p_heads, p_dim = (int(v) for v in profile.key_mean.shape)
+    for s in rewritable:
+        problems = [f"{name}: profile has {p}, model has {m}"
+                    for name, p, m in (("num_kv_heads", p_heads, s.kv_heads), ("head_dim", p_dim, s.head_dim)) if p != m]
+        if problems:
+            raise ValueError("SpectralProfile does not match the model: " + "; ".join(problems) +
+                             f" (attention at layer {s.layer})")
+
+
+def check_recompile_headroom(gm: fx.GraphModule) -> None:
+    """Raise when this is the last compile dynamo allows the frame and the graph writes a rotated KV cache.
+
+    Past `torch._dynamo.config.recompile_limit` dynamo runs the frame eagerly: the model's own attention would then
+    read keys this backend stored rotated with unrotated queries, and values unrotated through an `o_proj` that
+    was not folded, a silently wrong answer. Dynamo offers no hook at that fallback, so the frame's last allowed
+    compile is refused instead, with the cause and the fix.
+    """
+    import torch._dynamo.config as dynamo_config
+    from torch._guards import CompileContext
+
+    limit = getattr(dynamo_config, "recompile_limit", None) or getattr(dynamo_config, "cache_size_limit", None)
+    compile_id = CompileContext.current_compile_id()
+    index = getattr(compile_id, "frame_compile_id", None)
+    if not isinstance(limit, int) or index is None or index + 1 < limit:
+        return
+    raise RuntimeError(
+        f"sqcompile: this frame is being compiled for the {index + 1}th time, dynamo's recompile_limit ({limit}). "
+        "At the next recompile dynamo would run the frame eagerly, and the model's attention would read the KV cache "
+        "this backend wrote rotated with unrotated queries (a silently wrong answer), so sqcompile stops here. "
+        "Fix: raise torch._dynamo.config.recompile_limit, or remove the recompiles (TORCH_LOGS=recompiles shows "
+        "them; a StaticCache or torch.compile(..., dynamic=True) avoids the usual ones), or use sqcompile.optimize, "
+        "whose SpectralCache reads correctly in eager too.")
 
 
 def _inline_fast_cache_ops(gm: fx.GraphModule) -> None:
@@ -192,30 +275,7 @@ def spectralquant(gm: fx.GraphModule, example_inputs: list, options: Any = None,
         # PyTorch fallback segments. Never run on hardware (no SM100 GPU here): see README.
         from torch._dynamo.backends.registry import lookup_backend
 
-        register_constants(gm)
         return lookup_backend("torch_tensorrt")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    register_constants(gm)
     return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True} if opts.cudagraphs else None)
-
-
-def register_constants(gm: fx.GraphModule) -> None:
-    """Make the rewritten weights the passes attached to `gm` buffers with a source AOTAutograd accepts.
-
-    Inductor's AOT front end lifts a dynamo graph's parameters and buffers as inputs and wants a dynamo source
-    for each; a plain tensor attribute would reach fake tracing as a real tensor. A `ConstantSource` per
-    buffer names it (these weights are owned by the compiled graph, not by the user's module).
-    """
-    from torch._dynamo.source import ConstantSource
-
-    names = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("sq_")]
-    if not names:
-        return
-    sources = getattr(gm, "_param_name_to_source", None)
-    for name in names:
-        value = getattr(gm, name)
-        delattr(gm, name)
-        gm.register_buffer(name, value)
-        if sources is not None:
-            sources[name] = ConstantSource(f"sqcompile_{name}")

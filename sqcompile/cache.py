@@ -12,11 +12,11 @@ v_proj/o_proj, so the compiled model never materialises FP16 K/V for the cache.
 The sink token (the first token of each sequence: RoPE position 0, told by the `position_ids` transformers
 passes to `update()`, else cache position 0) is also kept exact beside the codes, in float32 (`keep_sink`,
 `sqcompile.kernels.sink`): every read uses that copy instead of its codes. An update's new tokens attend to their
-own exact K/V (`exact_new`): a prompt to itself (issue #4's "prefill: attention over the fresh full-precision K/V"),
+own exact K/V (`exact_new`): a prompt to itself (prefill attends to its fresh full-precision K/V),
 a decode step to its own token; every later step reads them from the codes. `outlier_tokens` (default 4) more
 tokens per row stay exact the same way: those whose keys lie farthest from the calibrated key mean so far. On
 SmolLM2-135M at 3.76x the KL of the next-token distribution to FP32's falls from 0.044 (codes only) to 0.017 (sink and
-new tokens) to 0.0096 (and the outliers), and the teacher-forced agreement rises to 92.5% (BENCHMARKS.md, issue #6).
+new tokens) to 0.0096 (and the outliers), and the teacher-forced agreement rises to 92.5% (BENCHMARKS.md, "Quality").
 
 Writing past `max_cache_len` is an error that names the capacity (checked on the host in eager mode, by an
 async assert inside compiled graphs), never a silent wrap.
@@ -199,7 +199,7 @@ class SpectralLayer(StaticLayer):
 
     def _from_store(self, k_store: torch.Tensor, v_store_hat: torch.Tensor, fresh=None):
         """The model-basis K/V attention reads: the dequantized cache, the exact sink over its row, and the new
-        tokens' exact K/V over theirs (`fresh`: a prompt attends to itself in full precision, issue #4; a decode
+        tokens' exact K/V over theirs (`fresh`: a prompt attends to itself in full precision; a decode
         step to its own token); later steps read them compressed. Values are replaced in the storage basis (what
         SDPA reads once o_proj absorbs the basis), keys in the model basis."""
         if self.slots:
@@ -294,6 +294,20 @@ class SpectralCache(Cache):
         layers = [SpectralLayer(max_cache_len, self.codec, i, max_batch_size, keep_sink, exact_new, outlier_tokens)
                   for i in range(fp["num_layers"])]
         super().__init__(layers=layers)
+
+    def allocate(self, batch_size: int, device: Any, dtype: torch.dtype) -> "SpectralCache":
+        """Allocate every layer's buffers now (else the first `update` does, inside the compiled prefill).
+
+        Under CUDA graphs this matters: buffers created inside a compiled graph get no static address, so the
+        decode graphs read them through copies, or fail to launch. `sqcompile.optimize(...).generate` calls it.
+        """
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        for layer in self.layers:
+            if not layer.is_initialized:
+                empty = torch.zeros(batch_size, layer.k_basis.shape[0], 0, layer.head_dim, dtype=dtype, device=device)
+                layer.lazy_initialization(empty, empty)
+        return self
 
     @property
     def max_cache_len(self) -> int:

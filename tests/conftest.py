@@ -1,12 +1,57 @@
-"""Shared fixtures: a tiny random Llama (fast tests) and the real SmolLM2 + texts (slow tests)."""
+"""Shared fixtures (a tiny random Llama, the real SmolLM2 and texts) and the test suite's machine setup.
+
+Markers (pyproject.toml): `slow` (real model, Inductor; `pytest -m "not slow"` is the fast suite), `cuda` (needs
+a CUDA device: `pytest -m cuda` on a GPU machine runs every GPU test), `interpreter` (Triton kernels on CPU tensors
+under the Triton interpreter).
+
+Where no CUDA device is present and the user has not set TRITON_INTERPRET, this file sets TRITON_INTERPRET=1
+before anything imports triton, so the Triton kernels' tests run in this process under the interpreter. On a GPU
+machine it is left unset (the kernels compile for the GPU) and the `interpreter` tests are skipped with that reason.
+"""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
-import pytest
 import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    if "triton" in sys.modules:  # too late: triton's own library functions would not be interpreted
+        raise RuntimeError("tests/conftest.py: triton was imported before TRITON_INTERPRET could be set")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+
+def triton_interpreted() -> bool:
+    """True when triton itself was imported under TRITON_INTERPRET=1 (its library functions interpreted too)."""
+    try:
+        import triton.language.standard as std
+    except ImportError:
+        return False
+    return type(std.cdiv).__name__ == "InterpretedFunction"
+
+
+def _interpreter_skip_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if triton_interpreted():
+        return None
+    return ("runs Triton kernels on CPU tensors under the Triton interpreter; TRITON_INTERPRET is not set "
+            "(tests/conftest.py sets it only where no CUDA device is present): run TRITON_INTERPRET=1 pytest -m interpreter")
+
+
+def pytest_collection_modifyitems(config, items):
+    no_cuda = None if torch.cuda.is_available() else "needs a CUDA device (torch.cuda.is_available() is False here)"
+    wants_interp = any(item.get_closest_marker("interpreter") for item in items)
+    no_interp = _interpreter_skip_reason() if wants_interp else None
+    for item in items:
+        if no_cuda and item.get_closest_marker("cuda"):
+            item.add_marker(pytest.mark.skip(reason=no_cuda))
+        elif no_interp and item.get_closest_marker("interpreter"):
+            item.add_marker(pytest.mark.skip(reason=no_interp))
 
 
 @pytest.fixture(scope="session")
@@ -35,38 +80,3 @@ def shared_texts():
     from sqcompile.hf import load_text
 
     return {name: load_text(name, prefer_shared=True) for name in ("hamlet", "britannica")}
-
-
-# ------------------------------------------------------------------------------------------------
-# Triton interpreter plumbing (tests/test_decode_attention*.py, tests/test_quantize_write.py)
-# ------------------------------------------------------------------------------------------------
-
-_SUBPROCESS_RESULT: dict = {}
-
-
-def triton_interpreted() -> bool:
-    """True when triton itself was imported under TRITON_INTERPRET=1.
-
-    Checking our kernel alone is not enough: if triton was imported first (by any module that imports a
-    kernel file) and TRITON_INTERPRET set later, our kernels are interpreted but triton's own library
-    functions (tl.cdiv, ...) are not, and calling them from an interpreted kernel fails.
-    """
-    import triton.language.standard as std
-
-    return type(std.cdiv).__name__ == "InterpretedFunction"
-
-
-@pytest.fixture
-def interp(request):
-    """Run in-process when triton is interpreted, else run the test's file once in a subprocess."""
-    if triton_interpreted():
-        return
-    path = request.node.fspath.strpath
-    if path not in _SUBPROCESS_RESULT:
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", path],
-                           env=env, capture_output=True, text=True, timeout=900)
-        _SUBPROCESS_RESULT[path] = (r.returncode, r.stdout[-4000:] + r.stderr[-2000:])
-    rc, out = _SUBPROCESS_RESULT[path]
-    assert rc == 0, out
-    pytest.skip("triton was imported before TRITON_INTERPRET was set; this file passed in a subprocess")

@@ -61,6 +61,15 @@ EXPECT = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
                   dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                        shared_expert_intermediate_size=64), "sdpa", ("dynamic",), REWRITTEN, True),
+    # MoE: sigmoid router + learned correction bias, group-limited top-k, routed scaling, shared experts: the
+    # router stays, the experts become `fused_experts`
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      first_k_dense_replace=0, n_group=1, topk_group=1, n_shared_experts=1,
+                      routed_scaling_factor=2.0), "sdpa", ("dynamic",), REWRITTEN, True),
+    # MoE: top-k of the raw router logits, softmax over the k chosen (= softmax, top-k, renormalise)
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
+                   dict(num_local_experts=4, num_experts_per_tok=2), "sdpa", ("dynamic",), REWRITTEN, True),
     # sliding window, biases everywhere
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(sliding_window=8), "sdpa", ("dynamic",),
                    REWRITTEN, True),
@@ -109,6 +118,10 @@ EXPECT = {
                 "eager", ("dynamic",), "attention sinks", None),
 }
 
+
+# Architectures whose MoE layers are rewritten (the fused op, or `fused_experts` behind the model's router); the
+# other MoE architectures here keep their MoE blocks, each row with its reason (tests/test_moe_architectures.py).
+MOE_REWRITTEN = {"qwen2_moe", "glm4_moe", "granitemoe", "deepseek_v3"}
 
 # HF refuses attn_implementation="sdpa" for these (eager only): no second implementation to try.
 EAGER_ONLY = {"gemma2", "bloom", "gpt_oss", "mpt"}
@@ -213,6 +226,14 @@ def test_architecture(arch, kind, impl):
             assert not any(s.rewritten for s in att), f"{arch}/{kind}: expected every site left alone\n{report}"
             assert all(s.reason and expect in s.reason for s in att), \
                 f"{arch}/{kind}: expected reason containing {expect!r}\n{report}"
+    # every MoE layer (a module with an `experts` child) has an MoE row: rewritten, or left alone with a reason
+    moe_layers = {int(name.split("layers.")[1].split(".")[0]) for name, m in model.named_modules()
+                  if "layers." in name and any(c == "experts" for c, _ in m.named_children())}
+    moe = report.by_kind("moe")
+    assert moe_layers <= {s.layer for s in moe}, f"{arch}/{kind}: MoE layers without a row\n{report}"
+    assert all(s.rewritten or s.reason for s in moe), str(report)
+    if arch in MOE_REWRITTEN:
+        assert moe_layers <= {s.layer for s in moe if s.rewritten}, f"{arch}/{kind}: MoE not rewritten\n{report}"
     # the user's module is never mutated
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k

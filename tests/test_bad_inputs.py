@@ -102,9 +102,10 @@ def test_corrupted_profile_through_the_backend(tmp_path, tiny_llama):
 # ---- a profile for another model ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layers,kv_heads,head_dim,needle", [
-    (2, 4, 16, "kv_heads=4"),        # another model's kv heads
-    (2, 2, 32, "head_dim=32"),       # another model's head_dim
-    (1, 2, 16, "profile has 1 layers"),  # a shallower model
+    (2, 4, 16, "num_kv_heads: profile has 4, model has 2"),  # another model's kv heads
+    (2, 2, 32, "head_dim: profile has 32, model has 16"),     # another model's head_dim
+    (1, 2, 16, "num_layers: profile has 1, model has 2"),     # a shallower model
+    (3, 2, 16, "num_layers: profile has 3, model has 2"),     # a deeper model (same head shape)
 ])
 def test_profile_for_another_model(tiny_llama, layers, kv_heads, head_dim, needle):
     fn = _compile(tiny_llama, profile=_profile(layers, kv_heads, head_dim), quantize=False)
@@ -207,6 +208,7 @@ def test_options_of_the_wrong_type(options, exc, needle):
     assert needle in _error_text(e)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no GPU can run Triton")
 def test_triton_kernels_without_a_gpu(monkeypatch, tiny_llama):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     fn = _compile(tiny_llama, kernels="triton", quantize=False)

@@ -1,22 +1,18 @@
 """decode_attention: the Triton kernels (Triton interpreter on CPU) against the torch reference.
 
-TRITON_INTERPRET must be set before triton is imported; if another module imported the kernels
-first (compiled, not interpreted), the interpreter tests re-run this file in a subprocess (conftest.interp).
+The Triton tests carry the `interpreter` marker: tests/conftest.py sets TRITON_INTERPRET=1 where no CUDA device is
+present, before triton is imported.
 """
 from __future__ import annotations
 
 import math
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from sqcompile.kernels import decode_attention as da  # noqa: E402
-from sqcompile.kernels._bitplanes import PackedLayout, kernel_args  # noqa: E402
-from sqcompile.quant.format import Group, TensorFormat  # noqa: E402
-
+from sqcompile.kernels import decode_attention as da
+from sqcompile.kernels._bitplanes import PackedLayout, kernel_args
+from sqcompile.quant.format import Group, TensorFormat
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,7 +82,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-
 # ------------------------------------------------------------------------------------------------
 # tests
 # ------------------------------------------------------------------------------------------------
@@ -101,8 +96,9 @@ CASES = [
 ]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_decode_attention_matches_reference(interp, case):
+def test_decode_attention_matches_reference(case):
     name, B, Hq, Hkv, d, T, lengths, kk, vk, qjl, block_n, (unpack, lookup), splits = case
     gen = torch.Generator().manual_seed(hash(name) % 2**31)
     kfmt = make_format(kk, d, Hkv, gen, qjl=qjl)
@@ -120,7 +116,8 @@ def test_decode_attention_matches_reference(interp, case):
     assert rel_err(out, ref) < 2e-3, rel_err(out, ref)
 
 
-def test_reduce_handles_empty_splits(interp):
+@pytest.mark.interpreter
+def test_reduce_handles_empty_splits():
     """More splits than blocks: empty splits must not poison the merge."""
     gen = torch.Generator().manual_seed(7)
     d, Hkv = 64, 1
@@ -199,7 +196,8 @@ def test_kernel_layout_matches_quant_format(bits, qjl):
             assert offsets["qjl.residual_norm_fp16"] == layout.qjl_norm_offset
 
 
-def test_length_beyond_capacity_is_clamped(interp):
+@pytest.mark.interpreter
+def test_length_beyond_capacity_is_clamped():
     """A length larger than the cache reads the whole cache, never past it (same as the reference)."""
     gen = torch.Generator().manual_seed(9)
     d, Hkv, T = 64, 1, 20
@@ -213,7 +211,8 @@ def test_length_beyond_capacity_is_clamped(interp):
     assert rel_err(out, ref) < 2e-3
 
 
-def test_kv_mask_matches_reference_and_masks_padding(interp):
+@pytest.mark.interpreter
+def test_kv_mask_matches_reference_and_masks_padding():
     """kv_mask (padding, sliding windows): the kernel equals the reference, including a fully masked block,
     and masked tokens have no effect on the output."""
     gen = torch.Generator().manual_seed(11)

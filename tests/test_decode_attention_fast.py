@@ -1,23 +1,18 @@
 """The fast packed layout (sqcompile.quant.fast_layout) and its decode-attention kernels
 (sqcompile.kernels.decode_attention_fast, Triton interpreter on CPU) against the torch reference.
 
-TRITON_INTERPRET must be set before triton is imported; if another module compiled the kernels first,
-the interpreter tests re-run this file in a subprocess (conftest.interp).
+The Triton tests carry the `interpreter` marker (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA).
 """
 from __future__ import annotations
 
 import math
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from sqcompile.kernels import decode_attention_fast as fa  # noqa: E402
-from sqcompile.quant.fast_layout import (FastGroup, FastLayout, gaussian_step, layout_for_budget,  # noqa: E402
+from sqcompile.kernels import decode_attention_fast as fa
+from sqcompile.quant.fast_layout import (FastGroup, FastLayout, gaussian_step, layout_for_budget,
                                          uniform_mse)
-
 
 
 def rel_err(a, b) -> float:
@@ -57,8 +52,9 @@ CASES = [
 ]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_fast_kernel_matches_reference(interp, case):
+def test_fast_kernel_matches_reference(case):
     name, B, Hq, Hkv, d, T, lengths, lay, block_n, splits, mode = case
     gen = torch.Generator().manual_seed(abs(hash(name)) % 2**31)
     kl, vl = layout_for_budget(lay, d) if isinstance(lay, float) else lay
@@ -74,7 +70,8 @@ def test_fast_kernel_matches_reference(interp, case):
     assert rel_err(out, ref) < 2e-3, rel_err(out, ref)
 
 
-def test_fast_kernel_transposed_scores_and_empty_splits(interp):
+@pytest.mark.interpreter
+def test_fast_kernel_transposed_scores_and_empty_splits():
     """trans_k=1 (scores^T = codes @ q^T) and more splits than blocks give the same result."""
     gen = torch.Generator().manual_seed(5)
     kl, vl = layout_for_budget(3.25, 64)
@@ -88,7 +85,8 @@ def test_fast_kernel_transposed_scores_and_empty_splits(interp):
     assert rel_err(out, ref) < 2e-3
 
 
-def test_fast_kernel_kv_mask_matches_reference(interp):
+@pytest.mark.interpreter
+def test_fast_kernel_kv_mask_matches_reference():
     """kv_mask (padding, sliding windows): kernel and op equal the reference, including fully masked blocks
     (before and after valid tokens) and a fully masked split, for a [B, T] bool view, a [1, T] int mask
     broadcast over the batch and lazy/eager sums; masked tokens have no effect on the output."""

@@ -10,7 +10,7 @@ import torch
 
 import sqcompile.kernels.fused_moe as fm
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fused MoE op's GPU tiers)")
+pytestmark = pytest.mark.cuda  # the fused MoE op's GPU tiers
 
 
 def _poisoned_empty(*shape, dtype=None, device=None):

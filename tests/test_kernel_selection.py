@@ -49,6 +49,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     assert select_kernels("triton", "cpu") == "triton"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(tensorrt_unavailable_reason("cuda" if torch.cuda.is_available() else "cpu") is not None,
                     reason="needs torch_tensorrt and an SM100 (Blackwell) GPU; neither exists on our machines")
 def test_tensorrt_path_on_hardware():  # pragma: no cover - not run anywhere yet

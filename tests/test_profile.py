@@ -96,14 +96,3 @@ def test_cli_inspect_prints_d_eff_and_writes_the_spectra_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| 1 | 1 |" in out and "mean d_eff" in out and "bits/elem" in out
     assert (tmp_path / "s.png").stat().st_size > 1000
-
-
-def test_cli_names_a_missing_subcommand_module(capsys):
-    import importlib.util
-
-    from sqcompile.cli import main
-
-    if importlib.util.find_spec("sqcompile.bench_cli") is not None:
-        pytest.skip("sqcompile.bench_cli exists")
-    assert main(["bench"]) == 2
-    assert "bench_cli" in capsys.readouterr().err

@@ -1,21 +1,17 @@
 """quantize_write: the Triton kernel (Triton interpreter on CPU) against sqcompile.quant's encode/pack.
 
-TRITON_INTERPRET must be set before triton is imported (see test_decode_attention.py).
+The Triton tests carry the `interpreter` marker (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA).
 """
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from sqcompile.kernels import decode_attention as da
+from sqcompile.kernels import quantize_write as qw
+from sqcompile.kernels._bitplanes import kernel_args
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from sqcompile.kernels import decode_attention as da  # noqa: E402
-from sqcompile.kernels import quantize_write as qw  # noqa: E402
-from sqcompile.kernels._bitplanes import kernel_args  # noqa: E402
-
-from test_decode_attention import make_format, random_basis, rel_err  # noqa: E402
+from test_decode_attention import make_format, random_basis, rel_err
 
 
 def write_args(kfmt, vfmt, H, d, gen):
@@ -42,8 +38,9 @@ CASES = [
 ]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_quantize_write_matches_reference(interp, case):
+def test_quantize_write_matches_reference(case):
     name, B, H, d, cap, pos, kk, vk, qjl = case
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
     kfmt, vfmt = make_format(kk, d, H, gen, qjl=qjl), make_format(vk, d, H, gen)
@@ -75,7 +72,8 @@ def test_quantize_write_matches_reference(interp, case):
     assert rel_err(k_got[w], k_ref[w]) < 1e-2  # (unwritten rows hold random bytes: NaN scales)
 
 
-def test_written_rows_round_trip_through_decode_attention(interp):
+@pytest.mark.interpreter
+def test_written_rows_round_trip_through_decode_attention():
     """quantize_write (Triton) then decode_attention (Triton) == reference write then reference attention."""
     gen = torch.Generator().manual_seed(5)
     B, H, Hq, d, cap = 1, 2, 8, 64, 33
@@ -106,7 +104,8 @@ def test_writing_past_capacity_raises(impl):
         fn(k_new, v_new, kp, vp, torch.tensor([7, 8]), **args)
 
 
-def test_writing_past_capacity_raises_triton(interp):
+@pytest.mark.interpreter
+def test_writing_past_capacity_raises_triton():
     gen = torch.Generator().manual_seed(2)
     B, H, d, cap = 1, 1, 64, 8
     kfmt, vfmt = make_format("turbo2", d, H, gen), make_format("turbo2", d, H, gen)

@@ -1,23 +1,19 @@
 """sqcompile::quantize_write_fast_triton (sqcompile.kernels.quantize_write_fast_triton, Triton interpreter on
 CPU) against its torch reference sqcompile.kernels.fast_cache.quantize_write_fast.
 
-TRITON_INTERPRET must be set before triton is imported; if another module compiled the kernels first,
-the interpreter tests re-run this file in a subprocess (conftest.interp).
+The Triton tests carry the `interpreter` marker (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA).
 """
 from __future__ import annotations
 
 import itertools
-import os
 import zlib
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from sqcompile.kernels import fast_cache  # noqa: E402
-from sqcompile.kernels import quantize_write_fast_triton as qwf  # noqa: E402
-from sqcompile.quant.fast_layout import FastGroup, FastLayout, layout_for_budget  # noqa: E402
+from sqcompile.kernels import fast_cache
+from sqcompile.kernels import quantize_write_fast_triton as qwf
+from sqcompile.quant.fast_layout import FastGroup, FastLayout, layout_for_budget
 
 op = torch.ops.sqcompile.quantize_write_fast_triton
 
@@ -106,7 +102,8 @@ def run_both(kl, vl, key, v_store, k_basis, k_mean, positions, cap, gen):
 
 @pytest.mark.parametrize("path,name,BT,dtype", CASES, indirect=["path"],
                          ids=[f"{p}-{n}-B{bt[0]}-T{bt[1]}-{str(dt)[6:]}" for p, n, bt, dt in CASES])
-def test_matches_reference(interp, path, name, BT, dtype):
+@pytest.mark.interpreter
+def test_matches_reference(path, name, BT, dtype):
     kl, vl = LAYOUTS[name]
     (B, T), H = BT, 2
     gen = torch.Generator().manual_seed(zlib.crc32(f"{path}-{name}-{B}-{T}-{dtype}".encode()))
@@ -116,8 +113,9 @@ def test_matches_reference(interp, path, name, BT, dtype):
     assert_rows_match(vl, vp, vr, positions, "V")
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("path", ["gemv", "dot"], indirect=True)
-def test_strided_inputs_fp16_int32_positions(interp, path):
+def test_strided_inputs_fp16_int32_positions(path):
     """key/v_store as HF hands them ([B, T, H, d] transposed), fp16 values, int32 positions, 17 rows (2 blocks
     of 16 on the tl.dot path)."""
     gen = torch.Generator().manual_seed(3)
@@ -133,7 +131,8 @@ def test_strided_inputs_fp16_int32_positions(interp, path):
     assert_rows_match(vl, vp, vr, positions, "V")
 
 
-def test_edge_values(interp):
+@pytest.mark.interpreter
+def test_edge_values():
     """All-zero rows (s = 0), huge rows (s clamps to fp16 max), a NaN (codes 0, as the reference): bytes equal."""
     kl, vl = layout_for_budget(4.25, 64)
     B, H, T, d = 1, 1, 4, 64
@@ -155,7 +154,8 @@ def test_edge_values(interp):
     assert torch.equal(vp, vr)
 
 
-def test_positions_outside_capacity_are_skipped(interp):
+@pytest.mark.interpreter
+def test_positions_outside_capacity_are_skipped():
     kl, vl = layout_for_budget(2.69, 64)
     gen = torch.Generator().manual_seed(1)
     key, v_store, k_basis, k_mean, _, cap = make_inputs(64, 1, 1, 2, torch.float32, gen)

@@ -3,20 +3,17 @@ Triton under TRITON_INTERPRET=1, outputs poisoned first), and how SpectralCache 
 from __future__ import annotations
 
 import math
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from sqcompile.kernels import decode_attention as da  # noqa: E402
-from sqcompile.kernels import decode_attention_fast as fa  # noqa: E402
-from sqcompile.kernels.sink import put_sink, sink_inputs  # noqa: E402
-from sqcompile.quant.fast_layout import layout_for_budget  # noqa: E402
-from test_decode_attention import attention_args, make_format  # noqa: E402
-from test_decode_attention import random_cache as random_planes  # noqa: E402
-from test_decode_attention_fast import make_args, random_cache, rel_err  # noqa: E402
+from sqcompile.kernels import decode_attention as da
+from sqcompile.kernels import decode_attention_fast as fa
+from sqcompile.kernels.sink import put_sink, sink_inputs
+from sqcompile.quant.fast_layout import layout_for_budget
+from test_decode_attention import attention_args, make_format
+from test_decode_attention import random_cache as random_planes
+from test_decode_attention_fast import make_args, random_cache, rel_err
 
 
 def test_put_sink_replaces_one_row_per_batch_row():
@@ -105,8 +102,9 @@ def _sink(B, Hq, Hkv, d, gen, slots=False):
     return dict(sink_score=score, sink_value=torch.randn(B, Hkv, d, generator=gen), sink_pos=pos)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("G,slots", [(1, False), (4, False), (4, True)])
-def test_fast_triton_sink_matches_reference(interp, G, slots):
+def test_fast_triton_sink_matches_reference(G, slots):
     gen = torch.Generator().manual_seed(10 + G)
     B, Hkv, d, T = 2, 2, 64, 40
     Hq = G * Hkv
@@ -127,8 +125,9 @@ def test_fast_triton_sink_matches_reference(interp, G, slots):
     assert rel_err(plain, ref) > 1e-2  # the sink has a say
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("slots", [False, True])
-def test_planes_triton_sink_matches_reference(interp, slots):
+def test_planes_triton_sink_matches_reference(slots):
     gen = torch.Generator().manual_seed(21)
     B, Hq, Hkv, d, T = 2, 8, 2, 64, 33
     kfmt, vfmt = make_format("turbo4", d, Hkv, gen), make_format("hybrid", d, Hkv, gen)
@@ -213,8 +212,9 @@ def test_cache_keeps_the_first_real_token_exact(pad_position):
     assert off.sink_nbytes == 0 and not hasattr(off.layers[0], "sink_pos")
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("sink_at", [0, 9, None, "slots"])
-def test_extra_split_of_sink_and_new_token_with_their_own_values_changes_nothing(interp, sink_at):
+def test_extra_split_of_sink_and_new_token_with_their_own_values_changes_nothing(sink_at):
     """A decode step's exact tokens (`extra_inputs`: the sink and the step's own new token, merged into one split
     with a value per query head) carrying their own dequantized K/V give the attention of the plain cache: the op
     reads up to the new token, skips the sink's codes, and counts a sink that is the new token once. The Triton
@@ -311,8 +311,9 @@ def test_exact_split_and_store_exact_pass_opcheck():
         torch.ops.sqcompile.exact_split(q, mean, None, 0.3, None, None, None, None, None, None)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("G,parts", [(1, "both"), (4, "both"), (4, "slots"), (4, "new"), (2, "three slots")])
-def test_exact_split_triton_matches_torch(interp, G, parts):
+def test_exact_split_triton_matches_torch(G, parts):
     """`sink_triton.exact_split_triton` (interpreted, outputs poisoned) equals `exact_split_torch`: empty slots,
     a masked slot, a slot holding the new token itself (counted once), a row with nothing exact."""
     from sqcompile.kernels.sink import exact_split_torch
@@ -354,7 +355,8 @@ def _canonical(buffers, o):
 
 @pytest.mark.parametrize("keep_sink,outliers,pid,H", [(True, 3, "none", 2), (True, 3, "sink", 2), (False, 4, "given", 2),
                                                        (True, 0, "sink", 2), (True, 2, "none", 3)])
-def test_store_exact_step_triton_matches_torch(interp, keep_sink, outliers, pid, H):
+@pytest.mark.interpreter
+def test_store_exact_step_triton_matches_torch(keep_sink, outliers, pid, H):
     """`sink_triton.store_exact_step_triton` (interpreted) leaves the slot buffers as `store_exact_torch` does
     after a prompt and three decode steps: the sink at RoPE position 0, a farther key taking the nearest held
     key's slot, a nearer one not."""

@@ -61,7 +61,7 @@ def test_compiled_spectral_cache_equals_eager(runs):
 
 @pytest.mark.slow
 def test_teacher_forced_agreement_at_3_76x(runs):
-    # 92.5% measured on CPU (eighth session: the exact sink, new tokens and 4 outlier tokens); 89.1% with the sink and
+    # 92.5% measured on CPU (the exact sink, new tokens and 4 outlier tokens: the defaults); 89.1% with the sink and
     # new tokens only, 84.9% from the codes alone; the model with bf16 weights and an exact cache scores 92.5%
     continuation, _, compiled, eos = runs
     # over the positions generate() asked the model for (up to and including the first EOS; after it,

@@ -89,6 +89,25 @@ def test_writing_past_capacity_raises_and_names_it():
             model(input_ids=torch.zeros(1, 3, dtype=torch.long), past_key_values=cache, use_cache=True)
 
 
+def test_allocate_before_the_first_update_gives_the_same_logits():
+    """`allocate` (what `optimize(...).generate` calls so buffers get static addresses) changes no result."""
+    model = _model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for early in (False, True):
+        cache = SpectralCache(model, bits=3.25, max_cache_len=16, layout="fast")
+        if early:
+            assert cache.allocate(2, ids.device, torch.float32) is cache
+            assert all(layer.is_initialized and layer.keys.shape[0] == 2 for layer in cache.layers)
+        with torch.no_grad():
+            first = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            step = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits
+        outs.append(torch.cat([first, step], 1))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        SpectralCache(model, bits=3.25, max_cache_len=16).allocate(0, "cpu", torch.float32)
+
+
 @pytest.mark.parametrize("layout", ["planes", "fast"])
 def test_allocates_packed_size_not_fp16(layout):
     model = _model("llama")
@@ -130,6 +149,28 @@ def test_generate_with_padding_uses_fused_kernel_and_equals_eager(layout):
             del model.forward  # back to the class's forward
     assert torch.equal(fused, eager)
     assert all(s.kernel == KERNEL[layout] for s in report.sites), str(report)
+
+
+def test_optimize_generate_allocates_for_the_expanded_batch():
+    """`optimize(...).generate` allocates its cache before the prefill, for the rows generate expands the prompt to
+    (num_return_sequences, num_beams): the result equals generate over a lazily allocated SpectralCache."""
+    model = _model("llama")
+    ids = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(5))
+    cases = (dict(num_return_sequences=2, do_sample=True), dict(num_beams=2, do_sample=False))
+    want = []
+    with torch.no_grad():
+        for kw in cases:
+            torch.manual_seed(0)
+            want.append(model.generate(ids, past_key_values=SpectralCache(model, max_cache_len=16, layout="fast"),
+                                       max_new_tokens=3, pad_token_id=0, **kw))
+    opt = sqcompile.optimize(model, max_cache_len=16, lower="eager", layout="fast")
+    try:
+        for kw, w in zip(cases, want):
+            torch.manual_seed(0)
+            got = opt.generate(ids, max_new_tokens=3, pad_token_id=0, **kw)
+            assert torch.equal(got, w), kw
+    finally:
+        del model.forward
 
 
 def _prefilled(model, ids, attn, layout="planes"):

@@ -26,7 +26,7 @@ Kernel 2 (`_decode_reduce_kernel`), one program per (batch, query head): merges 
 The torch reference (`decode_attention_reference`) dequantizes with `sqcompile.quant` and runs
 plain softmax attention; it is the CPU implementation of the op.
 
-Speed (benchmarks/decode_attention_RESULTS.md): correct, 25-44x faster than dequantize + SDPA, but
+Speed (benchmarks/decode_attention.py, H200; BENCHMARKS.md): correct, 25-44x faster than dequantize + SDPA, but
 still 0.2-0.4x of FP16 SDPA on an H200: the loop spends ~10.5 instructions per K/V element on bit
 tests, selects and operand layout conversions, where the byte floor allows ~3.
 """
@@ -461,7 +461,7 @@ def decode_attention_triton(
     sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the two kernels (wrap_triton'd when called from the custom op, plain otherwise).
-    Defaults = the fastest variant measured (benchmarks/decode_attention_RESULTS.md): 64-token blocks,
+    Defaults = the fastest variant measured (benchmarks/decode_attention.py --tune, H200): 64-token blocks,
     bit-plane expansion + select-tree lookup, 4 warps, registers capped at 128 (more programs resident).
     poison=True fills every buffer with NaN first (tests: each element must be written). sink_score [B, Hq]
     (log2 units) / sink_value [B, Hkv, d] / sink_pos [B]: the exact sink token (`sqcompile.kernels.sink`), its

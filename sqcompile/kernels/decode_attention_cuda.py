@@ -1,7 +1,7 @@
 """Decode attention over the FAST packed cache as a hand-written CUDA kernel (NVRTC, mma.sync).
 
 Same contract as `sqcompile.kernels.decode_attention_fast` (its torch reference is the reference here
-too); this is the register-controlled version its RESULTS.md asked for. The Triton kernel spends ~5.2
+too); this is its register-controlled version. The Triton kernel spends ~5.2
 instructions per K/V element, ~4 of them in layout conversions Triton inserts around `tl.dot`. Here
 every operand is built where the mma wants it:
 
@@ -367,20 +367,35 @@ def plan(D: int, G: int, kspec: str, vspec: str, warps: int, stages: int) -> _Pl
 
 
 _QCACHE: dict = {}
+_PINNED: dict = {}  # (id(cache), key) -> the tensors an entry's key names by address, kept alive with the entry
 
 
-def _cached(cache: dict, key, make):
+def _cached(cache: dict, key, make, pinned: tuple = ()):
     """cache[key], made by `_persistent(make)` on a miss. A miss inside a stream capture (a graph recorded
     before any eager call with these constants, or cudagraph trees copying a non-static input into the pool)
-    returns make() uncached: a graph-owned temporary, recomputed at every replay."""
+    returns make() uncached: a graph-owned temporary, recomputed at every replay.
+
+    Keys that name tensors by address (`_tensor_key`) hold those tensors in the entry (`pinned`): while an
+    entry lives, its tensors' memory cannot be freed and handed to another tensor (another compile's basis
+    at the same address and version would otherwise read this entry)."""
     v = cache.get(key)
     if v is None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return make()
         if len(cache) > 256:
             cache.clear()
+            for k in [k for k in _PINNED if k[0] == id(cache)]:
+                del _PINNED[k]
         v = cache[key] = _persistent(make)
+        if pinned:
+            _PINNED[id(cache), key] = pinned
     return v
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """A cache key for a constant tensor's contents: its address, layout and version (bumped by in-place writes).
+    Unambiguous only while the tensor is alive: pass it to `_cached(..., pinned=)`."""
+    return (t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride(), t._version)
 
 
 def _persistent(make):
@@ -416,14 +431,14 @@ def _query_matrix(pl: _Plan, k_basis, k_factor, scale: float):
     """(M [Hkv, d, d] with q'' = q @ M: storage basis, fragment column order, step x channel scale, the
     softmax scale, log2(e) and 2^(-b e) folded in; FAC [Hkv, d], the factor of each column of M), cached per
     constant tensors and scale."""
-    key = (id(pl), k_basis.data_ptr(), k_basis._version, k_factor.data_ptr(), k_factor._version, float(scale))
+    key = (id(pl), _tensor_key(k_basis), _tensor_key(k_factor), float(scale))
 
     def make():
         t = pl.tables(k_basis.device)
         fac = (k_factor.float()[:, t["kmap"]] * t["kpow"] * (float(scale) * LOG2E)).contiguous()  # [Hkv, d]
         return (k_basis.float()[:, t["kmap"], :].transpose(1, 2) * fac[:, None, :]).contiguous(), fac
 
-    return _cached(_QCACHE, key, make)
+    return _cached(_QCACHE, key, make, pinned=(k_basis, k_factor))
 
 
 _LIBCUDA: list = []
@@ -554,7 +569,7 @@ def decode_attention_fast_cuda(
     sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Same arguments and result as `decode_attention_fast_reference`; CUDA tensors only. Defaults from
-    benchmarks/decode_attention_cuda.py on an H100 (fifth session): 8 warps, 2 stages, and at most `per_sm` = 2
+    benchmarks/decode_attention_cuda.py on an H100: 8 warps, 2 stages, and at most `per_sm` = 2
     CTAs per SM, rounded down so that B * kv-heads * splits CTAs fill the SMs evenly (B=8, 8 kv-heads on 132 SMs:
     4 splits, 256 CTAs; rounding up to 5 left a third CTA on some SMs: 4 warps, 4 stages, 5 splits was 14% slower
     at 4K and 12% at 64K). `num_splits` > 0 fixes the count. Three launches: the query
@@ -590,8 +605,8 @@ def decode_attention_fast_cuda(
             q, qm, st.qf, st.Hkv, st.qdt, key, v_store, k_packed, v_packed, positions, fac, k_mean, st.T,
             _DTYPES[key.dtype], _DTYPES[v_store.dtype], int(positions.dtype == torch.int64),
             key.stride(0), key.stride(1), v_store.stride(0), v_store.stride(1))))
-    vkey = ("v", id(pl), v_factor.data_ptr(), v_factor._version)
-    vf = _cached(_QCACHE, vkey, lambda: v_factor.float()[:, t["vmap"]].contiguous())  # [Hkv, d] factor per kernel row
+    vkey = ("v", id(pl), _tensor_key(v_factor))
+    vf = _cached(_QCACHE, vkey, lambda: v_factor.float()[:, t["vmap"]].contiguous(), pinned=(v_factor,))  # [Hkv, d] factor per kernel row
     out = torch.empty(st.B, st.Hq, st.D, device=q.device, dtype=q.dtype)
     if poison:
         st.op.fill_(float("nan")), st.lse.fill_(float("nan")), out.fill_(float("nan"))
@@ -1069,7 +1084,7 @@ def decode_attention_fast_cuda_op(q, k_packed, v_packed, lengths, k_basis, k_fac
     """`decode_attention_fast_cuda` as an opaque op (the kernel launches through ctypes, which tracing cannot
     see into); `decode_attention_fast` calls it when `available` returns None. Registered with
     torch.library.Library rather than `custom_op`: the latter's Python wrappers cost ~0.2 ms of host time per
-    call under cProfile on the lent H200 (benchmarks/profile_host.py)."""
+    call under cProfile on an H200 (2.79 -> 2.41 ms per 2-layer decode step)."""
     try:
         return decode_attention_fast_cuda(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
                                           v_groups, scale, kv_mask=kv_mask, sink_score=sink_score,

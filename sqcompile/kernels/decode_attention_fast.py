@@ -29,7 +29,7 @@ Kernel 1 (`_fast_split_kernel`), one program per (batch, kv-head, split):
     group for P @ V; sum(p) and sum(P_s) are accumulated per token and reduced after the loop (LAZY).
   * writes the split's normalized partial output and its log2-sum-exp.
 
-Measured (H100, benchmarks/decode_attention_fast_RESULTS.md): correct; 1.2-1.3x FP16 SDPA at 64K, 0.9-1.0x
+Measured (H100, BENCHMARKS.md, "Decode attention"): correct; 1.2-1.3x FP16 SDPA at 64K, 0.9-1.0x
 at 4K, 2.4-4.2x faster than the bit-plane op at 64K; ~5.2 SASS instructions per K/V element (unpack 1.16).
 Kernel 2 (`decode_attention._decode_reduce_kernel`, shared with the bit-plane op), one program per (batch, query
 head): merges the splits, and the exact sink token where one is given (`sqcompile.kernels.sink`).
@@ -456,7 +456,7 @@ def decode_attention_fast_triton(
     poison: bool = False, _launch=None, kv_mask: Optional[torch.Tensor] = None,
     sink_score: Optional[torch.Tensor] = None, sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Launch split + reduce. Defaults = the fastest variant measured on an H100 (RESULTS.md):
+    """Launch split + reduce. Defaults = the fastest variant measured on an H100 (benchmarks/decode_attention_fast.py --tune):
     128-token blocks, 4 warps, no software pipelining (num_stages=1); ~4 programs per SM below 32K
     cache tokens, ~8 from 32K on (per_sm=0 picks). mode: 2 = inline PTX unpack (CUDA default), 0/1 =
     plain Triton (interpreter default 0). poison=True fills every buffer with NaN first (tests).

@@ -1,6 +1,8 @@
 """Fused mixture-of-experts: routing, grouped gate/up GEMM with SiLU-and-multiply, grouped down GEMM.
 
-Two custom ops with one contract (the Triton one is what the substitution pass puts in GPU graphs):
+Two custom ops with one contract (the Triton one is what the substitution pass puts in GPU graphs), and two for
+the experts alone (`fused_experts`, `fused_experts_triton`: the same kernels after the model's own routing, given
+topk_weights [T, k] and topk_ids [T, k], for routers the fused routing does not compute):
 
     torch.ops.sqcompile.fused_moe(hidden, router_logits, w_gate_up, w_down, top_k, renormalize, routing)
     torch.ops.sqcompile.fused_moe_triton(... same ...)
@@ -50,7 +52,7 @@ the gate/up kernel above (h in block order) and runs the down GEMM as CUTLASS's 
 (offs = each expert's padded run end; padding rows give output rows nobody reads), then `_topk_sum_kernel` gathers
 each token's k rows, weights them and sums in fp32. "both" (kept for measurement) sorts the pairs without padding,
 gathers x and runs both GEMMs by `torch._grouped_mm`, SiLU-and-multiply in `_silu_mul_kernel`. H100 under Inductor:
-Mixtral T=4096 5355 -> 5183 us, Qwen-MoE T=4096 1438 -> 1261 us (benchmarks/results/moe_*_h100_7th.json).
+Mixtral T=4096 5355 -> 5183 us, Qwen-MoE T=4096 1438 -> 1261 us (benchmarks/moe_before_after.py).
 """
 from __future__ import annotations
 
@@ -104,10 +106,17 @@ def _check(hidden, router_logits, w_gate_up, w_down, top_k, routing):
 def fused_moe_reference(hidden, router_logits, w_gate_up, w_down, top_k: int, renormalize: bool,
                         routing: str = "softmax") -> torch.Tensor:
     """Plain-PyTorch fused MoE: sort pairs by expert, one matmul pair per used expert."""
+    weights, ids = route(router_logits, top_k, renormalize, routing)
+    return experts_reference(hidden, weights, ids, w_gate_up, w_down)
+
+
+def experts_reference(hidden, topk_weights, topk_ids, w_gate_up, w_down) -> torch.Tensor:
+    """The experts half of `fused_moe_reference`: routing already done (weights [T, k], expert ids [T, k])."""
     T, H = hidden.shape
     E = w_gate_up.shape[0]
     inter = w_gate_up.shape[1] // 2
-    weights, ids = route(router_logits, top_k, renormalize, routing)
+    top_k = topk_ids.shape[1]
+    weights, ids = topk_weights.float(), topk_ids.long()
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=E).tolist()  # one host sync, as HF's fallback does
@@ -137,6 +146,29 @@ def fused_moe(hidden: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torc
 @fused_moe.register_fake
 def _(hidden, router_logits, w_gate_up, w_down, top_k, renormalize, routing="softmax"):
     _check(hidden, router_logits, w_gate_up, w_down, top_k, routing)
+    return hidden.new_empty(hidden.shape)
+
+
+def _check_experts(hidden, topk_weights, topk_ids, w_gate_up, w_down):
+    torch._check(topk_weights.dim() == 2 and topk_ids.shape == topk_weights.shape,
+                 lambda: "topk_weights and topk_ids must both be [T, k]")
+    torch._check(topk_ids.shape[0] == hidden.shape[0], lambda: "topk_ids must have one row per token")
+    _check(hidden, hidden.new_empty(hidden.shape[0], w_gate_up.shape[0]), w_gate_up, w_down, topk_ids.shape[1],
+           "softmax")
+
+
+@torch.library.custom_op("sqcompile::fused_experts", mutates_args=())
+def fused_experts(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w_gate_up: torch.Tensor,
+                  w_down: torch.Tensor) -> torch.Tensor:
+    """The experts of a fused MoE with the routing done by the model (any router: bias-corrected, group-limited,
+    scaled): out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_ids[t, j]."""
+    _check_experts(hidden, topk_weights, topk_ids, w_gate_up, w_down)
+    return experts_reference(hidden, topk_weights, topk_ids, w_gate_up, w_down)
+
+
+@fused_experts.register_fake
+def _(hidden, topk_weights, topk_ids, w_gate_up, w_down):
+    _check_experts(hidden, topk_weights, topk_ids, w_gate_up, w_down)
     return hidden.new_empty(hidden.shape)
 
 
@@ -515,18 +547,18 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
                     DOWN_BLOCK_N=128, DOWN_BLOCK_K=64, DOWN_WARPS=4, DOWN_STAGES=stages, DOWN_GROUP_M=8, SPLIT_K=1)
     # weight tiles (and h, stored in block order) by TMA where the device has it; persistent gate/up programs.
     # H100, Mixtral T=4096 under Inductor: gate/up 3236 -> 3065 us, down 1681 -> 1484 us, op 5731 -> 5337 us
-    # (benchmarks/results/moe_before_after_h100_mixtral.json; candidates in moe_cands_h100_r2_*.json)
+    # (candidates: benchmarks/results/moe_tma_candidates_h100_*.json)
     cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, GROUP_M=8,
                DOWN_BLOCK_N=256, DOWN_BLOCK_K=64, DOWN_WARPS=8, DOWN_STAGES=stages, DOWN_GROUP_M=32, SPLIT_K=1,
                TMA=True, H_SORTED=True, PERSISTENT=1)
     # x by TMA from a block-ordered copy: the gate/up kernel gains more than the copy costs only with a wide FFN
     # (H100 under Inductor, kernel times: Mixtral T=4096 gate/up 2995 -> 2814 us for a 45 us copy; Qwen-MoE, I = 1408:
     # 661 -> 645 us for a 78 us copy). The power-capped timed loop does not resolve the Mixtral gain (-1% to +3.5%
-    # in three runs; BENCHMARKS.md, eighth session).
+    # in three runs).
     cfg["X_SORTED"] = inter >= 8192
     # gate and up tiles in one TMA box and one dot (W_PAIR), h stored by TMA (H_STORE_TMA). H100 under Inductor,
     # Mixtral T=4096: gate/up kernel 2750 -> 2695 us, the op at the power cap 5031 -> 4927 us and 3480 -> 3411 mJ
-    # per call (HF + Inductor 5157 us, 3575-3726 mJ); Qwen-MoE 1332 -> 1288 us (BENCHMARKS.md, ninth session)
+    # per call (HF + Inductor 5157 us, 3575-3726 mJ); Qwen-MoE 1332 -> 1288 us (BENCHMARKS.md, "Fused MoE")
     cfg["W_PAIR"] = True
     cfg["H_STORE_TMA"] = True
     # CUTLASS's down GEMM beats ours; its gate/up plus a SiLU-and-multiply pass ties with our fused one at Mixtral
@@ -602,9 +634,25 @@ def _use_align_kernel(num_pairs, num_experts: int, block_m: int) -> bool:
 
 
 def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, renormalize, routing, launch):
+    T = hidden.shape[0]
+    E = w_gate_up.shape[0]
+    device = hidden.device
+    logits = router_logits.contiguous()
+    topk_weights = _empty(T, top_k, dtype=torch.float32, device=device)
+    topk_ids = _empty(T, top_k, dtype=torch.int32, device=device)
+    launch(_route_kernel)[(T,)](
+        logits, topk_weights, topk_ids, E, logits.stride(0),
+        TOP_K=top_k, BLOCK_TOPK=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(E), SIGMOID=routing == "sigmoid",
+        RENORMALIZE=renormalize)
+    return _fused_experts_triton_impl(hidden, topk_weights, topk_ids, w_gate_up, w_down, launch)
+
+
+def _fused_experts_triton_impl(hidden, topk_weights, topk_ids, w_gate_up, w_down, launch):
+    """The expert GEMMs of the Triton fused MoE on routed pairs (topk_weights fp32 [T, k], topk_ids int32 [T, k])."""
     T, H = hidden.shape
     E, two_i, _ = w_gate_up.shape
     inter = two_i // 2
+    top_k = topk_ids.shape[1]
     S = T * top_k
     device = hidden.device
     cfg = device_config(S, E, H, inter, device, w_gate_up.dtype)
@@ -614,14 +662,6 @@ def _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, reno
     # each split covers a whole number of DOWN_BLOCK_K steps
     k_per_split = triton.cdiv(triton.cdiv(inter, split_k), down_bk) * down_bk
     precision = "ieee" if w_gate_up.dtype == torch.float32 else "tf32"
-
-    logits = router_logits.contiguous()
-    topk_weights = _empty(T, top_k, dtype=torch.float32, device=device)
-    topk_ids = _empty(T, top_k, dtype=torch.int32, device=device)
-    launch(_route_kernel)[(T,)](
-        logits, topk_weights, topk_ids, E, logits.stride(0),
-        TOP_K=top_k, BLOCK_TOPK=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(E), SIGMOID=routing == "sigmoid",
-        RENORMALIZE=renormalize)
 
     grouped = cfg.get("GROUPED_MM", "")
     if grouped == "both":
@@ -731,8 +771,19 @@ if HAS_TRITON:
         launch = wrap_triton if hidden.is_cuda else wrap_interpreted
         return _fused_moe_triton_impl(hidden, router_logits, w_gate_up, w_down, top_k, renormalize,
                                       routing, launch)
+
+    @triton_op("sqcompile::fused_experts_triton", mutates_args=())
+    def fused_experts_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                             w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        """`fused_experts`, Triton implementation (the fused MoE's expert kernels on the model's own routing)."""
+        _check_experts(hidden, topk_weights, topk_ids, w_gate_up, w_down)
+        from .decode_attention import wrap_interpreted
+
+        launch = wrap_triton if hidden.is_cuda else wrap_interpreted
+        return _fused_experts_triton_impl(hidden, topk_weights.float().contiguous(),
+                                          topk_ids.to(torch.int32).contiguous(), w_gate_up, w_down, launch)
 else:  # pragma: no cover
-    fused_moe_triton = None
+    fused_moe_triton = fused_experts_triton = None
 
 if fused_moe_triton is not None and _interpreting():
     # On a GPU the triton_op traces its own body (Inductor sees the kernels); the interpreter's kernels
@@ -740,4 +791,9 @@ if fused_moe_triton is not None and _interpreting():
     @fused_moe_triton.register_fake
     def _(hidden, router_logits, w_gate_up, w_down, top_k, renormalize, routing="softmax"):
         _check(hidden, router_logits, w_gate_up, w_down, top_k, routing)
+        return hidden.new_empty(hidden.shape)
+
+    @fused_experts_triton.register_fake
+    def _(hidden, topk_weights, topk_ids, w_gate_up, w_down):
+        _check_experts(hidden, topk_weights, topk_ids, w_gate_up, w_down)
         return hidden.new_empty(hidden.shape)

@@ -2,7 +2,7 @@
 
 The first token a sequence sees (RoPE position 0) draws a large share of every later query's attention and has a
 nearly constant key in most layers; quantizing it costs SmolLM2-135M about 5 points of teacher-forced agreement
-at 3.76x (BENCHMARKS.md, issue #6). `SpectralCache` therefore also keeps that token's key (model basis) and
+at 3.76x (BENCHMARKS.md, "Quality"). `SpectralCache` therefore also keeps that token's key (model basis) and
 value (storage basis) in float32 per (batch row, kv-head), with its cache position (`sink_pos`, -1 while a
 row has none). Reads use the exact copy in place of the token's codes:
 
@@ -16,7 +16,7 @@ row has none). Reads use the exact copy in place of the token's codes:
 
 The cost: 8 * head_dim bytes per (layer, batch row, kv-head), whatever the context length.
 
-Exact slots (eighth session): besides the sink, `SpectralCache(outlier_tokens=N)` keeps the N tokens whose keys lie
+Exact slots: besides the sink, `SpectralCache(outlier_tokens=N)` keeps the N tokens whose keys lie
 farthest from the key mean exact the same way (slot form: sink_k / sink_v [B, Hkv, S, d], sink_pos [B, S]; the
 one-token form [B, Hkv, d] / [B] is still taken everywhere). The decode graph holds two ops for them, each one node
 for Inductor: `sqcompile::store_exact` (the slot update at the write) and `sqcompile::exact_split` (the extra

@@ -2,7 +2,7 @@
 
 `sqcompile::exact_split` and `sqcompile::store_exact` are single nodes in the compiled graph (Inductor's fusion
 search over their few dozen torch ops cost more compile time than the rest of a layer), so nothing fuses them: in
-torch they are ~25 small launches each, 0.15 ms per layer-step on an H100 (BENCHMARKS.md). These kernels do the
+torch they are ~25 small launches each, 0.15 ms per layer-step on an H100. These kernels do the
 same work in one launch:
 
 - `exact_split_triton`: per (batch row, query head) the softmax over the exact slots and the new token (scores in

@@ -522,7 +522,9 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
             if extra:
                 raise _Unproven(f"the new {name} has a consumer outside the cache write: '{extra[0].name}'")
         elif write != "direct":
-            extra = [u for u in node.users if u is not base and not (u.args and u.args[0] is base)]
+            # a size read sees no values (DynamicSlidingWindowLayer counts the new tokens: key_states.shape[-2])
+            extra = [u for u in node.users if u is not base and not (u.args and u.args[0] is base)
+                     and not is_op(u, *_SIZE_OPS)]
             if extra:
                 raise _Unproven(f"the new {name} has a consumer outside the cache write: '{extra[0].name}'")
         else:
@@ -533,7 +535,8 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
     site.layer = _site_layer(_weight_node(v_lin), _weight_node(o_lin), k_base, v_base)
     site.layer = -1 if site.layer is None else site.layer
     site.nodes.update(q=q, attn=attn, out=out, new_k=new_k, new_v=new_v, k_linear=k_lin, v_linear=v_lin,
-                      v_offset=v_offset, o_linear=o_lin, centering_ok=m["centering_ok"])
+                      v_offset=v_offset, o_linear=o_lin, centering_ok=m["centering_ok"],
+                      k_base=k_base, v_base=v_base, k_read=k, v_read=v, k_consumer=m.get("kt", attn), v_consumer=out)
 
 
 def _same_size(a, b) -> bool:

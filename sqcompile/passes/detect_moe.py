@@ -3,7 +3,7 @@
 A site is anchored on its router: router logits [T, E] -> softmax or sigmoid (fp32 casts allowed)
 -> topk (-> top-k values divided by their sum: renormalisation). The expert weights are the first two
 3-D tensors [E, ., .] the routed computation reads after the topk: `gate_up_proj [E, 2I, H]` and
-`down_proj [E, H, I]` (HF's fused layout). The form says how HF dispatched the experts:
+`down_proj [E, H, I]` (HF's fused layout), or the transposed `[E, H, 2I]` / `[E, I, H]` (GPT-OSS, Aria). The form says how HF dispatched the experts:
 
 - "grouped_mm": sort -> histc -> cumsum -> `transformers::grouped_mm_fallback` / `torch._grouped_mm`;
 - "batched_mm": `W[expert_ids]` gathers + `bmm`;
@@ -27,7 +27,7 @@ from .fx_utils import op_name  # noqa: F401
 from .sites import Site
 
 _LAYER_RE = re.compile(r"layers[._](?:modules_)?(\d+)")
-_CASTS = {"float", "to", "type", "contiguous", "_to_copy"}
+_CASTS = {"float", "to", "type", "type_as", "contiguous", "_to_copy"}
 _GROUPED_MM = {"grouped_mm_fallback", "_grouped_mm", "grouped_mm"}
 
 
@@ -167,15 +167,6 @@ def detect_moe(gm: fx.GraphModule, graph_index: int = 0) -> list[Site]:
         top_k = _topk_k(node)
         scores = strip_casts(node.args[0])
         routing = {"softmax": "softmax", "_softmax": "softmax", "sigmoid": "sigmoid"}.get(op_name(scores))
-        if top_k is None or routing is None:
-            continue
-        if routing == "softmax" and _arg(scores, 1, "dim", None) not in (-1, 1):
-            continue
-        router_logits = strip_casts(scores.args[0])
-        logits_shape = shape_of(router_logits)
-        if logits_shape is None or len(logits_shape) != 2 or not isinstance(logits_shape[1], int):
-            continue
-        tokens, num_experts = logits_shape  # tokens may be symbolic (dynamic shapes)
         values = indices = None
         for user in node.users:
             if op_name(user) == "getitem":
@@ -183,8 +174,26 @@ def detect_moe(gm: fx.GraphModule, graph_index: int = 0) -> list[Site]:
                     values = user
                 elif user.args[1] == 1:
                     indices = user
-        if values is None or indices is None:
+        if top_k is None or values is None or indices is None:
             continue
+        renormalize = None
+        if routing is None:
+            # top-k of the raw logits, softmax over the k chosen (GPT-OSS, Granite, Aria): softmax is monotone,
+            # so this is softmax -> top-k -> renormalise (substitute_moe checks it numerically)
+            soft = [u for u in values.users if op_name(u) in ("softmax", "_softmax") and _arg(u, 1, "dim", None) in (-1, 1)]
+            if len(soft) != 1 or op_name(scores) in ("add", "sub", "mul", "masked_fill"):
+                continue
+            routing, renormalize, router_logits, values = "softmax", True, scores, soft[0]
+        else:
+            if routing == "softmax" and _arg(scores, 1, "dim", None) not in (-1, 1):
+                continue
+            router_logits = strip_casts(scores.args[0])
+        logits_shape = shape_of(router_logits)
+        if logits_shape is None or len(logits_shape) != 2 or not isinstance(logits_shape[1], int):
+            continue
+        tokens, num_experts = logits_shape  # tokens may be symbolic (dynamic shapes)
+        if renormalize is None:
+            renormalize = _renormalised(values)
         router_weight = None
         if op_name(router_logits) == "linear":
             router_weight = weight_source(_arg(router_logits, 1, "weight"))
@@ -203,7 +212,7 @@ def detect_moe(gm: fx.GraphModule, graph_index: int = 0) -> list[Site]:
                         routing=routing, moe_form="loop", graph=graph_index)
             site.nodes.update(topk=node, scores=scores, router_logits=router_logits, values=values,
                               indices=indices, router_weight=router_weight,
-                              renormalize=_renormalised(values))
+                              renormalize=renormalize)
             site.leave("expert loop is split from the router by graph breaks (HF 'eager' experts); "
                        "use experts_implementation='grouped_mm' or 'batched_mm'")
             sites.append(site)
@@ -212,24 +221,180 @@ def detect_moe(gm: fx.GraphModule, graph_index: int = 0) -> list[Site]:
         gu, dn = static_shape(w_gate_up), static_shape(w_down)
         if hidden is None:
             hidden = dn[1]
-        # HF layout: gate_up [E, 2I, H], down [E, H, I]; swap if the down weight was met first.
-        if not (gu[2] == hidden and dn[1] == hidden and gu[1] == 2 * dn[2]):
-            if dn[2] == hidden and gu[1] == hidden and dn[1] == 2 * gu[2]:
-                w_gate_up, w_down, gu, dn = w_down, w_gate_up, dn, gu
+        # HF layout: gate_up [E, 2I, H], down [E, H, I]; or transposed (GPT-OSS, Aria): [E, H, 2I], [E, I, H].
+        # Swap if the down weight was met first.
+        hf = lambda a, b: a[2] == hidden and b[1] == hidden and a[1] == 2 * b[2]  # noqa: E731
+        transposed = lambda a, b: a[1] == hidden and b[2] == hidden and a[2] == 2 * b[1]  # noqa: E731
+        if not (hf(gu, dn) or transposed(gu, dn)) and (hf(dn, gu) or transposed(dn, gu)):
+            w_gate_up, w_down, gu, dn = w_down, w_gate_up, dn, gu
+        is_transposed = not hf(gu, dn) and transposed(gu, dn)
+        if is_transposed:
+            gu, dn = (gu[0], gu[2], gu[1]), (dn[0], dn[2], dn[1])
         ffn = dn[2] if len(dn) == 3 else None
         site = Site(layer=-1, kind="moe", experts=num_experts, top_k=top_k, hidden=hidden, ffn=ffn,
                     routing=routing, moe_form=_form(routed, weights), graph=graph_index)
         site.nodes.update(topk=node, scores=scores, router_logits=router_logits, values=values,
                           indices=indices, router_weight=router_weight, w_gate_up=w_gate_up,
-                          w_down=w_down, renormalize=_renormalised(values), tokens=tokens)
-        if not (gu[2] == hidden and dn[1] == hidden and gu[1] == 2 * dn[2]):
+                          w_down=w_down, renormalize=renormalize, tokens=tokens, transposed=is_transposed)
+        if not hf(gu, dn):
             site.leave(f"expert weights {gu} / {dn} are not the [E, 2I, H] / [E, H, I] layout")
         sites.append(site)
 
     for order, site in enumerate(sites):
         layer = layer_of(site.nodes.get("router_weight"), site.nodes.get("w_gate_up"))
         site.layer = layer if layer is not None else order
-    return sites
+    return sites + unmatched_moe_blocks(gm, sites, graph_index)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MoE-looking blocks no router pattern matched: still reported, with what differs from the fused op
+# ----------------------------------------------------------------------------------------------------
+
+_EXPERTS_RE = re.compile(r"^(.*)\.experts(?:\.|$)")
+_PATH_LAYER_RE = re.compile(r"(?:layers|layer|h|blocks|block)[.\[](\d+)")
+_ROUTER_RE = re.compile(r"(?:\.gate|\.router|\.gating|\.gate_network)$")
+_ACTIVATIONS = {"gelu": "GELU", "relu": "ReLU", "tanh": "tanh", "sigmoid": "sigmoid", "clamp": "clamped",
+                "clip": "clamped", "relu2": "ReLU^2", "square": "squared", "pow": "a power"}
+
+
+def module_stack(n: fx.Node) -> list[tuple[str, str]]:
+    """(module path, class name) of the modules `n` was traced in, outermost first."""
+    stack = n.meta.get("nn_module_stack") or {}
+    out = []
+    for path, cls in stack.values():
+        out.append((str(path), getattr(cls, "__name__", str(cls))))
+    return out
+
+
+def moe_block_of(n: fx.Node) -> Optional[str]:
+    """The module path of the MoE block `n` belongs to: the parent of an `experts` module, or of the router
+    (a `gate` / `router` / `*Router` module holding a topk); None outside any."""
+    stack = module_stack(n)
+    for path, cls in stack:
+        m = _EXPERTS_RE.match(path)
+        if m:
+            return m.group(1)
+        if cls.endswith("Experts") and "." in path:
+            return path.rsplit(".", 1)[0]
+    if op_name(n) == "topk":
+        for path, cls in reversed(stack):
+            if (_ROUTER_RE.search(path) or "Router" in cls) and "." in path:
+                return path.rsplit(".", 1)[0]
+    return None
+
+
+def _layer_from_path(path: str) -> Optional[int]:
+    m = _PATH_LAYER_RE.search(path)
+    return int(m.group(1)) if m else None
+
+
+def _site_blocks(site: Site) -> set[str]:
+    blocks = set()
+    for key in ("topk", "w_gate_up", "w_down", "router_logits", "fused"):
+        n = site.nodes.get(key)
+        if isinstance(n, fx.Node):
+            b = moe_block_of(n)
+            if b is not None:
+                blocks.add(b)
+            for path, _ in module_stack(n):  # the router's own block (Mixtral's `mlp` holding `gate`)
+                if _ROUTER_RE.search(path):
+                    blocks.add(path.rsplit(".", 1)[0])
+    return blocks
+
+
+def unmatched_moe_blocks(gm: fx.GraphModule, sites: list[Site], graph_index: int = 0) -> list[Site]:
+    """One left-alone `Site` per MoE-looking block of `gm` that no detected site covers, with the reason.
+
+    A block is MoE-looking when nodes were traced inside an `experts` module (HF's fused `*Experts` or a
+    ModuleList of per-expert MLPs) or a topk ran inside a router module. So a form the router pattern does not
+    know still gets a row in `explain` saying what differs from the fused op, instead of no row at all.
+    """
+    covered = set()
+    for s in sites:
+        covered |= _site_blocks(s)
+    blocks: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        b = moe_block_of(n)
+        if b is not None and b not in covered:
+            blocks.setdefault(b, []).append(n)
+    out = []
+    for order, (block, nodes) in enumerate(blocks.items()):
+        inner = block_nodes(gm, block)
+        layer = _layer_from_path(block)
+        site = Site(layer=layer if layer is not None else len(sites) + order, kind="moe", moe_form="unrecognized",
+                    graph=graph_index)
+        site.nodes["block"] = block
+        _describe(site, inner or nodes)
+        out.append(site)
+    return out
+
+
+def block_nodes(gm: fx.GraphModule, block: Optional[str]) -> list[fx.Node]:
+    """The nodes of `gm` traced inside the module at path `block` (or below it)."""
+    if block is None:
+        return []
+    return [n for n in gm.graph.nodes if any(p == block or p.startswith(block + ".") for p, _ in module_stack(n))]
+
+
+def expert_differences(nodes: list[fx.Node], experts: Optional[int]) -> list[str]:
+    """What in a block's experts differs from the fused op's SiLU-gated, bias-free [E, 2I, H] / [E, H, I] experts."""
+    found = []
+    ops = [op_name(n) for n in nodes]
+    weights3d = [n for n in nodes if n.op in ("placeholder", "get_attr") and len(static_shape(n) or ()) == 3]
+    if not weights3d:
+        found.append("experts are separate modules (one set of linears per expert), not stacked [E, ., .] weights")
+    acts = sorted({_ACTIVATIONS[o] for o in ops if o in _ACTIVATIONS and o != "sigmoid"})
+    if acts:
+        found.append(f"experts use {', '.join(acts)} (the fused op computes SiLU(gate) * up)")
+    if any("bias" in str(n.target) and "experts" in str(n.target) for n in nodes if n.op in ("placeholder", "get_attr")):
+        found.append("experts have biases")
+    return found
+
+
+def router_differences(nodes: list[fx.Node]) -> list[str]:
+    """What in a block's router differs from softmax | sigmoid -> top-k [-> renormalise]."""
+    topks = [n for n in nodes if op_name(n) == "topk"]
+    if not topks:
+        return ["no top-k router in this graph (the router runs in another graph: a graph break)"]
+    found = []
+    scores = strip_casts(topks[0].args[0])
+    while op_name(scores) in ("view", "reshape"):
+        scores = strip_casts(scores.args[0])
+    if len(topks) > 1:
+        found.append(f"{len(topks)} top-k's (group-limited selection: top-k over expert groups first)")
+    if op_name(scores) in ("add", "sub") and any(op_name(strip_casts(a)) in ("sigmoid", "softmax")
+                                                for a in scores.args if isinstance(a, fx.Node)):
+        found.append("experts are selected by score + a learned correction bias, weighted by the score alone")
+    elif op_name(scores) not in ("softmax", "_softmax", "sigmoid"):
+        after = {op_name(u) for v in topks[0].users for u in v.users}
+        if after & {"softmax", "_softmax"}:
+            found.append("top-k of the raw router logits, softmax over the k chosen")
+        elif "sigmoid" in after or any(op_name(n) == "sigmoid" for n in nodes):
+            found.append("top-k of the raw router logits, sigmoid of the k chosen")
+        else:
+            found.append(f"top-k of router scores computed by {op_name(scores)}")
+    k_shape = shape_of(next((u for u in topks[0].users if op_name(u) == "getitem"), None))
+    scaled = [n for n in nodes if op_name(n) in ("mul", "imul", "mul_")
+              and any(isinstance(a, float) and a != 1.0 for a in n.args) and k_shape is not None
+              and any(isinstance(a, fx.Node) and shape_of(a) == k_shape for a in n.args)]
+    if scaled:
+        found.append("the routing weights are scaled by a constant (routed scaling factor)")
+    return found
+
+
+def _describe(site: Site, nodes: list[fx.Node]) -> None:
+    """Fill the site's expert count / top-k where visible and leave it with what the fused op cannot compute."""
+    topks = [n for n in nodes if op_name(n) == "topk"]
+    weights3d = [static_shape(n) for n in nodes if n.op in ("placeholder", "get_attr") and len(static_shape(n) or ()) == 3]
+    if weights3d:
+        site.experts = weights3d[0][0]
+    if topks:
+        site.top_k = _topk_k(topks[-1])
+    found = router_differences(nodes) + expert_differences(nodes, site.experts)
+    if not found:
+        found.append("the router or expert pattern is not one sqcompile proves (softmax | sigmoid -> top-k "
+                     "[-> renormalise] -> SiLU-gated experts [E, 2I, H] / [E, H, I])")
+    site.leave("MoE block left as is (runs unfused, output unchanged): " + "; ".join(found))
 
 
 def _users_through_casts(n: fx.Node) -> list[fx.Node]:

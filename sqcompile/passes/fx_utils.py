@@ -139,15 +139,28 @@ def tensor_value(gm: fx.GraphModule, n: Any, example_inputs: Optional[list]) -> 
     return None
 
 
+def register_constant(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
+    """A buffer `name` on gm holding a tensor a pass made (owned by the compiled graph, not by the user's module).
+
+    Registered as a buffer, so FX's get_attr finds its reference; aot_autograd (Inductor's front end) lifts a
+    dynamo graph's buffers to inputs and wants a dynamo source for each, and a buffer made here has none in the
+    user's code, so it gets a ConstantSource naming it.
+    """
+    gm.register_buffer(name, value)
+    sources = getattr(gm, "_param_name_to_source", None)
+    if isinstance(sources, dict):
+        from torch._dynamo.source import ConstantSource
+
+        sources[name] = ConstantSource(f"sqcompile_{name}")
+
+
 def add_constant(gm: fx.GraphModule, prefix: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
     """Hold `value` on `gm` (a copy owned by the compiled graph) and return a get_attr node reading it."""
     i = 0
     while hasattr(gm, f"{prefix}_{i}"):
         i += 1
     name = f"{prefix}_{i}"
-    # A plain tensor attribute, not a buffer: AOTAutograd lifts registered buffers as inputs it expects dynamo
-    # to have a source for; a plain attribute is traced as a constant of the compiled graph.
-    setattr(gm, name, value.detach().clone().contiguous())
+    register_constant(gm, name, value.detach().clone().contiguous())
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(name)
 

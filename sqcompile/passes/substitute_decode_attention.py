@@ -255,6 +255,10 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
     scale = arg(attn, 6, "scale")
     if scale is None:
         scale = 1.0 / math.sqrt(site.head_dim)
+    elif not isinstance(scale, fx.Node):
+        scale = float(scale)
+    # else: a graph input (dynamo makes a float argument symbolic once one code object has seen two values, e.g.
+    # two models with different head_dim in one process): the ops read it at run time, never a stale constant
     positions = qw.args[4]
     a = qw.args
     with gm.graph.inserting_before(attn):
@@ -280,7 +284,7 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
             exact_sink = (None,) * 3 if k_sink is None else (k_sink.args[1], v_sink.args[1], k_sink.args[2])
             new = (a[0], a[1], positions) if nodes.get("exact_new") else (None,) * 3
             ex = gm.graph.call_function(torch.ops.sqcompile.exact_split.default,
-                                        (q3, a[6], kv_mask, float(scale), *exact_sink, *new))
+                                        (q3, a[6], kv_mask, scale, *exact_sink, *new))
             sink = {name: gm.graph.call_function(operator.getitem, (ex, i))
                     for i, name in enumerate(("sink_score", "sink_value", "sink_pos"))}
         if _is_fast_write(qw):
@@ -291,11 +295,11 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
             k_fac, v_fac = (_column_factor(gm, site, lay, q, attn) for lay in (kl, vl))
             out = gm.graph.call_function(torch.ops.sqcompile.decode_attention_fast.default,
                                          (q3, a[2], a[3], lengths, a[5], k_fac, v_fac, kl.flat_groups(),
-                                          vl.flat_groups(), float(scale)), {"kv_mask": kv_mask, **sink})
+                                          vl.flat_groups(), scale), {"kv_mask": kv_mask, **sink})
         else:
             out = gm.graph.call_function(torch.ops.sqcompile.decode_attention.default,
                                          (q3, a[2], a[3], lengths, a[5], a[7], a[8], a[9], a[10], a[11], a[12],
-                                          a[13], a[14], a[15], float(scale)), {"kv_mask": kv_mask, **sink})
+                                          a[13], a[14], a[15], scale), {"kv_mask": kv_mask, **sink})
         out4 = gm.graph.call_method("unsqueeze", (out, 2))
     old_inputs = list(attn.all_input_nodes)
     attn.replace_all_uses_with(out4)

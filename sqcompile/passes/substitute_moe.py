@@ -13,7 +13,12 @@ Proof, per site (anything unproven is left alone with `site.leave(reason)`; neve
 
 The rewrite stores copies of the expert weights (contiguous, the kernel's layout) as new buffers on
 `gm` (or shares them: `copy_weights=False`); the user's module is never mutated. Qwen2-MoE's shared
-expert is outside R and stays as it is. Dynamic token counts are supported (sizes computed outside the
+expert is outside R and stays as it is.
+
+A site left alone because of its router (bias-corrected or group-limited selection, a routed scaling factor,
+sigmoid after top-k...) then gets `substitute_experts`: the region traced inside the block's `experts` module
+(HF 5.x's fused `*Experts`, called with the top-k ids and weights the model's router computed) is proven the same
+way against `experts_reference` and replaced by `fused_experts`; the router stays as the model wrote it. Dynamic token counts are supported (sizes computed outside the
 block take their hints in step 2).
 """
 from __future__ import annotations
@@ -25,7 +30,9 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from ..kernels import fused_moe as fused_moe_kernels
-from .detect_moe import example_value, op_name, same_size, shape_of, size_hint, weight_source
+from .detect_moe import (block_nodes, example_value, expert_differences, module_stack, moe_block_of, op_name,
+                         router_differences, same_size, shape_of, size_hint, weight_source)
+from .fx_utils import register_constant
 from .sites import Site
 
 # Ops an expert dispatch is made of (HF loop, grouped_mm and batched_mm forms, and plain variants).
@@ -38,7 +45,7 @@ _ALLOWED = {
     "repeat_interleave", "index_add_", "index_add", "index_select", "one_hot", "where", "nonzero",
     "eq", "ne", "gt", "greater", "any", "masked_fill", "scatter_add", "scatter_add_", "index_put_",
     "index_put", "linear", "clone", "size", "softmax", "_softmax", "sigmoid", "topk", "sym_size",
-    "sym_numel", "floor_divide",
+    "sym_numel", "floor_divide", "type_as",
 }
 _INPLACE = {"setitem", "mul_", "imul", "add_", "iadd", "itruediv", "div_", "index_add_",
             "scatter_add_", "index_put_"}
@@ -197,8 +204,9 @@ def _run_region(region: set[fx.Node], final: fx.Node, env: dict) -> torch.Tensor
     raise RuntimeError("final node not reached")
 
 
-def _prove_numerically(region, final, x, router_logits, w_nodes, w_values, sizes, site) -> Optional[str]:
-    """Run the region and the fused op's reference on random inputs; None when they agree.
+def _prove_numerically(region, final, x, router_logits, w_nodes, w_graph, w_values, sizes, site) -> Optional[str]:
+    """Run the region (on the graph's weights `w_graph`) and the fused op's reference (on `w_values`, the
+    kernel-layout weights it will be given) on random inputs; None when they agree.
 
     Symbolic sizes take their hints, and x gets the hinted token count, so they stay consistent.
     """
@@ -213,7 +221,7 @@ def _prove_numerically(region, final, x, router_logits, w_nodes, w_values, sizes
         logits = torch.randn(tokens, experts, generator=gen)
         logits[:, 0] += skew  # all tokens to expert 0 (the others get none)
         logits = logits.to(device=w_gate_up.device, dtype=example_value(router_logits).dtype)
-        env = {x: x_test, router_logits: logits, w_nodes[0]: w_gate_up, w_nodes[1]: w_down}
+        env = {x: x_test, router_logits: logits, w_nodes[0]: w_graph[0], w_nodes[1]: w_graph[1]}
         env.update({s: size_hint(s.meta.get("example_value", s.meta.get("val"))) for s in sizes})
         try:
             with torch.no_grad():
@@ -245,26 +253,58 @@ def _kernel_for(kernels: str, device: torch.device) -> tuple[str, Any]:
     return "torch", torch.ops.sqcompile.fused_moe.default
 
 
-def _register_constant(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
-    """A new buffer on gm that Inductor (aot_autograd) accepts in a dynamo graph.
-
-    aot_autograd lifts a dynamo graph's buffers to inputs and wants a dynamo source for each; a
-    buffer we create has none in the user's code, so it gets a ConstantSource naming it.
-    """
-    gm.register_buffer(name, value)
-    sources = getattr(gm, "_param_name_to_source", None)
-    if isinstance(sources, dict):
-        from torch._dynamo.source import ConstantSource
-
-        sources[name] = ConstantSource(name)
-
-
 def _unique_attr(gm: fx.GraphModule, base: str) -> str:
     name, i = base, 0
     while hasattr(gm, name):
         i += 1
         name = f"{base}_{i}"
     return name
+
+
+def _not_proven(gm: fx.GraphModule, site: Site, reason: str) -> str:
+    """The reason a detected site is left, with what its block does that the fused op does not (when seen)."""
+    nodes = block_nodes(gm, moe_block_of(site.nodes["topk"]))
+    found = [d for d in router_differences(nodes) if "no top-k" not in d and "softmax over the k chosen" not in d]
+    found += expert_differences(nodes, site.experts) if nodes else []
+    return f"not proven: {reason}" + (f" ({'; '.join(found)})" if found else "")
+
+
+def _kernel_layout(originals: list[torch.Tensor], transposed: bool, copy_weights: bool) -> list[torch.Tensor]:
+    """The expert weights in the kernel's [E, 2I, H] / [E, H, I] layout; the user's parameters are never touched.
+
+    Transposed experts ([E, H, 2I] / [E, I, H]) are always copied; others are shared when already contiguous and
+    copy_weights is False."""
+    if transposed:
+        return [w.detach().transpose(1, 2).contiguous() for w in originals]
+    return [w.detach() if not copy_weights and w.is_contiguous() else
+            w.detach().clone(memory_format=torch.contiguous_format) for w in originals]
+
+
+def _replace_block(gm: fx.GraphModule, tag: str, w_values: list[torch.Tensor], final: fx.Node, region: set,
+                   x: fx.Node, call) -> fx.Node:
+    """Register the kernel-layout weights on gm, put `call(w1, w2)` = (op, args) in place of `final` (cast to its
+    dtype), and erase the region's now-unused nodes. Returns the op's node."""
+    names = []
+    for suffix, value in zip(("w_gate_up", "w_down"), w_values):
+        name = _unique_attr(gm, f"{tag}_{suffix}")
+        register_constant(gm, name, value)
+        names.append(name)
+    graph = gm.graph
+    final_value, x_value = example_value(final), example_value(x)
+    with graph.inserting_before(final):
+        op, args = call(graph.get_attr(names[0]), graph.get_attr(names[1]))
+        fused = graph.call_function(op, args)
+        fused.meta["example_value"] = x_value.new_empty(x_value.shape) if final_value.dtype != x_value.dtype \
+            else final_value
+        out = fused
+        if final_value.dtype != x_value.dtype:
+            out = graph.call_method("to", (fused, final_value.dtype))
+            out.meta["example_value"] = final_value
+    final.replace_all_uses_with(out)
+    for node in reversed(list(graph.nodes)):
+        if node in region and not node.users:
+            graph.erase_node(node)
+    return fused
 
 
 def substitute_moe(gm: fx.GraphModule, sites: list[Site], example_inputs: Sequence[Any],
@@ -287,7 +327,7 @@ def substitute_moe(gm: fx.GraphModule, sites: list[Site], example_inputs: Sequen
             continue
         block, reason = _find_block(gm, site)
         if block is None:
-            site.leave(f"not proven: {reason}")
+            site.leave(_not_proven(gm, site, reason))
             continue
         final, region, x, sizes = block
         w_nodes = (site.nodes["w_gate_up"], site.nodes["w_down"])
@@ -296,38 +336,16 @@ def substitute_moe(gm: fx.GraphModule, sites: list[Site], example_inputs: Sequen
                for w in originals):
             site.leave("expert weights have no real values")
             continue
-        # Copies in the kernel's layout; the user's parameters are never touched.
-        w_values = [w.detach() if not copy_weights and w.is_contiguous() else
-                    w.detach().clone(memory_format=torch.contiguous_format) for w in originals]
-        reason = _prove_numerically(region, final, x, site.nodes["router_logits"], w_nodes, w_values, sizes, site)
+        w_values = _kernel_layout(originals, bool(site.nodes.get("transposed")), copy_weights)
+        reason = _prove_numerically(region, final, x, site.nodes["router_logits"], w_nodes,
+                                    [w.detach() for w in originals], w_values, sizes, site)
         if reason is not None:
-            site.leave(f"not proven: {reason}")
+            site.leave(_not_proven(gm, site, reason))
             continue
         kernel_name, op = _kernel_for(kernels, w_values[0].device)
-        tag = f"sq_moe_g{site.graph}_l{site.layer}"
-        names = []
-        for suffix, value in zip(("w_gate_up", "w_down"), w_values):
-            name = _unique_attr(gm, f"{tag}_{suffix}")
-            _register_constant(gm, name, value)
-            names.append(name)
-        graph = gm.graph
-        final_value = example_value(final)
-        with graph.inserting_before(final):
-            w1 = graph.get_attr(names[0])
-            w2 = graph.get_attr(names[1])
-            fused = graph.call_function(op, (x, site.nodes["router_logits"], w1, w2, site.top_k,
-                                             bool(site.nodes["renormalize"]), site.routing))
-            fused.meta["example_value"] = example_value(x).new_empty(example_value(x).shape) \
-                if final_value.dtype != example_value(x).dtype else final_value
-            out = fused
-            if final_value.dtype != example_value(x).dtype:
-                cast = graph.call_method("to", (out, final_value.dtype))
-                cast.meta["example_value"] = final_value
-                out = cast
-        final.replace_all_uses_with(out)
-        for node in reversed(list(graph.nodes)):
-            if node in region and not node.users:
-                graph.erase_node(node)
+        fused = _replace_block(gm, f"sq_moe_g{site.graph}_l{site.layer}", w_values, final, region, x,
+                               lambda w1, w2: (op, (x, site.nodes["router_logits"], w1, w2, site.top_k,
+                                                    bool(site.nodes["renormalize"]), site.routing)))
         site.rewritten = True
         site.reason = None
         site.kernel = kernel_name
@@ -336,3 +354,156 @@ def substitute_moe(gm: fx.GraphModule, sites: list[Site], example_inputs: Sequen
     if changed:
         gm.graph.lint()
         gm.recompile()
+    # what the router pattern could not prove may still have fused experts behind its own router
+    substitute_experts(gm, sites, example_inputs, kernels, copy_weights)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Experts only: the model's own router stays, its expert dispatch becomes `fused_experts`
+# ----------------------------------------------------------------------------------------------------
+
+def _experts_path(gm: fx.GraphModule, block: Optional[str]) -> Optional[str]:
+    """The path of the `experts` module inside the MoE block at `block` (HF's fused `*Experts`)."""
+    if block is None:
+        return None
+    for n in gm.graph.nodes:
+        for path, cls in module_stack(n):
+            if path == block + ".experts" or (path.startswith(block + ".") and cls.endswith("Experts")):
+                return path
+    return None
+
+
+def _experts_region(gm: fx.GraphModule, path: str):
+    """(final, region, inputs) of the nodes traced inside the experts module at `path`, or (None, reason)."""
+    region = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")
+              and any(p == path for p, _ in module_stack(n))]
+    if not region:
+        return None, "the experts run in another graph"
+    members = set(region)
+    final = region[-1]
+    for n in region:
+        if n is not final and any(u not in members for u in n.users):
+            return None, f"{n.name} of the experts is used outside them"
+    inputs = []
+    for n in region:
+        for i in n.all_input_nodes:
+            if i not in members and i not in inputs:
+                inputs.append(i)
+    return (final, members, inputs), None
+
+
+def _experts_inputs(inputs: list[fx.Node], final: fx.Node, experts: Optional[int]):
+    """Sort the experts' inputs into x [T, H], topk_weights / topk_ids [T, k] and the two 3-D weights."""
+    sizes = [i for i in inputs if _is_size(i)]
+    tensors = [i for i in inputs if i not in sizes]
+    out_shape = shape_of(final)
+    if out_shape is None or len(out_shape) != 2:
+        return None, "the experts' output is not [T, H]"
+    tokens, hidden = out_shape
+    w3 = [i for i in tensors if i.op in ("placeholder", "get_attr") and len(shape_of(i) or ()) == 3]
+    pairs = [i for i in tensors if i not in w3 and len(shape_of(i) or ()) == 2 and same_size(shape_of(i)[0], tokens)]
+    x = [i for i in pairs if same_size(shape_of(i)[1], hidden)]
+    routed = [i for i in pairs if i not in x]
+    ids = [i for i in routed if not example_value(i).is_floating_point()]
+    weights = [i for i in routed if example_value(i).is_floating_point()]
+    if len(w3) != 2 or len(x) != 1 or len(ids) != 1 or len(weights) != 1 or len(tensors) != 5:
+        return None, (f"the experts read {sorted(t.name for t in tensors)}, not x [T, H], the top-k weights and "
+                      "ids [T, k] and two stacked weights")
+    if shape_of(ids[0]) != shape_of(weights[0]):
+        return None, "top-k weights and ids differ in shape"
+    a, b = (tuple(shape_of(w)) for w in w3)
+    for gu, dn, (sa, sb) in ((w3[0], w3[1], (a, b)), (w3[1], w3[0], (b, a))):
+        if sa[0] == sb[0] and sa[2] == hidden and sb[1] == hidden and sa[1] == 2 * sb[2]:
+            return (x[0], weights[0], ids[0], gu, dn, False, sizes), None
+        if sa[0] == sb[0] and sa[1] == hidden and sb[2] == hidden and sa[2] == 2 * sb[1]:
+            return (x[0], weights[0], ids[0], gu, dn, True, sizes), None
+    return None, f"expert weights {a} / {b} are not a gate-up / down pair for hidden size {hidden}"
+
+
+def _prove_experts(region, final, x, weights, ids, w_nodes, w_graph, w_values, sizes) -> Optional[str]:
+    """Run the experts region (graph weights) and `experts_reference` (kernel-layout weights) on random routing."""
+    xv, wv = example_value(x), example_value(weights)
+    tokens, hidden = size_hint(xv.shape[0]), int(xv.shape[1])
+    top_k, experts = int(example_value(ids).shape[1]), int(w_values[0].shape[0])
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    tol = {torch.float32: 1e-4, torch.float64: 1e-9}.get(w_values[0].dtype, 3e-2)
+    device = w_values[0].device
+    for skew in (False, True):
+        x_test = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=xv.dtype)
+        rank = torch.rand(tokens, experts, generator=gen)
+        if skew:
+            rank[:, : top_k] += 2.0  # every token to the same k experts, the others get none
+        ids_test = rank.topk(top_k, dim=-1).indices.to(device=device, dtype=example_value(ids).dtype)
+        w_test = torch.rand(tokens, top_k, generator=gen).to(device=device, dtype=wv.dtype)
+        env = {x: x_test, weights: w_test, ids: ids_test, w_nodes[0]: w_graph[0], w_nodes[1]: w_graph[1]}
+        env.update({s: size_hint(s.meta.get("example_value", s.meta.get("val"))) for s in sizes})
+        try:
+            with torch.no_grad():
+                expected = _run_region(region, final, env)
+                got = fused_moe_kernels.experts_reference(x_test, w_test, ids_test, *w_values)
+        except Exception as e:  # noqa: BLE001 - any failure means "not proven"
+            return f"could not run the experts to check them ({type(e).__name__}: {e})"
+        if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
+            return "the experts' output is not [T, H]"
+        err = (expected.float() - got.float()).abs().max().item()
+        scale = expected.float().abs().max().item() + 1e-6
+        if not err <= tol * scale:
+            return f"the experts do not compute SiLU(gate) * up -> down (max error {err:.3g} of {scale:.3g})"
+    return None
+
+
+def substitute_experts(gm: fx.GraphModule, sites: list[Site], example_inputs: Sequence[Any],
+                       kernels: str = "auto", copy_weights: bool = True) -> None:
+    """For each MoE site left alone because of its router, replace the expert dispatch alone by `fused_experts`.
+
+    The router (bias-corrected, group-limited, scaled, softmax after top-k...) stays as the model wrote it; the
+    region traced inside the block's `experts` module must read only x [T, H], the top-k weights and ids and the two
+    stacked weights, and is checked numerically against `experts_reference` before anything changes.
+    """
+    changed = False
+    for site in sites:
+        if site.kind != "moe" or site.rewritten or site.reason is None or "substitution is off" in site.reason:
+            continue
+        block = site.nodes.get("block") or (moe_block_of(site.nodes["topk"]) if "topk" in site.nodes else None)
+        path = _experts_path(gm, block)
+        if path is None:
+            continue
+        found, why = _experts_region(gm, path)
+        if found is None:
+            site.reason += f"; experts alone not substituted: {why}"
+            continue
+        final, region, inputs = found
+        parts, why = _experts_inputs(inputs, final, site.experts)
+        if parts is None:
+            site.reason += f"; experts alone not substituted: {why}"
+            continue
+        x, weights, ids, w_gu, w_dn, transposed, sizes = parts
+        originals = [_real_value(gm, w, example_inputs) for w in (w_gu, w_dn)]
+        if any(w is None or w.device.type == "meta" or isinstance(w, torch._subclasses.FakeTensor)
+               for w in originals):
+            site.reason += "; experts alone not substituted: expert weights have no real values"
+            continue
+        w_values = _kernel_layout(originals, transposed, copy_weights)
+        why = _prove_experts(region, final, x, weights, ids, (w_gu, w_dn), [w.detach() for w in originals],
+                             w_values, sizes)
+        if why is not None:
+            site.reason += f"; experts alone not substituted: {why}"
+            continue
+        kernel_name, op = _experts_kernel_for(kernels, w_values[0].device)
+        fused = _replace_block(gm, f"sq_experts_g{site.graph}_l{site.layer}", w_values, final, region, x,
+                               lambda w1, w2: (op, (x, weights, ids, w1, w2)))
+        site.rewritten, site.reason, site.kernel, site.moe_form = True, None, kernel_name, "experts"
+        site.experts = int(w_values[0].shape[0])
+        site.top_k = int(example_value(ids).shape[1])
+        site.nodes["fused"] = fused
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+
+
+def _experts_kernel_for(kernels: str, device: torch.device) -> tuple[str, Any]:
+    name, _ = _kernel_for(kernels, device)
+    if name == "triton":
+        return "triton", torch.ops.sqcompile.fused_experts_triton.default
+    return "torch", torch.ops.sqcompile.fused_experts.default

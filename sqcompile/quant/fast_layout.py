@@ -362,7 +362,7 @@ def layout_for_budget(budget_bits: float, head_dim: int, objective: str = "mse",
     """(K layout, V layout), all groups token-scaled, bits in {1, 2, 4, 8}, K+V bytes per token
     <= 2 * budget * d / 8 (the K+V average <= budget * d / 8), each row a multiple of `align` bytes
     (2: the fp16 token scales stay aligned; 4: the kernel can load 32-bit words, but at 2.69 bits
-    that forces padded tiles and was 6% slower at 64K on an H100, benchmarks/decode_attention_fast_RESULTS.md).
+    that forces padded tiles and was 6% slower at 64K on an H100, benchmarks/decode_attention_fast.py --align 4).
 
     objective "mse" (default): the lowest total Gaussian MSE (sum over coordinates of the optimal
     uniform quantizer's MSE), then the most bytes; "bytes": the most bytes, then the lowest MSE.
