@@ -207,8 +207,9 @@ def check_profile(gm: fx.GraphModule, sites: list[Site], profile: Any) -> None:
                          f"model has at least {max(beyond) + 1} (an attention site at layer {max(beyond)})")
     _, p_heads, p_dim = (int(v) for v in profile.key_mean.shape)
     for s in rewritable:
+        kv_heads = (s.nodes.get("tp_kv_heads") or (0, s.kv_heads, s.kv_heads))[2]  # a sharded site: the model's count
         problems = [f"{name}: profile has {p}, model has {m}"
-                    for name, p, m in (("num_kv_heads", p_heads, s.kv_heads), ("head_dim", p_dim, s.head_dim)) if p != m]
+                    for name, p, m in (("num_kv_heads", p_heads, kv_heads), ("head_dim", p_dim, s.head_dim)) if p != m]
         if problems:
             raise ValueError("SpectralProfile does not match the model: " + "; ".join(problems) +
                              f" (attention at layer {s.layer})")
