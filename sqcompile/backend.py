@@ -109,6 +109,13 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
     if any(s.reason is not None for s in sites) and _reads_spectral_cache(gm):
         upgrade_spectral_sites(gm, sites)
     moe_sites = detect_moe(gm, graph_index)
+    if tensor_parallel:  # each site's kv-heads of the profile, from its k/v/o_proj shards
+        for site in sites:
+            if site.reason is None and not site.nodes.get("spectral"):
+                try:
+                    site.nodes["tp_kv_heads"] = site_kv_heads(gm, site, example_inputs)  # (first, stop, total) | None
+                except ValueError as e:
+                    site.leave(str(e))
     transform = _transform_for(opts) if any(not s.nodes.get("spectral") for s in sites) else None
     if transform is not None and transform.profile is not None:
         check_profile(gm, sites, transform.profile)  # one error, before any rewrite, on a profile/model mismatch
@@ -119,13 +126,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
             substitute_decode_attention(gm, site, example_inputs)
             site.rewritten = True
             continue
-        heads = None  # a tensor-parallel site: (first, stop, total) kv-heads of the profile
-        if tensor_parallel:
-            try:
-                heads = site_kv_heads(gm, site, example_inputs)
-            except ValueError as e:
-                site.leave(str(e))
-                continue
+        heads = site.nodes.get("tp_kv_heads")  # a tensor-parallel site: (first, stop, total) kv-heads of the profile
         rot = transform.layer(site.layer, site.kv_heads, site.head_dim, heads)  # raises on a profile/model mismatch
         insert_kv_rotation(gm, site, rot.key_basis, rot.key_mean)
         fold_value_rotation(gm, site, rot.value_basis, rot.value_mean, example_inputs)
@@ -206,8 +207,9 @@ def check_profile(gm: fx.GraphModule, sites: list[Site], profile: Any) -> None:
                          f"model has at least {max(beyond) + 1} (an attention site at layer {max(beyond)})")
     _, p_heads, p_dim = (int(v) for v in profile.key_mean.shape)
     for s in rewritable:
+        kv_heads = (s.nodes.get("tp_kv_heads") or (0, s.kv_heads, s.kv_heads))[2]  # a sharded site: the model's count
         problems = [f"{name}: profile has {p}, model has {m}"
-                    for name, p, m in (("num_kv_heads", p_heads, s.kv_heads), ("head_dim", p_dim, s.head_dim)) if p != m]
+                    for name, p, m in (("num_kv_heads", p_heads, kv_heads), ("head_dim", p_dim, s.head_dim)) if p != m]
         if problems:
             raise ValueError("SpectralProfile does not match the model: " + "; ".join(problems) +
                              f" (attention at layer {s.layer})")

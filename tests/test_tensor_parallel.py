@@ -48,7 +48,7 @@ MODES = {"rotation": {"quantize": False}, "quantized": {"bits": BITS}}
 # (dynamo's tracing is most of the time: each run is two graphs per rank)
 RUNS = {2: [(arch, mode) for arch in ARCHS for mode in MODES],
         4: [("llama", "quantized"), ("qwen2", "rotation"), ("mixtral", "quantized")]}
-TIMEOUT = 600  # seconds per spawn of all ranks (a hang, not a slow run: 2 cores shared by many jobs)
+TIMEOUT = 1200  # seconds per spawn of all ranks: a guard against a hang (a loaded 2-core machine took 600 for 2 ranks)
 
 
 def build(arch: str, **overrides) -> torch.nn.Module:
