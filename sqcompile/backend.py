@@ -132,7 +132,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
         fold_value_rotation(gm, site, rot.value_basis, rot.value_mean, example_inputs)
         if opts.quantize:
             insert_kv_quantization(gm, site, transform.codec(site.kv_heads, site.head_dim) if heads is None
-                                   else transform.sliced_codec(site.head_dim, heads))
+                                   else transform.sliced_codec(site.head_dim, heads), opts.outlier_tokens)
         site.rewritten = True
     if moe_sites and tensor_parallel:
         for s in moe_sites:

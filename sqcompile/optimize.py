@@ -23,9 +23,11 @@ class Optimized:
     def cache(self):
         """A fresh SpectralCache for one generation (packed storage, capacity max_cache_len)."""
         from .cache import SpectralCache
+        from .kernels.sink import OUTLIER_TOKENS
 
         return SpectralCache(self.model, profile=self.profile, bits=self.bits, max_cache_len=self.max_cache_len,
-                             max_batch_size=self.max_batch_size, layout=self.options.get("layout", "planes"))
+                             max_batch_size=self.max_batch_size, layout=self.options.get("layout", "planes"),
+                             outlier_tokens=self.options.get("outlier_tokens", OUTLIER_TOKENS))
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any):
         """`model.generate` with a new SpectralCache; kwargs go to generate (max_new_tokens, do_sample, ...)."""

@@ -33,6 +33,8 @@ class Options:
               mode="reduce-overhead" turns on for Inductor; torch.compile takes `mode` or `options`, not both,
               so this is the way with a profile). Removes the per-kernel host time that bounds small-batch
               decode; the caches' tensors are marked static (SpectralCache does it). No effect on CPU.
+    outlier_tokens: exact outlier tokens per row besides the sink, as `SpectralCache(outlier_tokens=...)`: what the
+              plain-cache simulation keeps exact and what `sqcompile.optimize`'s cache holds (default 4).
     """
 
     profile: Any = None
@@ -45,6 +47,7 @@ class Options:
     seed: int = 0
     layout: str = "planes"
     cudagraphs: bool = False
+    outlier_tokens: int = 4  # sqcompile.kernels.sink.OUTLIER_TOKENS (a test keeps the two equal)
 
     @classmethod
     def from_dict(cls, options: Union[None, dict, "Options"]) -> "Options":
@@ -84,6 +87,12 @@ class Options:
             raise ValueError("method 'spectralquant' needs a calibrated profile (options['profile'])")
         if self.layout not in LAYOUT_CHOICES:
             raise ValueError(f"option 'layout' must be one of {LAYOUT_CHOICES}, got {self.layout!r}")
+        from .kernels.sink import MAX_SLOTS
+
+        o = self.outlier_tokens
+        if isinstance(o, bool) or not isinstance(o, int) or not 0 <= o <= MAX_SLOTS - 1:
+            raise ValueError(f"option 'outlier_tokens' must be an int in 0..{MAX_SLOTS - 1} (the decode kernels skip at "
+                             f"most {MAX_SLOTS} exact tokens per row, the sink included), got {o!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"option 'seed' must be an int, got {self.seed!r}")
         if isinstance(self.profile, (str, Path)) and not Path(self.profile).exists():

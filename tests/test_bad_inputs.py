@@ -195,6 +195,8 @@ def test_nonfinite_token_does_not_spread_through_the_quantized_cache(tiny_llama,
     ({"lower": "tvm"}, ValueError, "'lower'"),
     ({"method": "gptq"}, ValueError, "'method'"),
     ({"seed": 1.5}, TypeError, "'seed'"),
+    ({"outlier_tokens": 8}, ValueError, "'outlier_tokens'"),
+    ({"outlier_tokens": True}, ValueError, "'outlier_tokens'"),
     ({"Quantize": False}, ValueError, "unknown spectralquant option"),
 ])
 def test_options_of_the_wrong_type(options, exc, needle):
@@ -206,6 +208,12 @@ def test_options_of_the_wrong_type(options, exc, needle):
     with pytest.raises(Exception) as e:
         fn(torch.randn(3))
     assert needle in _error_text(e)
+
+
+def test_outlier_tokens_option_defaults_to_the_caches():
+    from sqcompile.kernels.sink import OUTLIER_TOKENS
+
+    assert sqcompile.Options().outlier_tokens == OUTLIER_TOKENS
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no GPU can run Triton")

@@ -6,8 +6,8 @@ Attention reads, per layer, `SpectralCache`'s view of the sequence so far (`simu
 
 - every token's K/V quantized with the same codec, layout and packing as `SpectralCache(model, profile, bits,
   layout=...)` / `sqcompile.optimize` build from the same options (`KVTransform.codec`), bit for bit;
-- its exact slots (`keep_sink`, `outlier_tokens` = `sink.OUTLIER_TOKENS`, `exact_new`, all on as in
-  `SpectralCache`'s defaults): the sink (cache position 0), the `outlier_tokens` tokens whose keys lie farthest
+- its exact slots (`keep_sink`, `outlier_tokens` = the backend option of that name, default
+  `sink.OUTLIER_TOKENS`, and `exact_new`, as in `SpectralCache`'s defaults): the sink (cache position 0), the `outlier_tokens` tokens whose keys lie farthest
   from the calibrated key mean (over the whole sequence so far, the sink not counted: the slots `SpectralCache`
   holds after the same updates, since the top-k of a union is the top-k of the earlier top-k and the new tokens),
   and the update's own new tokens, read exact.
@@ -167,7 +167,7 @@ def _row_positions(site: Site) -> Optional[tuple]:
     return "index_copy", (pos, writers)
 
 
-def insert_kv_quantization(gm: fx.GraphModule, site: Site, codec) -> None:
+def insert_kv_quantization(gm: fx.GraphModule, site: Site, codec, outlier_tokens: int = OUTLIER_TOKENS) -> None:
     """Make attention at `site` read `SpectralCache`'s view of the plain cache (`simulate_read`); where the rows of
     the cache cannot be mapped to positions, quantize at the write instead (`fake_quant`, no exact slots)."""
     how = _row_positions(site)
@@ -209,7 +209,7 @@ def insert_kv_quantization(gm: fx.GraphModule, site: Site, codec) -> None:
         view = gm.graph.call_function(torch.ops.sqcompile.simulate_read.default, (
             k_base, v_base, new_positions, new_tokens if new_tokens is not None else 0, consts[0], consts[1],
             list(k_groups), consts[2], consts[3], list(v_groups), kf.packing == "fast", consts[4], consts[5], True,
-            OUTLIER_TOKENS, window))
+            outlier_tokens, window))
         k_view = gm.graph.call_function(operator.getitem, (view, 0))
         v_view = gm.graph.call_function(operator.getitem, (view, 1))
     for base, first, new_view, consumer in ((k_base, k_first, k_view, site.nodes["k_consumer"]),
