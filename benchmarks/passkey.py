@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1800, 3500])
     ap.add_argument("--depths", type=int, default=10, help="depths 0, 1/(n-1), ..., 1 of the filler")
     ap.add_argument("--ratio", type=float, default=5.0, help="compression vs FP16 (bits = 16 / ratio)")
-    ap.add_argument("--layouts", nargs="+", default=["fast", "planes"])
+    ap.add_argument("--layouts", nargs="*", default=["fast", "planes"])
     ap.add_argument("--no-fp16", action="store_true", help="skip the FP16 row (measured in another run)")
     ap.add_argument("--profile", default=None, help="a saved profile to load (else calibrate, and save here)")
     ap.add_argument("--threads", type=int, default=0)
