@@ -183,6 +183,13 @@ def compiled_with_report(fn, *args):
     return out, Report(sites=sink)
 
 
+def _build_or_skip(cfg_cls, model_name):
+    model, why = build(cfg_cls, model_name)
+    if model is None:
+        pytest.skip(f"tiny config not buildable: {why}")
+    return model
+
+
 def _first(out):
     out = out[0] if isinstance(out, tuple) else out
     return getattr(out, "logits", out)
@@ -191,9 +198,7 @@ def _first(out):
 @pytest.mark.parametrize("model_type,cfg_cls,model_name", ARCHS, ids=[a[0] for a in ARCHS])
 def test_moe_block(model_type, cfg_cls, model_name):
     t0 = time.time()
-    model, why = build(cfg_cls, model_name)
-    if model is None:
-        pytest.skip(f"tiny config not buildable: {why}")
+    model = _build_or_skip(cfg_cls, model_name)
     hidden = model.config.get_text_config().hidden_size
     checked = 0
     blocks = moe_blocks(model)
@@ -224,9 +229,7 @@ def test_moe_block(model_type, cfg_cls, model_name):
 @pytest.mark.parametrize("model_type,cfg_cls,model_name", ARCHS, ids=[a[0] for a in ARCHS])
 def test_every_moe_layer_is_reported(model_type, cfg_cls, model_name):
     t0 = time.time()
-    model, why = build(cfg_cls, model_name)
-    if model is None:
-        pytest.skip(f"tiny config not buildable: {why}")
+    model = _build_or_skip(cfg_cls, model_name)
     truth = moe_layers(model)
     ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(0))
     state = {k: v.clone() for k, v in model.state_dict().items()}

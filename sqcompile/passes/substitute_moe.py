@@ -222,21 +222,30 @@ def _prove_numerically(region, final, x, router_logits, w_nodes, w_graph, w_valu
         logits[:, 0] += skew  # all tokens to expert 0 (the others get none)
         logits = logits.to(device=w_gate_up.device, dtype=example_value(router_logits).dtype)
         env = {x: x_test, router_logits: logits, w_nodes[0]: w_graph[0], w_nodes[1]: w_graph[1]}
-        env.update({s: size_hint(s.meta.get("example_value", s.meta.get("val"))) for s in sizes})
-        try:
-            with torch.no_grad():
-                expected = _run_region(region, final, env)
-                got = fused_moe_kernels.fused_moe_reference(
-                    x_test, logits, w_gate_up, w_down, site.top_k, site.nodes["renormalize"], site.routing)
-        except Exception as e:  # noqa: BLE001 - any failure means "not proven"
-            return f"could not run the block to check it ({type(e).__name__}: {e})"
-        if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
-            return "the block's output is not [T, H]"
-        err = (expected.float() - got.float()).abs().max().item()
-        scale = expected.float().abs().max().item() + 1e-6
-        if not err <= tol * scale:
-            return f"the block does not compute the fused MoE (max error {err:.3g} of {scale:.3g})"
+        why = _compare(region, final, env, sizes, lambda: fused_moe_kernels.fused_moe_reference(
+            x_test, logits, w_gate_up, w_down, site.top_k, site.nodes["renormalize"], site.routing), tol,
+            "the block", "does not compute the fused MoE")
+        if why is not None:
+            return why
     return None
+
+
+def _compare(region: set, final: fx.Node, env: dict, sizes, reference, tol: float, subject: str,
+             claim: str) -> Optional[str]:
+    """Run the region on `env` (its symbolic sizes at their hints) and `reference()`: None when the outputs agree
+    within tol (relative to the region's max), else why not."""
+    env.update({s: size_hint(s.meta.get("example_value", s.meta.get("val"))) for s in sizes})
+    try:
+        with torch.no_grad():
+            expected = _run_region(region, final, env)
+            got = reference()
+    except Exception as e:  # noqa: BLE001 - any failure means "not proven"
+        return f"could not run {subject} to check it ({type(e).__name__}: {e})"
+    if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
+        return f"the output of {subject} is not [T, H]"
+    err = (expected.float() - got.float()).abs().max().item()
+    scale = expected.float().abs().max().item() + 1e-6
+    return None if err <= tol * scale else f"{subject} {claim} (max error {err:.3g} of {scale:.3g})"
 
 
 def _kernel_for(kernels: str, device: torch.device) -> tuple[str, Any]:
@@ -436,19 +445,10 @@ def _prove_experts(region, final, x, weights, ids, w_nodes, w_graph, w_values, s
         ids_test = rank.topk(top_k, dim=-1).indices.to(device=device, dtype=example_value(ids).dtype)
         w_test = torch.rand(tokens, top_k, generator=gen).to(device=device, dtype=wv.dtype)
         env = {x: x_test, weights: w_test, ids: ids_test, w_nodes[0]: w_graph[0], w_nodes[1]: w_graph[1]}
-        env.update({s: size_hint(s.meta.get("example_value", s.meta.get("val"))) for s in sizes})
-        try:
-            with torch.no_grad():
-                expected = _run_region(region, final, env)
-                got = fused_moe_kernels.experts_reference(x_test, w_test, ids_test, *w_values)
-        except Exception as e:  # noqa: BLE001 - any failure means "not proven"
-            return f"could not run the experts to check them ({type(e).__name__}: {e})"
-        if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
-            return "the experts' output is not [T, H]"
-        err = (expected.float() - got.float()).abs().max().item()
-        scale = expected.float().abs().max().item() + 1e-6
-        if not err <= tol * scale:
-            return f"the experts do not compute SiLU(gate) * up -> down (max error {err:.3g} of {scale:.3g})"
+        why = _compare(region, final, env, sizes, lambda: fused_moe_kernels.experts_reference(
+            x_test, w_test, ids_test, *w_values), tol, "the experts", "do not compute SiLU(gate) * up -> down")
+        if why is not None:
+            return why
     return None
 
 
