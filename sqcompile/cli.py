@@ -23,18 +23,13 @@ BENCHMARKS = {
 
 
 def _load_model(name: str):
-    if name.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
-        from .hf import load_smollm2
+    """`evaluate.load_model` ("smollm2", a local model directory or a .gguf file), its error as one line."""
+    from .evaluate import load_model
 
-        return load_smollm2()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(name)
-    if not path.is_dir():
-        raise SystemExit(f"sqcompile: --model must be 'smollm2' or a local model directory; {name!r} is neither "
-                         "(this tool never downloads from a model hub)")
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
-    return model, AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        return load_model(name)
+    except ValueError as e:
+        raise SystemExit(f"sqcompile: {e}") from None
 
 
 def cmd_calibrate(args) -> int:
