@@ -7,6 +7,13 @@ then delegates. The profile is the mean and the eigendecomposition of the center
 
 Token requirement: at least `head_dim + 1` tokens (a covariance of n tokens has rank <= n - 1, so fewer
 tokens cannot span all head_dim directions); in practice use thousands.
+
+Tensor parallel (a model sharded with `sqcompile.parallel.parallelize`, or any plan whose k_proj weights are
+DTensors): each rank sees only its kv-heads' keys and values, so the per-head sums are all-gathered over the k_proj
+weight's process group before the eigendecomposition; every rank then holds the whole profile, equal (float
+rounding apart) to the unsharded model's on the same text. The ranks must be given the same text (checked), they
+stop at the same window (a rank out of `seconds` stops them all), and `sensitivity_tokens` is refused (its
+simulated cache chooses outlier tokens per rank).
 """
 from __future__ import annotations
 
@@ -51,8 +58,39 @@ class MomentAccumulator:
                 self.outers[kind][layer_idx] += o
         self.counts[layer_idx] += key_states.shape[0] * key_states.shape[2]
 
+    def missing_layers(self) -> list[int]:
+        return [l for l in range(self.num_layers) if self.sums["key"][l] is None]
+
+    def gather_heads(self, group: Any, first: int, stop: int, num_kv_heads: int) -> None:
+        """Replace this rank's sums over kv-heads [first, stop) by all heads' sums, all-gathered over the
+        tensor-parallel process `group` (every rank of it calls this, each with its own heads)."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        shards: list = [None] * world
+        dist.all_gather_object(shards, (first, stop, list(self.counts), self.missing_layers()), group=group)
+        for r, (_, _, _, missing) in enumerate(shards):
+            if missing:
+                raise RuntimeError(f"calibration saw no keys for layers {missing} on tensor-parallel rank {r}: did "
+                                   f"the model call Cache.update?")
+        if any(counts != list(self.counts) for _, _, counts, _ in shards):
+            raise RuntimeError(f"tensor-parallel ranks saw different token counts per layer: "
+                               f"{[counts for _, _, counts, _ in shards]}")
+        order = sorted(range(world), key=lambda r: shards[r][0])
+        heads = [tuple(shards[r][:2]) for r in order]
+        starts = [0] + [b for _, b in heads[:-1]]
+        if [a for a, _ in heads] != starts or heads[-1][1] != num_kv_heads or len({b - a for a, b in heads}) != 1:
+            raise ValueError(f"tensor-parallel ranks hold kv-heads {heads}: expected equal shares that tile "
+                             f"0..{num_kv_heads} (sqcompile.parallel.parallelize)")
+        for kind in ("key", "value"):
+            for store in (self.sums, self.outers):
+                local = torch.stack(store[kind]).contiguous()  # [L, heads of this rank, ...]
+                parts = [torch.empty_like(local) for _ in range(world)]
+                dist.all_gather(parts, local, group=group)
+                store[kind] = list(torch.cat([parts[r] for r in order], dim=1).unbind(0))
+
     def to_profile(self, fingerprint: dict, meta: Optional[dict] = None) -> SpectralProfile:
-        missing = [l for l in range(self.num_layers) if self.sums["key"][l] is None]
+        missing = self.missing_layers()
         if missing:
             raise RuntimeError(f"calibration saw no keys for layers {missing}: did the model call Cache.update?")
         if len(set(self.counts)) != 1:
@@ -133,8 +171,13 @@ def calibrate(model, texts_or_batches: Union[str, Tensor, Iterable], seconds: fl
     sequences are cut into independent windows of `chunk` tokens (each starting at position 0, like
     the prefixes the model sees). Stops at `max_tokens` or after `seconds` (at window granularity,
     always at least one window) and records how many tokens it used in `profile.tokens`.
+
+    On a tensor-parallel model every rank of the group calls it with the same text and gets the whole profile
+    (the module doc); for a profile that does not depend on timing, bound it by `max_tokens`.
     """
     from tqdm.auto import tqdm
+
+    from .parallel import kv_head_shard
 
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     config = _model_config(model)
@@ -148,6 +191,15 @@ def calibrate(model, texts_or_batches: Union[str, Tensor, Iterable], seconds: fl
         raise ValueError(
             f"calibration text too short: {available} tokens, need at least head_dim + 1 = {needed} "
             f"(a covariance of n tokens has rank <= n - 1); thousands are recommended")
+    shard = kv_head_shard(model)  # (group, first, stop) on a tensor-parallel model
+    if shard is not None:
+        if sensitivity_tokens > 0:
+            raise ValueError("calibrate on a tensor-parallel model: sensitivity_tokens > 0 is not supported (the "
+                             "sensitivity pass's simulated cache picks outlier tokens per rank, from its own kv-heads, "
+                             "so ranks would measure different models); calibrate with sensitivity_tokens=0, or "
+                             "measure sensitivity on the unsharded model")
+        _check_same_text(windows, max_tokens, chunk, shard[0])
+        progress = progress and _group_rank(shard[0]) == 0
 
     accumulator = MomentAccumulator(fingerprint["num_layers"])
     cache_cls = _dynamic_cache_class()
@@ -163,7 +215,10 @@ def calibrate(model, texts_or_batches: Union[str, Tensor, Iterable], seconds: fl
             if used >= max_tokens:
                 break
             # stop before a window that would overrun the budget (at least one window always runs)
-            if used > 0 and time.monotonic() - start + last_window_s > seconds:
+            over = used > 0 and time.monotonic() - start + last_window_s > seconds
+            if shard is not None:  # every rank stops at the same window: the forward's all-reduces need them all
+                over = _any_rank(over, shard[0], device)
+            if over:
                 stopped_by_time = True
                 break
             t0 = time.monotonic()
@@ -185,12 +240,53 @@ def calibrate(model, texts_or_batches: Union[str, Tensor, Iterable], seconds: fl
         "calibration used %d of %d available tokens in %.1fs (stopped by %s)", used, available, elapsed, reason)
     meta = {"method": "moments", "seconds": seconds, "elapsed_s": round(elapsed, 2), "chunk": chunk,
             "max_tokens": max_tokens, "stopped_by": reason, "model": getattr(config, "_name_or_path", "")}
+    if shard is not None:
+        accumulator.gather_heads(shard[0], shard[1], shard[2], fingerprint["num_kv_heads"])
+        meta["tensor_parallel"] = _group_size(shard[0])
     profile = accumulator.to_profile(fingerprint, meta)
     profile.tokens = used
     if sensitivity_tokens > 0:
         ids = torch.cat([w.reshape(-1) for w in windows])[:sensitivity_tokens]
         measure_kv_sensitivity(model, ids, profile, progress=progress)
     return profile
+
+
+def _group_rank(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank(group)
+
+
+def _group_size(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)
+
+
+def _check_same_text(windows: list[Tensor], max_tokens: int, chunk: int, group) -> None:
+    """Every tensor-parallel rank must calibrate on the same windows (the forward's collectives pair them up)."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    digest = hashlib.sha256()
+    for w in windows:
+        digest.update(w.cpu().numpy().tobytes())
+    mine = (len(windows), max_tokens, chunk, digest.hexdigest())
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    if any(other != mine for other in everyone):
+        raise ValueError("calibrate on a tensor-parallel model: the ranks were given different calibration text or "
+                         "settings ((windows, max_tokens, chunk, sha256) per rank: "
+                         f"{everyone}); every rank must pass the same")
+
+
+def _any_rank(flag: bool, group, device) -> bool:
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 # --- per-(layer, kind) sensitivity for the layer-adaptive codec --------------------------------------------

@@ -18,13 +18,19 @@ whose inference path runs local linears and an explicit all-reduce: tested with 
 the all-reduce dynamo put after o_proj stays as it is), reads each site's kv-heads from its k/v/o_proj shards and
 takes that slice of the profile's (or the codec's) bases; `SpectralCache` on a sharded model allocates the packed
 codes of its rank's kv-heads only (1/N of the bytes). The codec is built from the whole profile and then sliced,
-so every rank's formats and bases are the unsharded model's, head for head.
+so every rank's formats and bases are the unsharded model's, head for head. `sqcompile.optimize(model, profile)`
+on a sharded model compiles the same way and its `generate` builds such a cache.
+
+`sqcompile.calibrate(model, texts)`, called on every rank with the same text, all-gathers each rank's per-kv-head
+sums over the k_proj weight's process group (`kv_head_shard`), so every rank gets the whole profile, the unsharded
+model's up to float rounding. The ranks stop at the same window (a token budget, `max_tokens`, makes the profile
+independent of timing); `sensitivity_tokens` is refused (its simulated cache picks outlier tokens per rank).
 
 A `SpectralCache`'s outlier slots (`outlier_tokens`) are chosen per rank, by the distance of the rank's own
 kv-heads' keys from their mean (the unsharded cache sums it over all kv-heads: choosing the same tokens would need an
 all-reduce inside the cache write), so with outlier slots a rank may keep other tokens exact than the unsharded cache
 does; the sink and the new tokens are the same, and with `outlier_tokens=0` the ranks' codes and logits are the
-unsharded cache's.
+unsharded cache's. The backend's simulation on a plain cache (its `outlier_tokens` option) chooses them per rank too.
 
 Supported: kv-heads and query heads divisible by the world size (each rank whole heads; `parallelize` raises
 otherwise: replicating kv-heads across ranks is not done), a 1-D mesh, separate q/k/v projections. Left alone (with
@@ -92,9 +98,9 @@ def parallelize(model: torch.nn.Module, mesh: Any, mlp: bool = True) -> torch.nn
     return parallelize_module(model, mesh, tensor_parallel_plan(model, mlp=mlp))
 
 
-def local_kv_heads(model: Any) -> Optional[tuple[int, int]]:
-    """(first, stop) kv-heads this rank holds, read from the first attention's sharded k_proj weight; None for a
-    model that is not sharded (or a config)."""
+def _k_proj_shard(model: Any) -> Optional[tuple[Any, int, int]]:
+    """(sharded k_proj weight, first, stop kv-heads) of the first attention whose k_proj weight is a DTensor; None for
+    a model that is not sharded (or a config)."""
     if not isinstance(model, torch.nn.Module):
         return None
     try:
@@ -114,8 +120,22 @@ def local_kv_heads(model: Any) -> Optional[tuple[int, int]]:
         if offset[0] % head_dim or shape[0] % head_dim:
             raise ValueError(f"sqcompile tensor parallel: this rank's k_proj rows [{offset[0]}, {offset[0] + shape[0]})"
                              f" are not whole kv-heads of head_dim {head_dim}")
-        return offset[0] // head_dim, (offset[0] + shape[0]) // head_dim
+        return w, offset[0] // head_dim, (offset[0] + shape[0]) // head_dim
     return None
+
+
+def local_kv_heads(model: Any) -> Optional[tuple[int, int]]:
+    """(first, stop) kv-heads this rank holds, read from the first attention's sharded k_proj weight; None for a
+    model that is not sharded (or a config)."""
+    shard = _k_proj_shard(model)
+    return None if shard is None else shard[1:]
+
+
+def kv_head_shard(model: Any) -> Optional[tuple[Any, int, int]]:
+    """(process group, first, stop): the tensor-parallel group over which a sharded model's kv-heads are split (the
+    device mesh of its k_proj weight) and this rank's kv-heads; None for a model that is not sharded."""
+    shard = _k_proj_shard(model)
+    return None if shard is None else (shard[0].device_mesh.get_group(), shard[1], shard[2])
 
 
 def slice_codec(codec: Any, start: int, stop: int) -> Any:
@@ -135,4 +155,4 @@ def slice_codec(codec: Any, start: int, stop: int) -> Any:
                                config=dict(codec.config, kv_heads=(start, stop)))
 
 
-__all__ = ["check_divisible", "local_kv_heads", "parallelize", "slice_codec", "tensor_parallel_plan"]
+__all__ = ["check_divisible", "kv_head_shard", "local_kv_heads", "parallelize", "slice_codec", "tensor_parallel_plan"]
