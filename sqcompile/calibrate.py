@@ -10,10 +10,10 @@ tokens cannot span all head_dim directions); in practice use thousands.
 
 Tensor parallel (a model sharded with `sqcompile.parallel.parallelize`, or any plan whose k_proj weights are
 DTensors): each rank sees only its kv-heads' keys and values, so the per-head sums are all-gathered over the k_proj
-weight's process group before the eigendecomposition; every rank then holds the whole profile, equal (float
-rounding apart) to the unsharded model's on the same text. The ranks must be given the same text (checked), they
-stop at the same window (a rank out of `seconds` stops them all), and `sensitivity_tokens` is refused (its
-simulated cache chooses outlier tokens per rank).
+weight's process group before the eigendecomposition; every rank then holds the same whole profile, equal to the
+unsharded model's on the same text up to float rounding (which may flip an eigenvector's sign, eigh's free choice).
+The ranks must be given the same text (checked), they stop at the same window (a rank out of `seconds` stops them
+all), and `sensitivity_tokens` is refused (its simulated cache chooses outlier tokens per rank).
 """
 from __future__ import annotations
 

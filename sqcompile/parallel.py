@@ -22,9 +22,10 @@ so every rank's formats and bases are the unsharded model's, head for head. `sqc
 on a sharded model compiles the same way and its `generate` builds such a cache.
 
 `sqcompile.calibrate(model, texts)`, called on every rank with the same text, all-gathers each rank's per-kv-head
-sums over the k_proj weight's process group (`kv_head_shard`), so every rank gets the whole profile, the unsharded
-model's up to float rounding. The ranks stop at the same window (a token budget, `max_tokens`, makes the profile
-independent of timing); `sensitivity_tokens` is refused (its simulated cache picks outlier tokens per rank).
+sums over the k_proj weight's process group (`kv_head_shard`), so every rank gets the same whole profile, the
+unsharded model's up to float rounding (and eigenvector signs, eigh's free choice). The ranks stop at the same
+window (a token budget, `max_tokens`, makes the profile independent of timing); `sensitivity_tokens` is refused (its
+simulated cache picks outlier tokens per rank).
 
 A `SpectralCache`'s outlier slots (`outlier_tokens`) are chosen per rank, by the distance of the rank's own
 kv-heads' keys from their mean (the unsharded cache sums it over all kv-heads: choosing the same tokens would need an
