@@ -42,7 +42,8 @@ torch.manual_seed(0)  # the same model and profile on every rank
 config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                      num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=512)
 model = LlamaForCausalLM(config).eval().to(args.device)
-profile = sqcompile.SpectralProfile.random(2, 4, 16, num_heads=8, seed=1)  # or sqcompile.calibrate(...) unsharded
+profile = sqcompile.SpectralProfile.random(2, 4, 16, num_heads=8, seed=1)
+# a real one: sqcompile.calibrate(model, texts), here or on every rank after parallelize (the same profile)
 ids = torch.randint(3, 256, (1, 24), device=args.device)
 options = {"profile": profile, "bits": args.bits, "lower": args.lower}
 # No outlier slots: a rank picks its outliers by its own kv-heads' keys, the unsharded cache by all of them

@@ -54,7 +54,8 @@ def optimize(model: Any, profile: Any = None, *, bits: float = DEFAULT_BITS, max
              max_batch_size: Optional[int] = None, **options: Any) -> Optimized:
     """Compile `model.forward` with backend="spectralquant" (the module's weights are not touched; its
     `forward` attribute is replaced by the compiled one) and return an `Optimized` handle whose `generate`
-    uses a `SpectralCache`. `options` are the backend's (kernels, moe, lower, ...)."""
+    uses a `SpectralCache`. `options` are the backend's (kernels, moe, lower, ...). On a tensor-parallel model
+    (`sqcompile.parallel`) every rank calls it; each rank's cache holds its own kv-heads."""
     opts = dict(options, profile=profile, bits=bits)
     Options.from_dict(opts)  # validate now, not at the first call
     model.forward = torch.compile(model.forward, backend="spectralquant", options=opts)
