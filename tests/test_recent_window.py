@@ -179,22 +179,15 @@ def test_compiled_decode_reads_the_window_and_equals_the_eager_cache():
     """Tiny Llama, recent_window=8, prefill 12 tokens + 8 greedy decode steps (the ring wraps twice): the compiled
     step (the backend's decode op with the window in its exact split) gives the eager cache's logits, the decode
     graph reads no dequantized cache, and the rings hold the same tokens."""
-    from sqcompile.backend import spectralquant
     from sqcompile.cache import SpectralCache
     from test_hf_models import _model
-    from test_spectral_cache import _lockstep
+    from test_spectral_cache import _lockstep, recording_backend
 
     torch._dynamo.reset()
     model = _model("llama")
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
     graphs = []
-
-    def backend(gm, example_inputs):
-        fn = spectralquant(gm, example_inputs, options={"lower": "eager"})
-        graphs.append(gm)
-        return fn
-
-    step = torch.compile(model.forward, backend=backend)
+    step = torch.compile(model.forward, backend=recording_backend(graphs))
     kw = dict(bits=2.75, max_cache_len=32, layout="fast", recent_window=8)
     eager_cache, compiled_cache = SpectralCache(model, **kw), SpectralCache(model, **kw)
     with torch.no_grad():

@@ -26,6 +26,19 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _exact_positions(ptrs, valid, row_mask, npos, HAS_MASK: tl.constexpr, HAS_NEW: tl.constexpr):
+    """(positions int32 at ptrs, -1 where not valid; which of them count: held (>= 0), not hidden by the row's token
+    mask, not the step's new token, which counts from its own copy)."""
+    p = tl.load(ptrs, mask=valid, other=-1).to(tl.int32)
+    ok = valid & (p >= 0)
+    if HAS_MASK:
+        ok = ok & (tl.load(row_mask + tl.maximum(p, 0), mask=ok, other=0) != 0)
+    if HAS_NEW:
+        ok = ok & (p != npos)
+    return p, ok
+
+
+@triton.jit
 def _exact_split_kernel(Q, KM, MASK, SK, SV, SP, NK, NV, NP, WK, WV, WP, SCORE, VALUE, POS,
                         Hq, G, Hkv, S, T, NW, scale,
                         q_sb, q_sh, nk_sb, nk_sh, nv_sb, nv_sh,
@@ -56,12 +69,7 @@ def _exact_split_kernel(Q, KM, MASK, SK, SV, SP, NK, NV, NP, WK, WV, WP, SCORE, 
     p = tl.full([BLOCK_S], -1, tl.int32)
     if HAS_SLOTS:
         sm = sl < S
-        p = tl.load(SP + b * S + sl, mask=sm, other=-1).to(tl.int32)
-        ok = sm & (p >= 0)
-        if HAS_MASK:
-            ok = ok & (tl.load(MASK + b * T + tl.maximum(p, 0), mask=ok, other=0) != 0)
-        if HAS_NEW:
-            ok = ok & (p != npos)
+        p, ok = _exact_positions(SP + b * S + sl, sm, MASK + b * T, npos, HAS_MASK, HAS_NEW)
         rows = ((b * Hkv + h) * S + sl) * D
         tile = sm[:, None] & dm[None, :]
         k = tl.load(SK + rows[:, None] + d[None, :], mask=tile, other=0.0)
@@ -93,12 +101,7 @@ def _exact_split_kernel(Q, KM, MASK, SK, SV, SP, NK, NV, NP, WK, WV, WP, SCORE, 
         for w0 in range(0, NW, BLOCK_W):
             ws = w0 + wr
             wm = ws < NW
-            wp = tl.load(WP + b * NW + ws, mask=wm, other=-1).to(tl.int32)
-            wok = wm & (wp >= 0)
-            if HAS_MASK:
-                wok = wok & (tl.load(MASK + b * T + tl.maximum(wp, 0), mask=wok, other=0) != 0)
-            if HAS_NEW:
-                wok = wok & (wp != npos)
+            wp, wok = _exact_positions(WP + b * NW + ws, wm, MASK + b * T, npos, HAS_MASK, HAS_NEW)
             if HAS_SLOTS:  # held by a slot (p = -1 for none; wp >= 0 here)
                 wok = wok & (tl.max((wp[:, None] == p[None, :]).to(tl.int32), 1) == 0)
             rows = ((b * Hkv + h) * NW + ws) * D
