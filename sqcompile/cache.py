@@ -122,7 +122,8 @@ class SpectralLayer(StaticLayer):
             # replay (4 copies per layer, 2 MiB), and the CUDA decode op's query matrix, cached per k_basis
             # address, was rebuilt inside the graph from the copy (index and copy kernels at every step).
             sink = (self.sink_k, self.sink_v, self.sink_pos, self.sink_crit) if self.slots else ()
-            for t in (self.keys, self.values, self.cumulative_length, *sink, *constants):
+            window = (self.window_k, self.window_v, self.window_pos) if self.recent_window else ()
+            for t in (self.keys, self.values, self.cumulative_length, *sink, *window, *constants):
                 torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
@@ -186,16 +187,15 @@ class SpectralLayer(StaticLayer):
 
     def _store_window(self, key_states: torch.Tensor, v_store: torch.Tensor, positions: torch.Tensor) -> None:
         """The ring of the `recent_window` last tokens: position p in slot p % W (K model basis, V storage basis,
-        fp16); eager reads replace the dequantized rows of the positions it holds with these."""
-        if _is_compiling():
-            raise NotImplementedError("recent_window is read by the eager SpectralCache only: the decode kernels do "
-                                      "not read the window yet (use recent_window=0 under torch.compile)")
+        fp16); reads replace the dequantized rows of the positions it holds with these (`sqcompile::put_window`), and
+        a compiled decode step reads it as part of its exact split (`sqcompile::exact_split`), the codes only up to
+        the window's first position (`sink.codes_lengths`)."""
         m = min(key_states.shape[-2], self.recent_window)
         pos = positions[-m:]
         slot = pos % self.recent_window
-        self.window_k[:, :, slot] = key_states[:, :, -m:].to(torch.float16)
-        self.window_v[:, :, slot] = v_store[:, :, -m:].to(torch.float16)
-        self.window_pos[:, slot] = pos
+        self.window_k.index_copy_(2, slot, key_states[:, :, -m:].to(torch.float16))
+        self.window_v.index_copy_(2, slot, v_store[:, :, -m:].to(torch.float16))
+        self.window_pos.index_copy_(1, slot, pos[None, :].expand(self.window_pos.shape[0], m).contiguous())
 
     def _store_exact(self, key_states, v_store, positions, position_ids) -> None:
         """Copy the new tokens that become exact slots. Slot 0 (`keep_sink`): the sink, by `position_ids` [B|1, n]
@@ -289,8 +289,8 @@ class SpectralLayer(StaticLayer):
         tokens' exact K/V over theirs (`fresh`: a prompt attends to itself in full precision; a decode
         step to its own token); later steps read them compressed. Values are replaced in the storage basis (what
         SDPA reads once o_proj absorbs the basis), keys in the model basis."""
-        if self.recent_window:  # eager only (_store_window)
-            _put_rows(v_store_hat, self.window_v, self.window_pos)
+        if self.recent_window:
+            v_store_hat = torch.ops.sqcompile.put_window(v_store_hat, self.window_v, self.window_pos)
         if self.slots:
             v_store_hat = torch.ops.sqcompile.put_sink(v_store_hat, self.sink_v, self.sink_pos)
         if fresh is not None:
@@ -298,7 +298,7 @@ class SpectralLayer(StaticLayer):
         k_hat = torch.matmul(k_store, self.k_basis) + self.k_mean[None, :, None, :]
         v_hat = torch.matmul(v_store_hat, self.v_basis) + self.v_mean[None, :, None, :]
         if self.recent_window:
-            _put_rows(k_hat, self.window_k, self.window_pos)
+            k_hat = torch.ops.sqcompile.put_window(k_hat, self.window_k, self.window_pos)
         if self.slots:
             k_hat = torch.ops.sqcompile.put_sink(k_hat, self.sink_k, self.sink_pos)
         if fresh is not None:
@@ -366,8 +366,8 @@ class SpectralCache(Cache):
     reads is the same; a step costs O(new tokens) instead of O(capacity), at FP32 K/V memory for the capacity: for
     token-by-token evaluation on a CPU, `sqcompile.evaluate.evaluate_decode`; compiled steps never use it).
     `recent_window` W: the last W tokens also kept exact (fp16) in a ring beside the codes, 4 * W * head_dim bytes
-    per layer, batch row and kv-head (counted in `sequence_nbytes`); read by the eager path only for now (under
-    torch.compile it is an error, not a silent difference).
+    per layer, batch row and kv-head (counted in `sequence_nbytes`); compiled decode steps read it in their exact
+    split (`sqcompile::exact_split`) and the codes only before it.
     """
 
     def __init__(self, model_or_config: Any, profile: Any = None, bits: float = 4.25, max_cache_len: int = 4096,

@@ -28,19 +28,24 @@ def _lockstep(model, step, eager_cache, compiled_cache, ids, steps, tag=()):
     return x
 
 
+def recording_backend(graphs: list):
+    """The spectralquant backend (lower="eager") that appends each graph it rewrote to `graphs`."""
+
+    def backend(gm, example_inputs):
+        fn = spectralquant(gm, example_inputs, options={"lower": "eager"})
+        graphs.append(gm)
+        return fn
+
+    return backend
+
+
 @pytest.mark.parametrize("arch,layout", [("llama", "planes"), ("qwen2", "planes"), ("llama", "fast"), ("qwen2", "fast")])
 def test_compiled_fused_decode_equals_eager_spectral_cache(arch, layout):
     torch._dynamo.reset()
     model = _model(arch)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     decode_graphs = []
-
-    def backend(gm, example_inputs):
-        fn = spectralquant(gm, example_inputs, options={"lower": "eager"})
-        decode_graphs.append(gm)
-        return fn
-
-    step = torch.compile(model.forward, backend=backend)
+    step = torch.compile(model.forward, backend=recording_backend(decode_graphs))
     eager_cache = SpectralCache(model, bits=3.25, max_cache_len=40, layout=layout)
     compiled_cache = SpectralCache(model, bits=3.25, max_cache_len=40, layout=layout)
     with torch.no_grad():

@@ -21,6 +21,13 @@ farthest from the key mean exact the same way (slot form: sink_k / sink_v [B, Hk
 one-token form [B, Hkv, d] / [B] is still taken everywhere). The decode graph holds two ops for them, each one node
 for Inductor: `sqcompile::store_exact` (the slot update at the write) and `sqcompile::exact_split` (the extra
 split); on CUDA each is one Triton launch (`sink_triton.py`).
+
+Recent window: `SpectralCache(recent_window=W)` keeps the last W tokens exact in a ring (fp16 window_k model basis,
+window_v storage basis, window_pos [B, W]; position p in slot p % W). Reads put its rows over the dequantized cache
+(`sqcompile::put_window`, under the slots and the new token); a compiled decode step hands the ring to
+`sqcompile::exact_split`, which merges it into the same extra split (a ring position that a slot or the new token
+also holds counts once, from that copy), and the decode kernel reads the codes only before the ring's first
+position (`codes_lengths`).
 """
 from __future__ import annotations
 
@@ -68,6 +75,27 @@ def put_sink(x: torch.Tensor, sink: torch.Tensor, sink_pos: torch.Tensor) -> tor
 
 @put_sink.register_fake
 def _(x, sink, sink_pos):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sqcompile::put_window", mutates_args=())
+def put_window(x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, d] with row pos[b, s] of batch row b replaced by rows[b, :, s] (the recent window's ring: rows
+    [B, H, W, d], pos [B, W]; -1 or >= T: nothing). `put_sink` for W rows in one scatter instead of W passes over
+    x; its own op so that the substitution pass tells the window from the exact slots."""
+    B, H, T, D = x.shape
+    W = pos.shape[-1]
+    if rows.dim() != 4 or rows.shape != (B, H, W, D) or pos.shape != (B, W):
+        raise ValueError(f"put_window: x {tuple(x.shape)} needs rows [{B}, {H}, W, {D}] and pos [{B}, W], got "
+                         f"{tuple(rows.shape)} / {tuple(pos.shape)}")
+    at = torch.where((pos >= 0) & (pos < T), pos.long(), T)  # T: a scratch row past the end, dropped
+    out = torch.cat([x, x.new_zeros(B, H, 1, D)], 2)
+    out.scatter_(2, at[:, None, :, None].expand(B, H, W, D), rows.to(x.dtype))
+    return out[:, :, :T].contiguous()
+
+
+@put_window.register_fake
+def _(x, rows, pos):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -123,49 +151,90 @@ def sink_inputs(q: torch.Tensor, sink_k: torch.Tensor, k_mean: torch.Tensor, sin
     return score.reshape(B, Hq), value.reshape(B, Hq, D), sink_pos.to(torch.int32)
 
 
+def window_scores(q: torch.Tensor, window: tuple, k_mean: torch.Tensor, kv_mask: Optional[torch.Tensor],
+                  scale: float, exact_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, Hkv, G, W] scores of the recent-window ring (window_k [B, Hkv, W, d] model basis, window_v, window_pos
+    [B, W]): -inf for an empty slot, one the mask hides, and one whose position an exact copy of higher precedence
+    holds (`exact_pos` [B, S'] int: the exact slots and the step's new token; the eager read puts them over the
+    window's rows, so here they count once, from their own fp32 copy)."""
+    window_k, _, window_pos = window
+    s = _slot_scores(q, window_k.float(), k_mean, window_pos.long(), kv_mask, scale)
+    if exact_pos is not None:
+        held = exact_pos.long()
+        dup = ((window_pos.long()[:, :, None] == held[:, None, :]) & (held[:, None, :] >= 0)).any(-1)  # [B, W]
+        s = torch.where(dup[:, None, None, :], float("-inf"), s)
+    return s
+
+
+def codes_lengths(length: torch.Tensor, window_pos: torch.Tensor) -> torch.Tensor:
+    """int32 [B]: how many leading cache positions a decode kernel reads from the codes when the recent window
+    holds the rest: the lowest position the ring holds per row (it holds a contiguous run of the newest ones),
+    capped at `length` (the positions written before this step's own token, [] or [B])."""
+    B, W = window_pos.shape
+    length = length.reshape(-1).expand(B).to(torch.int64)
+    held = torch.where(window_pos >= 0, window_pos.long(), length[:, None]).amin(1)
+    return torch.minimum(held, length).to(torch.int32)
+
+
 def extra_inputs(q: torch.Tensor, k_mean: torch.Tensor, kv_mask: Optional[torch.Tensor], scale: float,
-                 sink: Optional[tuple] = None, new: Optional[tuple] = None):
+                 sink: Optional[tuple] = None, new: Optional[tuple] = None, window: Optional[tuple] = None):
     """The decode op's one extra split for the exact tokens of a step: the exact slots (sink_k, sink_v, sink_pos:
     [B, Hkv, d] / [B, Hkv, d] / [B] for the sink alone, or [B, Hkv, S, d] / [B, Hkv, S, d] / [B, S] for the sink and
-    the outlier tokens) and/or the step's own new token (key [B, Hkv, 1, d] model basis, v_store [B, Hkv, 1, d]
-    storage basis, position [1]). Returns (sink_score [B, Hq], sink_value [B, Hkv or Hq, d], sink_pos int32 [B]
-    or [B, S]); with `new` the op reads the packed cache up to, not including, the new token's position (the
-    caller passes that length).
+    the outlier tokens), the step's own new token (key [B, Hkv, 1, d] model basis, v_store [B, Hkv, 1, d]
+    storage basis, position [1]) and the recent window (window_k / window_v [B, Hkv, W, d] fp16, model / storage
+    basis, window_pos [B, W]), any of them. Returns (sink_score [B, Hq], sink_value [B, Hkv or Hq, d], sink_pos
+    int32 [B] or [B, S]); with `new` the op reads the packed cache up to, not including, the new token's position,
+    with `window` up to the window's first position (`codes_lengths`; the caller passes that length).
 
     Several exact tokens: one split holding them, score log2(sum 2^s), value their softmax-weighted mean per
-    query head; a slot that holds the new token itself counts once."""
+    query head; a token held twice counts once, with the eager read's precedence: the new token, then a slot,
+    then the window."""
     B, Hq, D = q.shape
-    if new is None:
+    if new is None and window is None:
         if sink[0].dim() == 3:
             return sink_inputs(q, sink[0], k_mean, sink[2], kv_mask, scale)
         return sink_inputs(q, sink[0], k_mean, sink[2], kv_mask, scale, sink_v=sink[1])
-    key, v_new, position = new
-    Hkv = key.shape[1]
-    G = Hq // Hkv
-    s_new = _scores(q, key[:, :, 0], k_mean, scale)  # [B, Hkv, G]
-    v_new = v_new.float()[:, :, 0]
-    if sink is None:
-        return s_new.reshape(B, Hq), v_new, torch.full((B,), -1, dtype=torch.int32, device=q.device)
-    sink_k, sink_v, sink_pos = sink
-    one = sink_k.dim() == 3
-    if one:
-        sink_k, sink_v, sink_pos = sink_k[:, :, None], sink_v[:, :, None], sink_pos[:, None]
-    s = _slot_scores(q, sink_k, k_mean, sink_pos, kv_mask, scale)
-    s = torch.where((sink_pos.long() == position.reshape(1).long())[:, None, None, :], float("-inf"), s)
-    s = torch.cat([s, s_new[..., None]], -1)  # [B, Hkv, G, S + 1]
-    v = torch.cat([sink_v.float(), v_new[:, :, None]], 2)[:, :, None]  # [B, Hkv, 1, S + 1, d]
-    score, value = _merge_exact(s, v)
-    pos = sink_pos.to(torch.int32)
+    if sink is None and window is None:  # the new token alone: its value per kv-head
+        key, v_new, _ = new
+        return (_scores(q, key[:, :, 0], k_mean, scale).reshape(B, Hq), v_new.float()[:, :, 0],
+                torch.full((B,), -1, dtype=torch.int32, device=q.device))
+    scores, values, held = [], [], []
+    pos = None
+    one = sink is not None and sink[0].dim() == 3
+    if new is not None:
+        key, v_new, position = new
+        scores.append(_scores(q, key[:, :, 0], k_mean, scale)[..., None])  # [B, Hkv, G, 1]
+        values.append(v_new.float()[:, :, 0:1])
+        held.append(position.reshape(1, 1).long().expand(B, 1))
+    if sink is not None:
+        sink_k, sink_v, sink_pos = sink
+        if one:
+            sink_k, sink_v, sink_pos = sink_k[:, :, None], sink_v[:, :, None], sink_pos[:, None]
+        s = _slot_scores(q, sink_k, k_mean, sink_pos, kv_mask, scale)
+        if new is not None:
+            s = torch.where((sink_pos.long() == new[2].reshape(1).long())[:, None, None, :], float("-inf"), s)
+        scores.append(s)
+        values.append(sink_v.float())
+        held.append(sink_pos.long())
+        pos = sink_pos.to(torch.int32)
+    if window is not None:
+        scores.append(window_scores(q, window, k_mean, kv_mask, scale, torch.cat(held, 1) if held else None))
+        values.append(window[1].float())
+    score, value = _merge_exact(torch.cat(scores, -1), torch.cat(values, 2)[:, :, None])
+    if pos is None:
+        pos = torch.full((B,), -1, dtype=torch.int32, device=q.device)
     return score.reshape(B, Hq), value.reshape(B, Hq, D), pos[:, 0] if one else pos
 
 
-def exact_split_torch(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos):
+def exact_split_torch(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos, window_k=None,
+                      window_v=None, window_pos=None):
     """`sqcompile::exact_split` in torch (CPU, and the reference of `sink_triton.exact_split_triton`):
     (score [B, Hq], value [B, Hq, d] per query head), from `extra_inputs`."""
     B, Hq, D = q.shape
     sink = None if sink_k is None else (sink_k, sink_v, sink_pos)
     new = None if new_k is None else (new_k, new_v, new_pos)
-    score, value, _ = extra_inputs(q, k_mean, kv_mask, scale, sink=sink, new=new)
+    window = None if window_k is None else (window_k, window_v, window_pos)
+    score, value, _ = extra_inputs(q, k_mean, kv_mask, scale, sink=sink, new=new, window=window)
     value = value.float().reshape(B, value.shape[1], 1, D).expand(B, value.shape[1], Hq // value.shape[1], D)
     return score.contiguous(), value.reshape(B, Hq, D).contiguous()
 
@@ -174,29 +243,40 @@ def exact_split_torch(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k
 def exact_split(q: torch.Tensor, k_mean: torch.Tensor, kv_mask: Optional[torch.Tensor], scale: float,
                 sink_k: Optional[torch.Tensor], sink_v: Optional[torch.Tensor], sink_pos: Optional[torch.Tensor],
                 new_k: Optional[torch.Tensor], new_v: Optional[torch.Tensor],
-                new_pos: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                new_pos: Optional[torch.Tensor], window_k: Optional[torch.Tensor] = None,
+                window_v: Optional[torch.Tensor] = None,
+                window_pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`extra_inputs` as one op (what the substitution pass puts in a decode graph: Inductor sees one node, not the
     few dozen of the merge, which cost it more compile time than the rest of a layer; on CUDA one Triton launch,
     `sink_triton.exact_split_triton`). Returns (sink_score [B, Hq], sink_value [B, Hq, d] per query head,
-    sink_pos int32 [B, S]; S = 1 and -1 without exact slots)."""
+    sink_pos int32 [B, S]; S = 1 and -1 without exact slots). window_k / window_v [B, Hkv, W, d] (fp16, model /
+    storage basis) and window_pos [B, W]: the recent window's ring, one more set of exact tokens in the split."""
     B, Hq, D = q.shape
-    if sink_k is None and new_k is None:
-        raise ValueError("exact_split needs the exact slots, the new token, or both")
+    if sink_k is None and new_k is None and window_k is None:
+        raise ValueError("exact_split needs the exact slots, the new token, the recent window, or any of them")
+    if window_k is not None and (window_v is None or window_pos is None or window_k.dim() != 4
+                                 or window_v.shape != window_k.shape or window_pos.shape != (B, window_k.shape[2])):
+        raise ValueError(f"exact_split: window_k / window_v must be [B, Hkv, W, d] with window_pos [B, W], got "
+                         f"{tuple(window_k.shape)} / {None if window_v is None else tuple(window_v.shape)} / "
+                         f"{None if window_pos is None else tuple(window_pos.shape)}")
     if sink_k is not None:
         sink_k, sink_pos = as_slots(sink_k, sink_pos)
         sink_v = as_slots(sink_v, sink_pos)[0]
     if q.is_cuda:  # one launch, the int32 positions included (no conversion and copy of their own)
         from .sink_triton import exact_split_triton
 
-        return exact_split_triton(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos)
+        return exact_split_triton(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos,
+                                  window=None if window_k is None else (window_k, window_v, window_pos))
     pos = torch.full((B, 1), -1, dtype=torch.int32, device=q.device) if sink_pos is None \
         else sink_pos.to(torch.int32).clone()
-    score, value = exact_split_torch(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos)
+    score, value = exact_split_torch(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos,
+                                     window_k, window_v, window_pos)
     return score, value, pos
 
 
 @exact_split.register_fake
-def _(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos):
+def _(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos, window_k=None, window_v=None,
+      window_pos=None):
     B, Hq, D = q.shape
     S = 1 if sink_pos is None or sink_pos.dim() == 1 else sink_pos.shape[1]
     return (q.new_empty(B, Hq, dtype=torch.float32), q.new_empty(B, Hq, D, dtype=torch.float32),

@@ -26,15 +26,30 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _exact_split_kernel(Q, KM, MASK, SK, SV, SP, NK, NV, NP, SCORE, VALUE, POS,
-                        Hq, G, Hkv, S, T, scale,
+def _exact_positions(ptrs, valid, row_mask, npos, HAS_MASK: tl.constexpr, HAS_NEW: tl.constexpr):
+    """(positions int32 at ptrs, -1 where not valid; which of them count: held (>= 0), not hidden by the row's token
+    mask, not the step's new token, which counts from its own copy)."""
+    p = tl.load(ptrs, mask=valid, other=-1).to(tl.int32)
+    ok = valid & (p >= 0)
+    if HAS_MASK:
+        ok = ok & (tl.load(row_mask + tl.maximum(p, 0), mask=ok, other=0) != 0)
+    if HAS_NEW:
+        ok = ok & (p != npos)
+    return p, ok
+
+
+@triton.jit
+def _exact_split_kernel(Q, KM, MASK, SK, SV, SP, NK, NV, NP, WK, WV, WP, SCORE, VALUE, POS,
+                        Hq, G, Hkv, S, T, NW, scale,
                         q_sb, q_sh, nk_sb, nk_sh, nv_sb, nv_sh,
-                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
-                        HAS_SLOTS: tl.constexpr, HAS_NEW: tl.constexpr):
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
+                        HAS_MASK: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_NEW: tl.constexpr, HAS_WIN: tl.constexpr):
     """One program per (batch row b, query head hq). All exact slots at once: positions [BLOCK_S], keys and values
     [BLOCK_S, BLOCK_D] (one load each, no loop: a loop over the slots chained their loads, 6.6 us per launch on an
     H100). The program of query head 0 also writes the row's positions as int32 (POS [B, S], or [B, 1] = -1
-    without slots): the op's third output, without a conversion and a copy of its own."""
+    without slots): the op's third output, without a conversion and a copy of its own. The recent window (WK / WV
+    fp16 [B, Hkv, NW, D], WP [B, NW]) streams in blocks of BLOCK_W slots with an online softmax; a window slot whose
+    position a slot or the new token holds is left out (they count once, from their own copy)."""
     pid = tl.program_id(0)
     b = pid // Hq
     hq = pid % Hq
@@ -51,14 +66,10 @@ def _exact_split_kernel(Q, KM, MASK, SK, SV, SP, NK, NV, NP, SCORE, VALUE, POS,
     if HAS_NEW:
         npos = tl.load(NP).to(tl.int32)
     m = tl.full([], -float("inf"), tl.float32)
+    p = tl.full([BLOCK_S], -1, tl.int32)
     if HAS_SLOTS:
         sm = sl < S
-        p = tl.load(SP + b * S + sl, mask=sm, other=-1).to(tl.int32)
-        ok = sm & (p >= 0)
-        if HAS_MASK:
-            ok = ok & (tl.load(MASK + b * T + tl.maximum(p, 0), mask=ok, other=0) != 0)
-        if HAS_NEW:
-            ok = ok & (p != npos)
+        p, ok = _exact_positions(SP + b * S + sl, sm, MASK + b * T, npos, HAS_MASK, HAS_NEW)
         rows = ((b * Hkv + h) * S + sl) * D
         tile = sm[:, None] & dm[None, :]
         k = tl.load(SK + rows[:, None] + d[None, :], mask=tile, other=0.0)
@@ -84,8 +95,30 @@ def _exact_split_kernel(Q, KM, MASK, SK, SV, SP, NK, NV, NP, SCORE, VALUE, POS,
         w_new = tl.exp2(sc_new - ms)
         l += w_new
         acc += w_new * v_new
+    if HAS_WIN:
+        # online softmax over the ring, continuing from (m, l, acc) of the slots and the new token
+        wr = tl.arange(0, BLOCK_W)
+        for w0 in range(0, NW, BLOCK_W):
+            ws = w0 + wr
+            wm = ws < NW
+            wp, wok = _exact_positions(WP + b * NW + ws, wm, MASK + b * T, npos, HAS_MASK, HAS_NEW)
+            if HAS_SLOTS:  # held by a slot (p = -1 for none; wp >= 0 here)
+                wok = wok & (tl.max((wp[:, None] == p[None, :]).to(tl.int32), 1) == 0)
+            rows = ((b * Hkv + h) * NW + ws) * D
+            tile = wm[:, None] & dm[None, :]
+            kw = tl.load(WK + rows[:, None] + d[None, :], mask=tile, other=0.0).to(tl.float32)
+            scw = tl.where(wok, tl.sum(q[None, :] * (kw - km[None, :]), 1) * c, -float("inf"))
+            m_new = tl.maximum(m, tl.max(scw, 0))
+            mn = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.where(m == -float("inf"), 0.0, tl.exp2(ms - mn))  # nothing before: l = 0, acc = 0
+            pw = tl.exp2(scw - mn)
+            vw = tl.load(WV + rows[:, None] + d[None, :], mask=tile, other=0.0).to(tl.float32)
+            l = l * alpha + tl.sum(pw, 0)
+            acc = acc * alpha + tl.sum(pw[:, None] * vw, 0)
+            m = m_new
+            ms = mn
     has = l > 0
-    tl.store(SCORE + pid, tl.where(has, m + tl.log2(tl.maximum(l, 1e-30)), -float("inf")))
+    tl.store(SCORE + pid, tl.where(has, ms + tl.log2(tl.maximum(l, 1e-30)), -float("inf")))
     tl.store(VALUE + pid * D + d, tl.where(has, acc / tl.maximum(l, 1e-30), 0.0), mask=dm)
 
 
@@ -93,11 +126,12 @@ def exact_split_triton(q: torch.Tensor, k_mean: torch.Tensor, kv_mask: Optional[
                        sink_k: Optional[torch.Tensor], sink_v: Optional[torch.Tensor], sink_pos: Optional[torch.Tensor],
                        new_k: Optional[torch.Tensor], new_v: Optional[torch.Tensor], new_pos: Optional[torch.Tensor],
                        score: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
-                       pos: Optional[torch.Tensor] = None):
+                       pos: Optional[torch.Tensor] = None, window: Optional[tuple] = None):
     """`sink.exact_split_torch` in one launch: (score [B, Hq] float32, value [B, Hq, d] float32, the slots' positions
     int32 [B, S], or [B, 1] of -1 without slots). Slots in the form [B, Hkv, S, d] / [B, S]; a uint8 kv_mask
     [B, T] (what the substitution pass hands every layer, converted once per step) is read as it is, any other
-    form is converted here. `score` / `value` / `pos` may be given (the tests poison them first)."""
+    form is converted here. `score` / `value` / `pos` may be given (the tests poison them first). window =
+    (window_k, window_v [B, Hkv, W, d], window_pos [B, W]): the recent window's ring, read in the same launch."""
     B, Hq, D = q.shape
     Hkv = k_mean.shape[0]
     dev = q.device
@@ -117,11 +151,14 @@ def exact_split_triton(q: torch.Tensor, k_mean: torch.Tensor, kv_mask: Optional[
     if has_new and (nk.stride(-1) != 1 or nv.stride(-1) != 1):
         nk, nv = nk.contiguous(), nv.contiguous()
     qq = q if q.stride(-1) == 1 else q.contiguous()
+    wk, wv, wp = (dummy, dummy, dummy) if window is None else (t.contiguous() for t in window)
+    NW = 0 if window is None else wk.shape[2]
     _exact_split_kernel[(B * Hq,)](
-        qq, k_mean.float().contiguous(), mask, sk, sv, sp, nk, nv, new_pos if has_new else dummy, score, value, pos,
-        Hq, Hq // Hkv, Hkv, S, T, float(scale), qq.stride(0), qq.stride(1), nk.stride(0), nk.stride(1),
-        nv.stride(0), nv.stride(1), D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=triton.next_power_of_2(max(S, 1)),
-        HAS_MASK=kv_mask is not None, HAS_SLOTS=has_slots, HAS_NEW=has_new)
+        qq, k_mean.float().contiguous(), mask, sk, sv, sp, nk, nv, new_pos if has_new else dummy, wk, wv, wp, score,
+        value, pos, Hq, Hq // Hkv, Hkv, S, T, NW, float(scale), qq.stride(0), qq.stride(1), nk.stride(0),
+        nk.stride(1), nv.stride(0), nv.stride(1), D=D, BLOCK_D=triton.next_power_of_2(D),
+        BLOCK_S=triton.next_power_of_2(max(S, 1)), BLOCK_W=min(32, triton.next_power_of_2(max(NW, 1))),
+        HAS_MASK=kv_mask is not None, HAS_SLOTS=has_slots, HAS_NEW=has_new, HAS_WIN=window is not None)
     return score, value, pos
 
 

@@ -21,7 +21,8 @@ With the cache's exact sink token (`keep_sink`), the read is `put_sink(k_hat, si
 `put_sink(dequantize(values), sink_v, sink_pos) @ basis + mean` for values; with `exact_new` the step's own tokens
 are put over their rows too (`index_copy`). A decode step hands the op one extra split holding the exact sink and
 its own token (`sqcompile.kernels.sink.extra_inputs`) and the sink's position: the kernel skips the sink's codes,
-reads the cache up to the new token, and merges the extra split.
+reads the cache up to the new token, and merges the extra split. With a recent window (`put_window` under the
+other rows), the extra split also holds the window's ring and the codes are read only up to its first position.
 """
 from __future__ import annotations
 
@@ -67,12 +68,19 @@ def _is_put_sink(n) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target in (ops.put_sink, ops.put_sink.default)
 
 
+def _is_put_window(n) -> bool:
+    from ..kernels import sink as _s  # noqa: F401  (registers sqcompile::put_window)
+
+    ops = torch.ops.sqcompile
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in (ops.put_window, ops.put_window.default)
+
+
 def _peel(n):
-    """n through the rows a cache puts over its dequantized read (the exact sink: put_sink; a prefill's own
-    tokens: index_copy) -> (the read, those nodes outermost first)."""
+    """n through the rows a cache puts over its dequantized read (the exact sink: put_sink; the recent window:
+    put_window; a prefill's own tokens: index_copy) -> (the read, those nodes outermost first)."""
     over = []
     n = _strip_to(n)
-    while _is_put_sink(n) or (is_op(n, "index_copy") and isinstance(n.args[0], fx.Node)):
+    while _is_put_sink(n) or _is_put_window(n) or (is_op(n, "index_copy") and isinstance(n.args[0], fx.Node)):
         over.append(n)
         n = _strip_to(n.args[0])
     return n, over
@@ -90,14 +98,21 @@ def _match_read(base: fx.Node, dequant) -> Optional[dict]:
     if not (isinstance(dq, fx.Node) and dq.op == "call_function" and dq.target in dequant):
         return None
     sinks = [n for n in outer + inner if _is_put_sink(n)]
-    fresh = [n for n in outer + inner if not _is_put_sink(n)]
-    if len(sinks) > 1 or len(fresh) > 1:
+    windows = [n for n in outer + inner if _is_put_window(n)]
+    fresh = [n for n in outer + inner if not (_is_put_sink(n) or _is_put_window(n))]
+    if len(sinks) > 1 or len(fresh) > 1 or len(windows) > 1:
+        return None
+    # the precedence the decode op's exact split applies (the new token over a slot over the window): the window's
+    # rows put first, under the others
+    order = inner[::-1] + outer[::-1]  # innermost (first applied) first
+    if windows and order.index(windows[0]) != 0:
         return None
     mean = base.args[1]
     mean = mean.args[0] if is_op(mean, "getitem") else mean
     return dict(dq=dq, basis=mm.args[1], mean=mean, store=_strip_to(mm.args[0]), sink=sinks[0] if sinks else None,
                 sink_inner=bool(sinks) and sinks[0] in inner, fresh=fresh[0] if fresh else None,
-                fresh_inner=bool(fresh) and fresh[0] in inner)
+                fresh_inner=bool(fresh) and fresh[0] in inner, window=windows[0] if windows else None,
+                window_inner=bool(windows) and windows[0] in inner)
 
 
 def upgrade_spectral_sites(gm: fx.GraphModule, sites: list[Site]) -> None:
@@ -136,6 +151,14 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
             raise _Unproven("K and V sinks have different positions")
         if k_read["sink_inner"] or not v_read["sink_inner"]:
             raise _Unproven("the sink is not on the model-basis keys and the storage-basis values")
+    k_window, v_window = k_read["window"], v_read["window"]
+    if (k_window is None) != (v_window is None):
+        raise _Unproven("the recent window replaces only one of K and V")
+    if k_window is not None:
+        if k_window.args[2] is not v_window.args[2]:
+            raise _Unproven("K and V windows have different positions")
+        if k_read["window_inner"] or not v_read["window_inner"]:
+            raise _Unproven("the window is not on the model-basis keys and the storage-basis values")
     k_fresh, v_fresh = k_read["fresh"], v_read["fresh"]
     if (k_fresh is None) != (v_fresh is None):
         raise _Unproven("the new tokens' exact rows replace only one of K and V")
@@ -190,6 +213,7 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
     site.nodes.update(spectral=True, attn=attn, out=attn, q=q, qwrite=qw, v_store=v_store, new_v=new_v,
                       v_linear=v_lin, v_offset=v_offset, o_linear=o_lin, v_basis=v_basis, v_mean=v_mean, decode=decode,
                       k_packed=k_packed, v_packed=v_packed, k_sink=k_sink, v_sink=v_sink, exact_new=k_fresh is not None,
+                      k_window=k_window, v_window=v_window,
                       # what SDPA reads of V in the storage basis once o_proj absorbs the basis
                       v_dq=v_read["store"])
 
@@ -267,24 +291,32 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
         # the step's own token exact (its rows put over the read): the kernel reads the cache up to it, not it
         length = last if nodes.get("exact_new") else gm.graph.call_function(torch.add, (last, 1))
         length = gm.graph.call_method("to", (length, torch.int32))
-        batch = gm.graph.call_method("size", (q, 0))  # symbolic under dynamic shapes
-        lengths = gm.graph.call_method("reshape", (length, (1,)))
-        lengths = gm.graph.call_method("expand", (lengths, batch))
-        lengths = gm.graph.call_method("contiguous", (lengths,))
+        k_window, v_window = nodes.get("k_window"), nodes.get("v_window")
+        if k_window is not None:  # the codes end where the recent window's ring begins (per row)
+            from ..kernels import sink as _sink
+
+            lengths = gm.graph.call_function(_sink.codes_lengths, (length, k_window.args[2]))
+        else:
+            batch = gm.graph.call_method("size", (q, 0))  # symbolic under dynamic shapes
+            lengths = gm.graph.call_method("reshape", (length, (1,)))
+            lengths = gm.graph.call_method("expand", (lengths, batch))
+            lengths = gm.graph.call_method("contiguous", (lengths,))
         mask = arg(attn, 3, "attn_mask")
         kv_mask = None
         if isinstance(mask, fx.Node):  # [B|1, 1, 1, T] bool -> [B|1, T] uint8: padding and windows, read per token
             kv_mask = _token_mask(gm, mask)
         sink = {}
-        if nodes.get("k_sink") is not None or nodes.get("exact_new"):
-            # the exact tokens as the op's extra split: the sink (its codes skipped) and/or this step's own token
+        if nodes.get("k_sink") is not None or nodes.get("exact_new") or k_window is not None:
+            # the exact tokens as the op's extra split: the sink (its codes skipped), this step's own token, the
+            # recent window (the codes read before it)
             from ..kernels import sink as _sink  # noqa: F401  (registers sqcompile::exact_split)
 
             k_sink, v_sink = nodes["k_sink"], nodes["v_sink"]
             exact_sink = (None,) * 3 if k_sink is None else (k_sink.args[1], v_sink.args[1], k_sink.args[2])
             new = (a[0], a[1], positions) if nodes.get("exact_new") else (None,) * 3
+            window = () if k_window is None else (k_window.args[1], v_window.args[1], k_window.args[2])
             ex = gm.graph.call_function(torch.ops.sqcompile.exact_split.default,
-                                        (q3, a[6], kv_mask, scale, *exact_sink, *new))
+                                        (q3, a[6], kv_mask, scale, *exact_sink, *new, *window))
             sink = {name: gm.graph.call_function(operator.getitem, (ex, i))
                     for i, name in enumerate(("sink_score", "sink_value", "sink_pos"))}
         if _is_fast_write(qw):
