@@ -28,7 +28,8 @@ def test_module_stack_paths_give_the_layer():
     g = fx.Graph()
     n = g.placeholder("x")
     for path, want in (("model.layers.3.self_attn.k_proj", 3), ("L['self'].transformer.h[2].attn.v_proj", 2),
-                       ("encoder.block.4.layer.0.SelfAttention", 4), ("lm_head", None)):
+                       ("encoder.block.4.layer.0.SelfAttention", 4), ("L['args'][0].model.layers.1.self_attn", 1),
+                       ("L['self']._modules['lm_head']", None), ("lm_head", None)):
         n.meta["nn_module_stack"] = {"outer": ("model", object), "inner": (path, object)}
         assert layer_from_module_stack(n) == want, path
     n.meta.pop("nn_module_stack")

@@ -104,7 +104,8 @@ def layer_from_name(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-_INDEX_RE = re.compile(r"(?:\.|\[)(\d+)(?:\])?(?=\.|\[|$)")  # `.3` or `[3]` in a module path
+# `.3` or `[3]` after a module name in a module path (not the `[0]` of a dynamo source such as `L['args'][0]`)
+_INDEX_RE = re.compile(r"(?<=\w)(?:\.(\d+)|\[(\d+)\])(?=\.|\[|$)")
 
 
 def layer_from_module_stack(n: Any) -> Optional[int]:
@@ -117,7 +118,7 @@ def layer_from_module_stack(n: Any) -> Optional[int]:
     for path, _ in reversed(list(stack.values())):
         m = _INDEX_RE.search(str(path))
         if m:
-            return int(m.group(1))
+            return int(m.group(1) or m.group(2))
     return None
 
 
