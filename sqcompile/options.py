@@ -21,8 +21,9 @@ class Options:
     quantize: False = rotation only (outputs equal eager to float tolerance).
     kernels:  "auto" | "triton" | "tensorrt" | "torch": which implementation the ops the backend inserts run
               (decode attention, the KV-cache writes, MoE), resolved per compile by
-              `sqcompile.kernels.resolve_kernels`: "auto" = Triton (and the CUDA decode kernel of the fast layout)
-              on a GPU, torch elsewhere; never TensorRT, which is taken only when asked for.
+              `sqcompile.kernels.resolve_kernels`: "auto" = the GPU kernels (Triton, and the hand-written CUDA
+              decode kernel of the fast layout) on a GPU, torch elsewhere; never TensorRT, which is taken only
+              when asked for; "triton" = Triton only.
     moe:      substitute the fused MoE op for detected MoE blocks.
     lower:    "inductor" (default) | "eager" (run the rewritten graph as is: fast tests, debugging).
     method:   "spectralquant" (needs a profile) | "turboquant"; None picks by whether a profile is given.

@@ -142,6 +142,9 @@ def test_plan_env_overrides_and_auto():
     plan = resolve_kernels("triton", "cpu", env={"SQCOMPILE_DECODE_KERNEL": "torch", "SQCOMPILE_WRITE_KERNEL": ""})
     assert (plan.decode, plan.write, plan.moe) == ("torch", "triton", "triton")
     assert plan.overrides == ("SQCOMPILE_DECODE_KERNEL=torch",)
+    # on a GPU "auto" takes the CUDA decode kernel, "triton" the Triton one
+    assert resolve_kernels("auto", "cuda", env={}).decode == "cuda"
+    assert resolve_kernels("triton", "cuda", env={}).decode == "triton"
     # kernels="torch" is torch everywhere, whatever the environment says
     assert resolve_kernels("torch", "cpu", env={"SQCOMPILE_DECODE_KERNEL": "triton"}).decode == "torch"
     with pytest.raises(ValueError, match="SQCOMPILE_DECODE_KERNEL=cuda"):

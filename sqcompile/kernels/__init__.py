@@ -81,7 +81,8 @@ class KernelPlan:
     path:   what `kernels` resolved to: "torch" | "triton" | "tensorrt" (TensorRT lowers the graph; its ops run as
             on the Triton path).
     decode: decode attention and its exact-token split: "torch" | "triton" | "cuda" (the hand-written CUDA kernel
-            of the fast layout where it supports the layout, else Triton; the bit-plane layout has Triton only).
+            of the fast layout where it supports the layout, else Triton; the bit-plane layout has Triton only):
+            "cuda" on a GPU under kernels="auto" (or "tensorrt"), "triton" under kernels="triton".
     write:  the KV-cache writes (quantize and pack; the exact slots): "torch" | "triton".
     moe:    the fused MoE and experts ops: "torch" | "triton".
     strict_cuda: the decode override asked for "cuda": a layout it does not support is an error, not Triton.
@@ -111,7 +112,9 @@ def resolve_kernels(choice: str, device_type: str, capability: Optional[tuple] =
     if path == "torch":
         return KernelPlan(choice, device_type, "torch", "torch", "torch", "torch")
     on_gpu = device_type == "cuda"
-    decode, write, moe = ("cuda" if on_gpu else "triton"), "triton", "triton"
+    # the hand-written CUDA decode kernel where "auto" (or TensorRT, whose graph runs our ops as they are) chose
+    # the GPU kernels; kernels="triton" means Triton
+    decode, write, moe = ("cuda" if on_gpu and choice != "triton" else "triton"), "triton", "triton"
     overrides, strict = [], False
     d = env.get(DECODE_ENV, "auto") or "auto"
     if d not in DECODE_CHOICES:

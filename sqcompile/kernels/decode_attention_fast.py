@@ -452,18 +452,33 @@ def decode_attention_fast_triton(
     q: torch.Tensor, k_packed: torch.Tensor, v_packed: torch.Tensor, lengths: torch.Tensor,
     k_basis: torch.Tensor, k_factor: torch.Tensor, v_factor: torch.Tensor,
     k_groups: list[int], v_groups: list[int], scale: float,
+    num_splits: int = 0, block_n: int = 128, poison: bool = False, _launch=None, kv_mask: Optional[torch.Tensor] = None,
+    sink_score: Optional[torch.Tensor] = None, sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Launch split + reduce with the fastest variant measured on an H100 (benchmarks/decode_attention_fast.py
+    --tune): 128-token blocks (`block_n`), 4 warps, no software pipelining; ~4 programs per SM below 32K cache
+    tokens, ~8 from 32K on (num_splits=0 picks); the inline-PTX unpack on CUDA, plain Triton in the interpreter.
+    The other variants the tuner measures (warps, stages, registers, unpack mode, transposed scores, eager sums)
+    are `sqcompile.prototype.decode_attention_variants`. poison=True fills every buffer with NaN first (tests).
+    kv_mask [B, T] or [1, T] (bool/int, nonzero = attend; T = cache capacity) further masks tokens below
+    the length (padding, sliding windows); sink_score / sink_value: the exact sink token, merged in the reduce
+    (`sqcompile::decode_attention_fast`)."""
+    return launch_fast(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale,
+                       num_splits=num_splits, block_n=block_n, poison=poison, _launch=_launch, kv_mask=kv_mask,
+                       sink_score=sink_score, sink_value=sink_value, sink_pos=sink_pos)
+
+
+def launch_fast(
+    q: torch.Tensor, k_packed: torch.Tensor, v_packed: torch.Tensor, lengths: torch.Tensor,
+    k_basis: torch.Tensor, k_factor: torch.Tensor, v_factor: torch.Tensor,
+    k_groups: list[int], v_groups: list[int], scale: float,
     num_splits: int = 0, block_n: int = 128, num_warps: int = 4, num_stages: int = 1,
     maxnreg: Optional[int] = None, mode: Optional[int] = None, per_sm: int = 0, trans_k: int = 0, lazy: int = 1,
     poison: bool = False, _launch=None, kv_mask: Optional[torch.Tensor] = None,
     sink_score: Optional[torch.Tensor] = None, sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Launch split + reduce. Defaults = the fastest variant measured on an H100 (benchmarks/decode_attention_fast.py --tune):
-    128-token blocks, 4 warps, no software pipelining (num_stages=1); ~4 programs per SM below 32K
-    cache tokens, ~8 from 32K on (per_sm=0 picks). mode: 2 = inline PTX unpack (CUDA default), 0/1 =
-    plain Triton (interpreter default 0). poison=True fills every buffer with NaN first (tests).
-    kv_mask [B, T] or [1, T] (bool/int, nonzero = attend; T = cache capacity) further masks tokens below
-    the length (padding, sliding windows); sink_score / sink_value: the exact sink token, merged in the reduce
-    (`sqcompile::decode_attention_fast`)."""
+    """`decode_attention_fast_triton` with every launch knob (`sqcompile.prototype.decode_attention_variants`
+    documents them); the defaults are the production variant."""
     B, Hq, D = q.shape
     Hkv, T = k_packed.shape[1], k_packed.shape[2]
     kl = FastLayout.from_flat(D, k_groups, [1.0] * (len(k_groups) // 4))
