@@ -109,7 +109,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
-    calib = tok(load_text("britannica", prefer_shared=True)[:120_000], return_tensors="pt")["input_ids"][0]
+    calib = tok(load_text("britannica")[:120_000], return_tensors="pt")["input_ids"][0]
     profile = sqcompile.calibrate(model, calib, seconds=600, max_tokens=8192, tokenizer=tok, progress=False,
                                   sensitivity_tokens=args.sensitivity_tokens)
     ids, mask = left_padded(tok, PROMPTS)

@@ -96,11 +96,9 @@ def checks(dev, gen, out):
 
 def time_write(st, dev, gen, B=8, H=8, d=128, S=4096, kw=None):
     """P3: one decode step's quantize-on-write of one layer (B tokens, K and V): the torch form under Inductor
-    (SQCOMPILE_WRITE_KERNEL=torch, several Inductor kernels), the one-launch Triton op called directly, and the
+    (`fast_cache.quantize_write_fast_torch`, several Inductor kernels), the one-launch Triton op called directly, and the
     op as `quantize_write_fast` decomposes under Inductor on CUDA. Also: the fraction of written bytes equal
     to the torch form's (a code may move by one level where a value sits on a decision boundary)."""
-    import os
-
     from sqcompile.kernels import fast_cache, quantize_write_fast_triton  # noqa: F401  (registers the op)
 
     kp, vp = st.fill(B, H, S + 8, d, dev, gen)  # random codes, so the attention checks below mean something
@@ -110,23 +108,22 @@ def time_write(st, dev, gen, B=8, H=8, d=128, S=4096, kw=None):
     basis, mean = st.args["k_basis"], torch.randn(H, d, device=dev, generator=gen)
     ks, vs = st.kl.spec(), st.vl.spec()
 
+    def write_torch(key, val, kp, vp, pos):
+        fast_cache.quantize_write_fast_torch(key, val, kp, vp, pos, basis, mean, ks, vs)
+
     def write(key, val, kp, vp, pos):
         fast_cache.quantize_write_fast(key, val, kp, vp, pos, basis, mean, ks, vs)
 
     def triton_op(key, val, kp, vp, pos):
         torch.ops.sqcompile.quantize_write_fast_triton(key, val, kp, vp, pos, basis, mean, ks, vs)
 
-    os.environ["SQCOMPILE_WRITE_KERNEL"] = "torch"
     ref0_k, ref0_v = kp.clone(), vp.clone()
-    try:
-        ref_k, ref_v = kp.clone(), vp.clone()
-        write(key, val, ref_k, ref_v, pos)  # the torch form, eager
-        torch._dynamo.reset()
-        comp_torch = torch.compile(write)
-        comp_torch(key, val, kp, vp, pos)
-        t_torch = graph_us([lambda: comp_torch(key, val, kp, vp, pos)])
-    finally:
-        del os.environ["SQCOMPILE_WRITE_KERNEL"]
+    ref_k, ref_v = kp.clone(), vp.clone()
+    write_torch(key, val, ref_k, ref_v, pos)  # the torch form, eager
+    torch._dynamo.reset()
+    comp_torch = torch.compile(write_torch)
+    comp_torch(key, val, kp, vp, pos)
+    t_torch = graph_us([lambda: comp_torch(key, val, kp, vp, pos)])
     torch._dynamo.reset()
     kp.copy_(ref0_k), vp.copy_(ref0_v)
     triton_op(key, val, kp, vp, pos)

@@ -27,9 +27,10 @@ import torch
 import triton
 
 from sqcompile.kernels import decode_attention_fast as fa
+from sqcompile.prototype.decode_attention_variants import decode_attention_fast_variant
 from sqcompile.quant.fast_layout import layout_for_budget
 
-VARIANTS = {  # name -> decode_attention_fast_triton keyword arguments
+VARIANTS = {  # name -> decode_attention_fast_variant keyword arguments (sqcompile.prototype)
     "default": dict(),  # the op's defaults: block_n 128, 4 warps, num_stages 1, per_sm 4 (< 32K tokens) / 8
     "bn64_w4": dict(block_n=64, num_warps=4, num_stages=2),
     "bn128_w4": dict(block_n=128, num_warps=4, num_stages=2),
@@ -253,7 +254,7 @@ def main():
                         if FORCE_MODE is not None and vname != "bn64_w4_m0":
                             kw["mode"] = FORCE_MODE
                         try:
-                            out = fa.decode_attention_fast_triton(q, kp, vp, L, scale=scale, poison=True, **kw,
+                            out = decode_attention_fast_variant(q, kp, vp, L, scale=scale, poison=True, **kw,
                                                                   **st.args)
                             e = rel_err(out, ref)
                             ok = bool(torch.isfinite(out).all()) and e < 1e-2
@@ -285,13 +286,13 @@ def main():
                         kw = dict(VARIANTS[vname])
                         if FORCE_MODE is not None:
                             kw["mode"] = FORCE_MODE
-                        f = lambda kw=kw: fa.decode_attention_fast_triton(q, kp, vp, lens, scale=scale, **kw, **st.args)  # noqa: E731
+                        f = lambda kw=kw: decode_attention_fast_variant(q, kp, vp, lens, scale=scale, **kw, **st.args)  # noqa: E731
                         f()
                         torch.cuda.synchronize()
                         ck = fa.LAST_COMPILED.get("fast_split")
                         n_copies = max(1, min(8, math.ceil(3 * props.L2_cache_size / (B * H * S * (st.kb + st.vb)))))
                         copies = [(kp, vp)] + [(kp.clone(), vp.clone()) for _ in range(n_copies - 1)]
-                        res[vname] = graph_us([lambda a=a, b_=b_, kw=kw: fa.decode_attention_fast_triton(
+                        res[vname] = graph_us([lambda a=a, b_=b_, kw=kw: decode_attention_fast_variant(
                             q, a, b_, lens, scale=scale, **kw, **st.args) for a, b_ in copies])
                         del copies
                         tuning.append(dict(bits=st.name, S=S, variant=vname, us=res[vname],
@@ -312,7 +313,7 @@ def main():
                 variant["mode"] = FORCE_MODE
 
             def fast_on(a, b_):
-                return lambda: fa.decode_attention_fast_triton(q, a, b_, lens, scale=scale, **variant, **st.args)
+                return lambda: decode_attention_fast_variant(q, a, b_, lens, scale=scale, **variant, **st.args)
             fast_on(kp, vp)()
             ck = fa.LAST_COMPILED.get("fast_split")
             resources[f"{st.name}/{S}"] = dict(variant=vname, n_regs=getattr(ck, "n_regs", None),

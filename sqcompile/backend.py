@@ -8,7 +8,12 @@ The pipeline, in order (each step a function over the FX graph, testable alone):
 3. fold_value_rotation            B_v into v_proj, B_v^T into o_proj (weights rewritten once, on copies)
 4. insert_kv_quantization         quantize K and V at the write (when options["quantize"])
 5. substitute_moe                 the fused MoE op for each proven MoE site (when options["moe"])
-6. lower                          Inductor (`compile_fx`), or the rewritten graph as is (`lower="eager"`)
+6. choose_kernels                 every sqcompile op gets its implementation from the compile's `KernelPlan`
+7. lower                          Inductor (`compile_fx`), or the rewritten graph as is (`lower="eager"`)
+
+The `KernelPlan` (`sqcompile.kernels.resolve_kernels`: options["kernels"], the device, what is importable, the
+documented environment overrides) is made once per compiled graph, here, and reaches the ops only as arguments
+(`choose_kernels`) and op targets (`substitute_moe`); `explain` reports it.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
+from .kernels import KernelPlan, resolve_kernels
 from .options import Options
+from .passes.choose_kernels import choose_kernels
 from .passes.detect_attention import detect_attention
 from .passes.detect_moe import detect_moe
 from .passes.fold_value_rotation import fold_value_rotation
@@ -35,12 +42,11 @@ from .transform import KVTransform
 
 log = logging.getLogger("sqcompile")
 
-# explain() collects the sites of every graph compiled while it runs.
-_REPORT_SINK: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("sqcompile_report_sink", default=None)
+# explain() collects the sites and kernel plans of every graph compiled while it runs (a `report.Report`).
+_REPORT_SINK: contextvars.ContextVar[Optional[Any]] = contextvars.ContextVar("sqcompile_report_sink", default=None)
 _logged: set = set()
 _transforms: dict = {}
 _graph_counter = [0]
-_last_kernels = ["torch"]
 
 
 def _log_once(msg: str) -> None:
@@ -95,13 +101,20 @@ def _reads_spectral_cache(gm: fx.GraphModule) -> bool:
                for n in gm.graph.nodes)
 
 
-def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: Any = None) -> list[Site]:
-    """Detect, prove and rewrite every site of `gm` in place; returns the sites (rewritten or not, with reasons)."""
+def kernel_plan(opts: Options, example_inputs: list) -> KernelPlan:
+    """The implementation of every op this compile inserts (one decision per compiled graph, logged once)."""
+    plan = resolve_kernels(opts.kernels, _device_type(example_inputs))
+    _log_once(f"sqcompile: {plan}")
+    return plan
+
+
+def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: Any = None,
+               plan: Optional[KernelPlan] = None) -> list[Site]:
+    """Detect, prove and rewrite every site of `gm` in place; returns the sites (rewritten or not, with reasons).
+    `plan`: the compile's kernel choices (default: resolved from opts and the inputs' device)."""
     graph_index = _graph_counter[0]
     _graph_counter[0] += 1
-    kernels = opts.resolved_kernels(_device_type(example_inputs))
-    _log_once(f"sqcompile: kernels={opts.kernels!r} resolved to {kernels!r} on {_device_type(example_inputs)}")
-    _last_kernels[0] = kernels
+    plan = plan or kernel_plan(opts, example_inputs)
     tensor_parallel = has_dtensor_inputs(example_inputs)  # a sharded model (sqcompile.parallel)
     if tensor_parallel:
         localize_tensor_parallel(gm, example_inputs)
@@ -142,12 +155,13 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
     if moe_sites:
         if opts.moe:
             # Expert weights already in the kernel layout are shared read-only, not copied (no 2x memory).
-            substitute_moe(gm, moe_sites, example_inputs, kernels, copy_weights=False)
+            substitute_moe(gm, moe_sites, example_inputs, plan.moe, copy_weights=False)
         else:
             for s in moe_sites:
                 if s.reason is None:
                     s.leave("MoE substitution is off (options['moe'] = False)")
     all_sites = sites + moe_sites
+    choose_kernels(gm, sites, plan)
     _check_consistent(scope, sites)
     if any(s.rewritten and not s.nodes.get("spectral") for s in sites):
         check_recompile_headroom(gm)
@@ -265,13 +279,16 @@ def spectralquant(gm: fx.GraphModule, example_inputs: list, options: Any = None,
     elif mode not in (None, "default"):
         _log_once(f"sqcompile: mode={mode!r} is ignored by the spectralquant backend (only 'reduce-overhead', "
                   f"= options={{'cudagraphs': True}}, has a meaning here)")
-    sites = run_passes(gm, example_inputs, opts, scope=options if isinstance(options, dict) else None)
-    sink = _REPORT_SINK.get()
-    if sink is not None:
-        sink.extend(sites)
+    plan = kernel_plan(opts, example_inputs)
+    sites = run_passes(gm, example_inputs, opts, scope=options if isinstance(options, dict) else None, plan=plan)
+    report = _REPORT_SINK.get()
+    if isinstance(report, list):  # a caller collecting the sites only
+        report.extend(sites)
+    elif report is not None:
+        report.add(sites, plan)
     if opts.lower == "eager":
         return gm.forward
-    if _last_kernels[0] == "tensorrt":
+    if plan.path == "tensorrt":
         # torch_tensorrt's dynamo backend; sqcompile's custom ops have no TensorRT converter yet and run as
         # PyTorch fallback segments. Never run on hardware (no SM100 GPU here): see README.
         from torch._dynamo.backends.registry import lookup_backend

@@ -17,7 +17,6 @@ all), and `sensitivity_tokens` is refused (its simulated cache chooses outlier t
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
+from .hf import cache_kwarg
 from .profile import SpectralProfile, model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -119,13 +119,6 @@ def _dynamic_cache_class():
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     return MomentCollectingCache
-
-
-def cache_kwarg(model) -> str:
-    """The keyword a model's forward (and `generate`) takes its KV cache by: `cache` from transformers 5.25 on
-    (`past_key_values` is deprecated there), `past_key_values` before. `model`: a model or a forward callable."""
-    params = inspect.signature(getattr(model, "forward", model)).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _model_config(model) -> Any:

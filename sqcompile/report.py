@@ -26,10 +26,23 @@ def _cell(v: Any) -> str:
 
 @dataclass
 class Report:
-    """What the backend did: `sites` (one `Site` per attention or MoE block per compiled graph)."""
+    """What the backend did: `sites` (one `Site` per attention or MoE block per compiled graph) and `plans`, the
+    `sqcompile.kernels.KernelPlan` each compiled graph ran with (which implementation every inserted op runs)."""
 
     sites: list[Site] = field(default_factory=list)
-    kernels: Optional[str] = None  # the kernel path "auto" (or the user) chose: "torch" | "triton" | "tensorrt"
+    plans: list[Any] = field(default_factory=list)
+
+    def add(self, sites: list[Site], plan: Any) -> None:
+        """What the backend calls for each graph it compiles while `explain` runs."""
+        self.sites.extend(sites)
+        if plan not in self.plans:
+            self.plans.append(plan)
+
+    @property
+    def kernels(self) -> Optional[str]:
+        """The kernel path chosen ("torch" | "triton" | "tensorrt"; several joined by ", "), None before a compile."""
+        paths = list(dict.fromkeys(p.path for p in self.plans))
+        return ", ".join(paths) if paths else None
 
     def by_kind(self, kind: str, graph: Optional[int] = None) -> list[Site]:
         return [s for s in self.sites if s.kind == kind and (graph is None or s.graph == graph)]
@@ -39,7 +52,7 @@ class Report:
         return sorted({s.graph for s in self.sites})
 
     def __str__(self) -> str:
-        head = f"sqcompile: kernels={self.kernels}\n" if self.kernels else ""
+        head = "".join(f"sqcompile: {p}\n" for p in self.plans)
         if not self.sites:
             return head + "sqcompile: no attention or MoE sites found"
         cols = [(k, h) for k, h in _COLUMNS if any(getattr(s, k) not in (None, False) for s in self.sites)
@@ -68,11 +81,11 @@ def explain(model: Any, *args: Any, options: Optional[dict] = None, **kwargs: An
         return backend.spectralquant(gm, example_inputs, **kwargs)
 
     compiled = torch.compile(fn, backend=explain_backend, options=opts)
-    sink: list = []
-    token = backend._REPORT_SINK.set(sink)
+    report = Report()
+    token = backend._REPORT_SINK.set(report)
     try:
         with torch.no_grad():
             compiled(*args, **kwargs)
     finally:
         backend._REPORT_SINK.reset(token)
-    return Report(sites=sink, kernels=backend._last_kernels[0])
+    return report

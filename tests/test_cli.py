@@ -100,3 +100,17 @@ def test_explain_bad_profile_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["explain", "--profile", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("sqcompile explain: "), err
+
+
+@pytest.mark.parametrize("argv", [["eval", "--protocol", "decode"], ["calibrate", "--text", "hamlet", "--out", "p"],
+                                  ["calibrate", "--model", "/no/such/dir", "--text", "hamlet", "--out", "p"]])
+def test_no_cached_model_is_one_line_that_says_how_to_fetch(tmp_path, monkeypatch, argv):
+    """The library never downloads: with nothing cached, the commands say how to fetch the model (or to pass a
+    local path) in one line."""
+    monkeypatch.setenv("SQCOMPILE_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("sqcompile: ") and "\n" not in msg, msg
+    assert ("tests/models.py smollm2" in msg) if "/no/such" not in argv[2] else ("local model directory" in msg)
+    assert not any(tmp_path.iterdir())  # nothing fetched

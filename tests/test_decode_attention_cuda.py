@@ -89,18 +89,16 @@ def test_supports_names_what_it_cannot_read():
     assert "V group [16:64]@2" in dc.supports(bad, bad, 64, 4, 64)  # as keys it is fine (4 threads)
 
 
-def test_selection_env(monkeypatch):
+def test_selection_choice():
     kl, vl = layout_for_budget(3.25, 128)
     q = torch.zeros(1, 4, 128)
     kp = torch.zeros(1, 1, 64, kl.bytes_per_token(), dtype=torch.uint8)
-    monkeypatch.setenv(dc.ENV, "triton")
-    assert dc.available(q, kp, kl.flat_groups(), vl.flat_groups()) == f"{dc.ENV}=triton"
-    monkeypatch.setenv(dc.ENV, "cuda")
-    with pytest.raises(ValueError, match="CUDA decode kernel cannot run"):
-        dc.available(q, kp, kl.flat_groups(), vl.flat_groups())  # a CPU tensor
-    monkeypatch.setenv(dc.ENV, "bogus")
+    assert dc.available(q, kp, kl.flat_groups(), vl.flat_groups(), "triton") == "the Triton kernel was chosen"
+    assert "CUDA device" in dc.available(q, kp, kl.flat_groups(), vl.flat_groups())  # auto: why not, a CPU tensor
+    with pytest.raises(ValueError, match="CUDA decode kernel was chosen but cannot run"):
+        dc.available(q, kp, kl.flat_groups(), vl.flat_groups(), "cuda")
     with pytest.raises(ValueError, match="auto, cuda or triton"):
-        dc.available(q, kp, kl.flat_groups(), vl.flat_groups())
+        dc.available(q, kp, kl.flat_groups(), vl.flat_groups(), "bogus")
 
 
 @pytest.mark.cuda
@@ -260,7 +258,6 @@ def test_fused_write_stores_what_the_write_op_stores(d, kg, vg, dtype, monkeypat
     position past the capacity writes nothing."""
     from sqcompile.kernels.fast_cache import layout_spec, quantize_write_fast
 
-    monkeypatch.setenv("SQCOMPILE_WRITE_KERNEL", "torch")
     kl, vl = _lay(d, kg), _lay(d, vg)
     gen = torch.Generator(device="cuda").manual_seed(d + len(kg))
     B, H, G, T = 3, 2, 4, 264
@@ -280,7 +277,7 @@ def test_fused_write_stores_what_the_write_op_stores(d, kg, vg, dtype, monkeypat
         kf, vf, kr, vr = kp.clone(), vp.clone(), kp.clone(), vp.clone()
         out = dc.decode_attention_fast_cuda(q, kf, vf, lengths, **attn, poison=True,
                                             write=(key, val, pos, basis, mean, ks, vs))
-        quantize_write_fast(key, val, kr, vr, pos, basis, mean, ks, vs)
+        quantize_write_fast(key, val, kr, vr, pos, basis, mean, ks, vs, kernel="torch")
         others = torch.ones(T, dtype=torch.bool)
         others[p] = False
         assert torch.equal(kf[:, :, others], kp[:, :, others]) and torch.equal(vf[:, :, others], vp[:, :, others])

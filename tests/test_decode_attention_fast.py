@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sqcompile.kernels import decode_attention_fast as fa
+from sqcompile.prototype.decode_attention_variants import decode_attention_fast_variant
 from sqcompile.quant.fast_layout import (FastGroup, FastLayout, gaussian_step, layout_for_budget,
                                          uniform_mse)
 
@@ -64,8 +65,8 @@ def test_fast_kernel_matches_reference(case):
     lens = torch.tensor(lengths, dtype=torch.int32)
     scale = 0.5 / math.sqrt(d)
     ref = fa.decode_attention_fast_reference(q, kp, vp, lens, scale=scale, **args)
-    out = fa.decode_attention_fast_triton(q, kp, vp, lens, scale=scale, num_splits=splits, block_n=block_n,
-                                          mode=mode, poison=True, **args)
+    out = decode_attention_fast_variant(q, kp, vp, lens, scale=scale, num_splits=splits, block_n=block_n,
+                                        mode=mode, poison=True, **args)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 2e-3, rel_err(out, ref)
 
@@ -80,8 +81,8 @@ def test_fast_kernel_transposed_scores_and_empty_splits():
     q = torch.randn(1, 4, 64, generator=gen)
     lens = torch.tensor([5], dtype=torch.int32)
     ref = fa.decode_attention_fast_reference(q, kp, vp, lens, scale=0.1, **args)
-    out = fa.decode_attention_fast_triton(q, kp, vp, lens, scale=0.1, num_splits=4, block_n=16, trans_k=1,
-                                          poison=True, **args)
+    out = decode_attention_fast_variant(q, kp, vp, lens, scale=0.1, num_splits=4, block_n=16, trans_k=1,
+                                        poison=True, **args)
     assert rel_err(out, ref) < 2e-3
 
 
@@ -115,8 +116,8 @@ def test_fast_kernel_kv_mask_matches_reference():
         nomask = fa.decode_attention_fast_reference(q, kp, vp, lens, scale=scale, **args)
         assert torch.isfinite(ref).all() and rel_err(nomask, ref) > 1e-2  # the mask matters
         for kw in variants:
-            out = fa.decode_attention_fast_triton(q, kp, vp, lens, scale=scale, poison=True, kv_mask=mask,
-                                                  **kw, **args)
+            out = decode_attention_fast_variant(q, kp, vp, lens, scale=scale, poison=True, kv_mask=mask,
+                                                **kw, **args)
             assert torch.isfinite(out).all()
             assert rel_err(out, ref) < 2e-3, (kw, rel_err(out, ref))
         op = torch.ops.sqcompile.decode_attention_fast(q, kp, vp, lens, scale=scale, num_splits=4, kv_mask=mask,
@@ -132,9 +133,9 @@ def test_fast_kernel_kv_mask_matches_reference():
         torch.testing.assert_close(ref2, ref, atol=1e-6, rtol=0)
         # the kernel never reads them: even all-0xFF rows (NaN fp16 scales) give bit-identical output
         kw = variants[0]
-        out = fa.decode_attention_fast_triton(q, kp, vp, lens, scale=scale, kv_mask=mask, **kw, **args)
-        out2 = fa.decode_attention_fast_triton(q, kp2.masked_fill(drop, 255), vp2.masked_fill(drop, 255), lens,
-                                               scale=scale, kv_mask=mask, **kw, **args)
+        out = decode_attention_fast_variant(q, kp, vp, lens, scale=scale, kv_mask=mask, **kw, **args)
+        out2 = decode_attention_fast_variant(q, kp2.masked_fill(drop, 255), vp2.masked_fill(drop, 255), lens,
+                                             scale=scale, kv_mask=mask, **kw, **args)
         assert torch.equal(out2, out)
 
     # an all-False mask: zeros, no NaN (every split empty)

@@ -131,7 +131,7 @@ def test_cli_eval_decode_runs_on_a_users_model_directory(tmp_path, capsys):
 
     from sqcompile.calibrate import calibrate
     from sqcompile.cli import main
-    from sqcompile.hf import load_text, smollm2_dir
+    from models import smollm2_dir, text
 
     tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir()))
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -139,7 +139,7 @@ def test_cli_eval_decode_runs_on_a_users_model_directory(tmp_path, capsys):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(tmp_path / "m"), tok.save_pretrained(tmp_path / "m")
-    profile = calibrate(model, load_text("britannica", prefer_shared=True)[:20000], tokenizer=tok, max_tokens=1024,
+    profile = calibrate(model, text("britannica")[:20000], tokenizer=tok, max_tokens=1024,
                         progress=False)
     profile.save(tmp_path / "p.safetensors")
     rc = main(["eval", "--model", str(tmp_path / "m"), "--context", "80", "--scored", "8", "--budgets", "4.25",

@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -75,4 +77,6 @@ def test_compiled_fast_cache_matches_eager_cache():
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         report = sqcompile.explain(model.forward, input_ids=x, attention_mask=mask, past_key_values=compiled_cache)
     assert worst < 5e-2, f"compiled vs eager logits: relative error {worst:.2e}"
-    assert [s.kernel for s in report.sites] == ["decode_attention_fast_write"] * 2, str(report)
+    # the CUDA kernel, or (a layout it does not support) Triton with the reason
+    assert len(report.sites) == 2 and all(re.fullmatch(r"decode_attention_fast_write \((cuda|triton; CUDA kernel: .+)\)",
+                                                       s.kernel) for s in report.sites), str(report)

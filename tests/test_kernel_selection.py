@@ -1,5 +1,5 @@
-"""Kernel-path selection (issue #6): "auto" picks TensorRT on SM100 where importable, Triton on other GPUs,
-torch on CPU; an explicit choice that cannot run here is an error that says why."""
+"""Kernel-path selection: "auto" picks Triton on a GPU and torch on CPU, never TensorRT (no test runs sqcompile's
+ops through torch_tensorrt on hardware); an explicit choice that cannot run here is an error that says why."""
 from __future__ import annotations
 
 import importlib.util
@@ -24,7 +24,8 @@ def test_tensorrt_explicit_where_it_cannot_run_says_why(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert "SM90" in tensorrt_unavailable_reason("cuda", (9, 0))
     assert tensorrt_unavailable_reason("cuda", (10, 0)) is None
-    assert select_kernels("auto", "cuda", (10, 0)) == "tensorrt"
+    assert select_kernels("auto", "cuda", (10, 0)) == "triton"  # TensorRT only when asked for
+    assert select_kernels("tensorrt", "cuda", (10, 0)) == "tensorrt"
     assert select_kernels("auto", "cuda", (9, 0)) == "triton"
     with pytest.raises(RuntimeError, match="SM100"):
         select_kernels("tensorrt", "cuda", (9, 0))

@@ -29,9 +29,9 @@ fragment order, scales folded into M, cached per constant tensors). Its variant 
 stores the decode step's new token (rotate the key by the same basis, quantize, pack: `quantize_write_fast`'s
 bytes) before the split kernel reads the cache, so the write costs a decode step no launch of its own
 (`sqcompile::decode_attention_fast_write`, which the substitution pass emits).
-Selection: `sqcompile::decode_attention_fast` runs this kernel on CUDA when `available(...)` says so
-(the layout is supported, NVRTC compiles it) and `SQCOMPILE_DECODE_KERNEL` is not "triton"; "cuda"
-makes an unsupported case an error instead of a fallback. It is an opaque custom op
+Selection: `sqcompile::decode_attention_fast` runs this kernel on CUDA when its `kernel` argument is "cuda" (the
+backend's `KernelPlan.decode`, `sqcompile.kernels.resolve_kernels`) and `available(...)` says so (the layout is
+supported, NVRTC compiles it), else the Triton kernel. It is an opaque custom op
 (`sqcompile::decode_attention_fast_cuda`): Inductor calls it as an extern kernel.
 
 Supported layouts (`supports`): head_dim % 16 == 0, G = Hq / Hkv <= 8, every coded group starts and
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import string
 import struct
 import threading
@@ -56,7 +55,6 @@ from sqcompile.quant.fast_layout import FastLayout
 
 log = logging.getLogger(__name__)
 TN = 32  # tokens per warp tile (two m16 tiles)
-ENV = "SQCOMPILE_DECODE_KERNEL"  # auto (default) | cuda | triton
 STATS = {"calls": 0}  # launches of the CUDA kernel (benchmarks report it, to show which kernel ran)
 LOG2E = 1.4426950408889634
 
@@ -655,9 +653,9 @@ _BROKEN: dict = {}
 _AVAILABLE: dict = {}
 
 
-def available(q: torch.Tensor, k_packed: torch.Tensor, k_groups, v_groups) -> Optional[str]:
-    """None when `decode_attention_fast` should run the CUDA kernel for these inputs, else why not."""
-    choice = os.environ.get(ENV, "auto")
+def available(q: torch.Tensor, k_packed: torch.Tensor, k_groups, v_groups, choice: str = "auto") -> Optional[str]:
+    """None when `decode_attention_fast` should run the CUDA kernel for these inputs, else why not. choice: "auto"
+    (why not, or None), "cuda" (why not is an error), "triton" (never)."""
     key = (choice, q.device.type, tuple(q.shape), tuple(k_packed.shape), tuple(k_groups), tuple(v_groups))
     try:
         hit = key in _AVAILABLE
@@ -673,9 +671,9 @@ def available(q: torch.Tensor, k_packed: torch.Tensor, k_groups, v_groups) -> Op
 
 def _available(choice: str, q, k_packed, k_groups, v_groups) -> Optional[str]:
     if choice not in ("auto", "cuda", "triton"):
-        raise ValueError(f"{ENV} must be auto, cuda or triton, got {choice!r}")
+        raise ValueError(f"the CUDA decode kernel's choice must be auto, cuda or triton, got {choice!r}")
     if choice == "triton":
-        return f"{ENV}=triton"
+        return "the Triton kernel was chosen"
     if q.device.type != "cuda" or not hasattr(torch.cuda, "_compile_kernel"):
         why = "needs a CUDA device and torch.cuda._compile_kernel (NVRTC)"
     else:
@@ -684,7 +682,7 @@ def _available(choice: str, q, k_packed, k_groups, v_groups) -> Optional[str]:
         vl = FastLayout.from_flat(D, v_groups, [1.0] * (len(v_groups) // 4))
         why = supports(kl, vl, D, q.shape[1] // Hkv, k_packed.shape[2]) or _BROKEN.get((kl.spec(), vl.spec()))
     if why is not None and choice == "cuda":
-        raise ValueError(f"{ENV}=cuda but the CUDA decode kernel cannot run: {why}")
+        raise ValueError(f"the CUDA decode kernel was chosen but cannot run: {why}")
     return why
 
 
@@ -705,18 +703,16 @@ def decode_attention_fast_cuda_op(q, k_packed, v_packed, lengths, k_basis, k_fac
                                           v_groups, scale, kv_mask=kv_mask, sink_score=sink_score,
                                           sink_value=sink_value, sink_pos=sink_pos)
     except RuntimeError as exc:  # NVRTC or the driver refused the kernel: remember, use the Triton kernel
-        if os.environ.get(ENV) == "cuda":
-            raise
         D = q.shape[-1]
         key = (FastLayout.from_flat(D, k_groups, [1.0] * (len(k_groups) // 4)).spec(),
                FastLayout.from_flat(D, v_groups, [1.0] * (len(v_groups) // 4)).spec())
         _BROKEN[key] = f"the CUDA kernel failed: {exc}"
         _AVAILABLE.clear()
         log.warning("CUDA decode kernel unavailable (%s); using the Triton kernel", exc)
-        from sqcompile.kernels.decode_attention_fast import decode_attention_fast_triton
-        return decode_attention_fast_triton(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
-                                            v_groups, scale, kv_mask=kv_mask, sink_score=sink_score,
-                                            sink_value=sink_value, sink_pos=sink_pos)
+        return torch.ops.sqcompile.decode_attention_fast(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor,
+                                                         k_groups, v_groups, scale, kv_mask=kv_mask,
+                                                         sink_score=sink_score, sink_value=sink_value,
+                                                         sink_pos=sink_pos, kernel="triton")
 
 
 _LIB.impl("decode_attention_fast_cuda", decode_attention_fast_cuda_op, "CUDA")
@@ -737,8 +733,6 @@ def decode_attention_fast_cuda_write_op(q, k_packed, v_packed, lengths, k_basis,
                                           write=(key, v_store, positions, k_basis, k_mean, k_layout, v_layout),
                                           sink_score=sink_score, sink_value=sink_value, sink_pos=sink_pos)
     except RuntimeError as exc:  # NVRTC or the driver refused the kernel (before any launch): write, then attend
-        if os.environ.get(ENV) == "cuda":
-            raise
         log.warning("CUDA decode kernel with the fused write unavailable (%s); writing and attending apart", exc)
         torch.ops.sqcompile.quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean,
                                                 k_layout, v_layout)

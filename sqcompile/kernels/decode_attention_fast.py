@@ -45,7 +45,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from sqcompile.kernels import decode_attention_cuda as _cuda
-from sqcompile.kernels.decode_attention import launch_reduce
+from sqcompile.kernels import op_kernel
+from sqcompile.kernels.decode_attention import launch_reduce, wrap_interpreted
 from sqcompile.kernels.sink import check_sink, merge_sink_reference, skip_mask
 from sqcompile.quant.fast_layout import FastLayout
 
@@ -451,18 +452,33 @@ def decode_attention_fast_triton(
     q: torch.Tensor, k_packed: torch.Tensor, v_packed: torch.Tensor, lengths: torch.Tensor,
     k_basis: torch.Tensor, k_factor: torch.Tensor, v_factor: torch.Tensor,
     k_groups: list[int], v_groups: list[int], scale: float,
+    num_splits: int = 0, block_n: int = 128, poison: bool = False, _launch=None, kv_mask: Optional[torch.Tensor] = None,
+    sink_score: Optional[torch.Tensor] = None, sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Launch split + reduce with the fastest variant measured on an H100 (benchmarks/decode_attention_fast.py
+    --tune): 128-token blocks (`block_n`), 4 warps, no software pipelining; ~4 programs per SM below 32K cache
+    tokens, ~8 from 32K on (num_splits=0 picks); the inline-PTX unpack on CUDA, plain Triton in the interpreter.
+    The other variants the tuner measures (warps, stages, registers, unpack mode, transposed scores, eager sums)
+    are `sqcompile.prototype.decode_attention_variants`. poison=True fills every buffer with NaN first (tests).
+    kv_mask [B, T] or [1, T] (bool/int, nonzero = attend; T = cache capacity) further masks tokens below
+    the length (padding, sliding windows); sink_score / sink_value: the exact sink token, merged in the reduce
+    (`sqcompile::decode_attention_fast`)."""
+    return launch_fast(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale,
+                       num_splits=num_splits, block_n=block_n, poison=poison, _launch=_launch, kv_mask=kv_mask,
+                       sink_score=sink_score, sink_value=sink_value, sink_pos=sink_pos)
+
+
+def launch_fast(
+    q: torch.Tensor, k_packed: torch.Tensor, v_packed: torch.Tensor, lengths: torch.Tensor,
+    k_basis: torch.Tensor, k_factor: torch.Tensor, v_factor: torch.Tensor,
+    k_groups: list[int], v_groups: list[int], scale: float,
     num_splits: int = 0, block_n: int = 128, num_warps: int = 4, num_stages: int = 1,
     maxnreg: Optional[int] = None, mode: Optional[int] = None, per_sm: int = 0, trans_k: int = 0, lazy: int = 1,
     poison: bool = False, _launch=None, kv_mask: Optional[torch.Tensor] = None,
     sink_score: Optional[torch.Tensor] = None, sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Launch split + reduce. Defaults = the fastest variant measured on an H100 (benchmarks/decode_attention_fast.py --tune):
-    128-token blocks, 4 warps, no software pipelining (num_stages=1); ~4 programs per SM below 32K
-    cache tokens, ~8 from 32K on (per_sm=0 picks). mode: 2 = inline PTX unpack (CUDA default), 0/1 =
-    plain Triton (interpreter default 0). poison=True fills every buffer with NaN first (tests).
-    kv_mask [B, T] or [1, T] (bool/int, nonzero = attend; T = cache capacity) further masks tokens below
-    the length (padding, sliding windows); sink_score / sink_value: the exact sink token, merged in the reduce
-    (`sqcompile::decode_attention_fast`)."""
+    """`decode_attention_fast_triton` with every launch knob (`sqcompile.prototype.decode_attention_variants`
+    documents them); the defaults are the production variant."""
     B, Hq, D = q.shape
     Hkv, T = k_packed.shape[1], k_packed.shape[2]
     kl = FastLayout.from_flat(D, k_groups, [1.0] * (len(k_groups) // 4))
@@ -556,26 +572,29 @@ def decode_attention_fast(
     k_basis: torch.Tensor, k_factor: torch.Tensor, v_factor: torch.Tensor,
     k_groups: list[int], v_groups: list[int], scale: float, num_splits: int = 0,
     kv_mask: Optional[torch.Tensor] = None, sink_score: Optional[torch.Tensor] = None,
-    sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None,
+    sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None, kernel: str = "auto",
 ) -> torch.Tensor:
     """Decode attention for q [B, Hq, d] over the fast packed cache; [B, Hq, d] in the value storage
     basis. k_groups / v_groups: (start, stop, bits, token) quadruples flattened
     (`FastLayout.flat_groups`); k_factor / v_factor [Hkv, d] float32 = `FastLayout.column_factor`
     (step x channel scale); scale = the softmax scale; kv_mask [B, T] or [1, T] or None (nonzero = attend)
     further masks tokens below the length; sink_score [B, Hq] / sink_value [B, Hkv, d] / sink_pos [B]: an exact
-    token in place of the packed one at sink_pos (as in `sqcompile::decode_attention`). CUDA runs the hand-written CUDA kernel
-    (`sqcompile.kernels.decode_attention_cuda`, 3-4x faster) where it supports the layout, else the Triton
-    kernels; other devices run `decode_attention_fast_reference`."""
-    if q.device.type != "cuda":
+    token in place of the packed one at sink_pos (as in `sqcompile::decode_attention`). kernel (the backend's
+    `KernelPlan.decode`): "cuda" the hand-written CUDA kernel (`sqcompile.kernels.decode_attention_cuda`, 3-4x
+    faster) where it supports the layout, else the Triton kernels; "triton" the Triton kernels (CPU tensors: under
+    TRITON_INTERPRET=1); "torch" `decode_attention_fast_reference`; "auto" = "cuda" on CUDA, else "torch"."""
+    impl = op_kernel(kernel, q)
+    if impl == "torch":
         return decode_attention_fast_reference(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor,
                                                k_groups, v_groups, scale, kv_mask=kv_mask,
                                                sink_score=sink_score, sink_value=sink_value, sink_pos=sink_pos)
-    if num_splits == 0 and _cuda.available(q, k_packed, k_groups, v_groups) is None:
+    if impl == "cuda" and q.is_cuda and num_splits == 0 and _cuda.available(q, k_packed, k_groups, v_groups) is None:
         return torch.ops.sqcompile.decode_attention_fast_cuda(q, k_packed, v_packed, lengths, k_basis, k_factor,
                                                               v_factor, k_groups, v_groups, scale, kv_mask,
                                                               sink_score, sink_value, sink_pos)
     return decode_attention_fast_triton(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups,
-                                        v_groups, scale, num_splits=num_splits, _launch=wrap_triton,
+                                        v_groups, scale, num_splits=num_splits,
+                                        _launch=wrap_triton if q.is_cuda else wrap_interpreted,
                                         kv_mask=kv_mask, sink_score=sink_score, sink_value=sink_value, sink_pos=sink_pos)
 
 
@@ -588,28 +607,31 @@ _LIB.define(
     "decode_attention_fast_write(Tensor q, Tensor(a!) k_packed, Tensor(b!) v_packed, Tensor lengths, "
     "Tensor k_basis, Tensor k_factor, Tensor v_factor, int[] k_groups, int[] v_groups, float scale, Tensor key, "
     "Tensor v_store, Tensor positions, Tensor k_mean, str k_layout, str v_layout, Tensor? kv_mask=None, "
-    "Tensor? sink_score=None, Tensor? sink_value=None, Tensor? sink_pos=None) -> Tensor")
+    "Tensor? sink_score=None, Tensor? sink_value=None, Tensor? sink_pos=None, str kernel=\"auto\", "
+    "str write_kernel=\"auto\") -> Tensor")
 
 
 def decode_attention_fast_write(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups,
                                 scale, key, v_store, positions, k_mean, k_layout, v_layout, kv_mask=None, sink_score=None,
-                                sink_value=None, sink_pos=None):
+                                sink_value=None, sink_pos=None, kernel="auto", write_kernel="auto"):
     """`sqcompile::quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout,
     v_layout)` and then `sqcompile::decode_attention_fast(q, k_packed, v_packed, lengths, ...)`: what the
     substitution pass puts in a decode step's graph when nothing else reads the packed cache in between. On
     CUDA, where the CUDA decode kernel runs and the write is one token per sequence, the write happens inside
     the kernel's first launch (the query transform, which reads the same key basis), so a decode step pays no
-    launch of its own for it; elsewhere the two ops run one after the other."""
-    if q.is_cuda and _cuda.available(q, k_packed, k_groups, v_groups) is None:
+    launch of its own for it; elsewhere the two ops run one after the other. kernel: the attention's (as
+    `decode_attention_fast`'s), write_kernel: the separate write's (as `quantize_write_fast`'s)."""
+    if q.is_cuda and op_kernel(kernel, q) == "cuda" and _cuda.available(q, k_packed, k_groups, v_groups) is None:
         if _write_fusable(q.shape[-1], k_layout, v_layout, tuple(key.shape)):
             return torch.ops.sqcompile.decode_attention_fast_cuda_write(
                 q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale, key,
                 v_store, positions, k_mean, k_layout, v_layout, kv_mask, sink_score, sink_value, sink_pos)
     torch.ops.sqcompile.quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout,
-                                            v_layout)
+                                            v_layout, kernel=write_kernel)
     return torch.ops.sqcompile.decode_attention_fast(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor,
                                                      k_groups, v_groups, scale, kv_mask=kv_mask,
-                                                     sink_score=sink_score, sink_value=sink_value, sink_pos=sink_pos)
+                                                     sink_score=sink_score, sink_value=sink_value, sink_pos=sink_pos,
+                                                     kernel=kernel)
 
 
 @functools.lru_cache(maxsize=256)
@@ -624,5 +646,6 @@ _LIB.impl("decode_attention_fast_write", decode_attention_fast_write, "Composite
 
 @torch.library.register_fake("sqcompile::decode_attention_fast_write")
 def _(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale, key, v_store,
-      positions, k_mean, k_layout, v_layout, kv_mask=None, sink_score=None, sink_value=None, sink_pos=None):
+      positions, k_mean, k_layout, v_layout, kv_mask=None, sink_score=None, sink_value=None, sink_pos=None,
+      kernel="auto", write_kernel="auto"):
     return torch.empty_like(q)

@@ -10,20 +10,21 @@ Both are CompositeImplicitAutograd: plain torch ops that dynamo records as one c
 passes can find the cache's write and read), and that AOTAutograd decomposes. On CUDA tensors the write
 decomposes into one Triton launch, `sqcompile::quantize_write_fast_triton` (a `triton_op` Inductor traces):
 Inductor made the torch form below several kernels, ~20 us per decode step of one layer on an H100/H200.
-`SQCOMPILE_WRITE_KERNEL=torch` keeps the torch form everywhere (it is also the reference the tests compare
-the kernel with). Decode attention over these rows is `sqcompile::decode_attention_fast`.
+The write's `kernel` argument (the backend's `KernelPlan.write`) picks: "torch" the torch form (also the reference
+the tests compare the kernel with), "triton" the one launch (CPU tensors: under TRITON_INTERPRET=1), "auto" the
+launch on CUDA, else torch. Decode attention over these rows is `sqcompile::decode_attention_fast`.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 from ..quant.fast_layout import FastLayout
+from . import quantize_write_fast_triton as one_launch  # registers sqcompile::quantize_write_fast_triton
+from . import uses_triton
 
 _LIB = torch.library.Library("sqcompile", "FRAGMENT")  # noqa: TOR901  (defines into the shared namespace)
 _LIB.define("quantize_write_fast(Tensor key, Tensor v_store, Tensor(a!) k_packed, Tensor(b!) v_packed, "
-            "Tensor positions, Tensor k_basis, Tensor k_mean, str k_layout, str v_layout) -> ()")
+            "Tensor positions, Tensor k_basis, Tensor k_mean, str k_layout, str v_layout, str kernel=\"auto\") -> ()")
 _LIB.define("dequantize_fast(Tensor packed, str layout, int head_dim) -> Tensor")
 
 
@@ -35,20 +36,25 @@ def layout_spec(layout: FastLayout) -> str:
 
 
 def quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout: str,
-                        v_layout: str) -> None:
+                        v_layout: str, kernel: str = "auto") -> None:
     d = key.shape[-1]
     if key.dim() != 4 or v_store.shape != key.shape:
         raise ValueError(f"key/v_store must be [B, Hkv, T_new, d] of one shape, got {tuple(key.shape)} / "
                          f"{tuple(v_store.shape)}")
     if positions.dim() != 1 or positions.shape[0] != key.shape[2]:
         raise ValueError(f"positions must be [T_new={key.shape[2]}] (shared by the batch), got {tuple(positions.shape)}")
-    if key.is_cuda and os.environ.get("SQCOMPILE_WRITE_KERNEL", "auto") != "torch":
-        from . import quantize_write_fast_triton as one_launch  # registers the op
-
+    if uses_triton(kernel, key):
         if one_launch.supports(d, k_layout, v_layout) is None:  # else (e.g. head_dim 80) the torch form below
             torch.ops.sqcompile.quantize_write_fast_triton(key, v_store, k_packed, v_packed, positions, k_basis,
                                                            k_mean, k_layout, v_layout)
             return
+    quantize_write_fast_torch(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout, v_layout)
+
+
+def quantize_write_fast_torch(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout: str,
+                              v_layout: str) -> None:
+    """The write in plain torch: the reference of the one-launch kernel, and what Inductor fuses on CPU."""
+    d = key.shape[-1]
     kl, vl = FastLayout.from_spec(d, k_layout), FastLayout.from_spec(d, v_layout)
     k_store = torch.matmul(key.to(torch.float32) - k_mean[None, :, None, :], k_basis.transpose(-1, -2))
     k_rows = kl.quantize(k_store)

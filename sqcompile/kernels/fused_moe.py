@@ -58,9 +58,12 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from . import tuned_config
 
 ROUTINGS = ("softmax", "sigmoid")
 
@@ -513,13 +516,15 @@ _empty = torch.empty
 
 
 def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: int = 0,
-            grouped_mm: bool = False) -> dict:
-    """Block sizes, warps, stages and program order (GROUP_M) of the two grouped GEMMs.
+            grouped_mm: bool = False, sm_count: int = 0, device_name: Optional[str] = None) -> dict:
+    """Block sizes, warps, stages and program order (GROUP_M) of the two grouped GEMMs: the tuned configs of
+    `sqcompile/kernels/configs/fused_moe.json` for `device_name` (`tuned_config`), by rows per expert.
 
     Decode (<= 16 pairs per expert): one 16-row block per used expert, narrow gate/up tiles and a split-K
-    down projection so enough programs stream the used experts' weights. Larger counts: the tiles
-    `benchmarks/moe_tune.py` picked on an H100 and an H200 (BENCHMARKS.md), which need about 192 KB of shared
-    memory per program; `smem_bytes` (the device's opt-in limit, 0 = unknown) below that takes 3 or 2 stages.
+    down projection so that ~programs_per_sm programs per SM (`sm_count`, 0 = that of the GPU the file was tuned
+    on) stream the used experts' weights. Larger counts: the tiles `benchmarks/moe_tune.py` picked on an H100 and
+    an H200 (BENCHMARKS.md), which need about 192 KB of shared memory per program; `smem_bytes` (the device's
+    opt-in limit, 0 = unknown) below that takes 3 or 2 stages.
     Many rows per expert also take TMA loads (TMA, DOWN_TMA; used only on sm_90+ with 16-byte aligned rows), the
     gate and up tiles in one box and one dot (W_PAIR, with TMA), h stored by TMA (H_STORE_TMA, with H_SORTED),
     h in block order (H_SORTED), x gathered into block order so that its tiles come by TMA
@@ -532,35 +537,32 @@ def _config(num_pairs, num_experts: int, hidden: int, inter: int, smem_bytes: in
     if _interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, DOWN_BLOCK_N=32, DOWN_BLOCK_K=32, SPLIT_K=1,
                     num_warps=4, num_stages=2)
+    tuned = tuned_config("fused_moe", device_name)
     rows_per_expert = num_pairs / num_experts
-    if rows_per_expert <= 16:
-        # programs that do work ~ used experts * H / DOWN_BLOCK_N * SPLIT_K; aim for ~4 per SM of 132
+    decode = tuned["decode"]
+    if rows_per_expert <= decode["max_rows_per_expert"]:
         used = min(num_pairs, num_experts) if isinstance(num_pairs, int) else num_experts
         tiles = used * triton.cdiv(hidden, 64)
-        split_k = max(1, min(8, 528 // max(tiles, 1), inter // 512))
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, DOWN_BLOCK_N=64, DOWN_BLOCK_K=128, SPLIT_K=split_k,
-                    num_warps=4, num_stages=4, GROUP_M=NO_GROUPING)
-    # 48 KB of operand tiles per stage at the prefill tiles below (24 KB at the middle ones)
+        programs = decode["programs_per_sm"] * (sm_count or tuned["tuned_sm_count"])
+        split_k = max(1, min(decode["split_k_max"], programs // max(tiles, 1), inter // 512))
+        return dict(decode["config"], SPLIT_K=split_k, GROUP_M=NO_GROUPING)
+    # 48 KB of operand tiles per stage at the prefill tiles (24 KB at the middle ones)
     stages = 4 if smem_bytes == 0 or smem_bytes >= 200 * 1024 else (3 if smem_bytes >= 150 * 1024 else 2)
-    if rows_per_expert <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=stages, GROUP_M=8,
-                    DOWN_BLOCK_N=128, DOWN_BLOCK_K=64, DOWN_WARPS=4, DOWN_STAGES=stages, DOWN_GROUP_M=8, SPLIT_K=1)
-    # weight tiles (and h, stored in block order) by TMA where the device has it; persistent gate/up programs.
-    # H100, Mixtral T=4096 under Inductor: gate/up 3236 -> 3065 us, down 1681 -> 1484 us, op 5731 -> 5337 us
-    # (candidates: benchmarks/results/moe_tma_candidates_h100_*.json)
-    cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=stages, GROUP_M=8,
-               DOWN_BLOCK_N=256, DOWN_BLOCK_K=64, DOWN_WARPS=8, DOWN_STAGES=stages, DOWN_GROUP_M=32, SPLIT_K=1,
-               TMA=True, H_SORTED=True, PERSISTENT=1)
+    tier = tuned["middle"] if rows_per_expert <= tuned["middle"]["max_rows_per_expert"] else tuned["prefill"]
+    cfg = {k: (stages if v == "smem" else v) for k, v in tier["config"].items()}
+    if tier is tuned["middle"]:
+        return cfg
+    # Prefill: weight tiles (and h, stored in block order) by TMA where the device has it; persistent gate/up
+    # programs. H100, Mixtral T=4096 under Inductor: gate/up 3236 -> 3065 us, down 1681 -> 1484 us, op 5731 -> 5337
+    # us (candidates: benchmarks/results/moe_tma_candidates_h100_*.json).
     # x by TMA from a block-ordered copy: the gate/up kernel gains more than the copy costs only with a wide FFN
     # (H100 under Inductor, kernel times: Mixtral T=4096 gate/up 2995 -> 2814 us for a 45 us copy; Qwen-MoE, I = 1408:
     # 661 -> 645 us for a 78 us copy). The power-capped timed loop does not resolve the Mixtral gain (-1% to +3.5%
     # in three runs).
-    cfg["X_SORTED"] = inter >= 8192
-    # gate and up tiles in one TMA box and one dot (W_PAIR), h stored by TMA (H_STORE_TMA). H100 under Inductor,
+    cfg["X_SORTED"] = inter >= tier["x_sorted_min_inter"]
+    # W_PAIR (gate and up tiles in one TMA box and one dot) and H_STORE_TMA (h stored by TMA): H100 under Inductor,
     # Mixtral T=4096: gate/up kernel 2750 -> 2695 us, the op at the power cap 5031 -> 4927 us and 3480 -> 3411 mJ
-    # per call (HF + Inductor 5157 us, 3575-3726 mJ); Qwen-MoE 1332 -> 1288 us (BENCHMARKS.md, "Fused MoE")
-    cfg["W_PAIR"] = True
-    cfg["H_STORE_TMA"] = True
+    # per call (HF + Inductor 5157 us, 3575-3726 mJ); Qwen-MoE 1332 -> 1288 us (BENCHMARKS.md, "Fused MoE").
     # CUTLASS's down GEMM beats ours; its gate/up plus a SiLU-and-multiply pass ties with our fused one at Mixtral
     # T=4096 and loses at fewer rows ("both" at T=1024: Mixtral 1723 us, Qwen-MoE 723 us, against "down" 1641 / 650)
     if grouped_mm:
@@ -572,9 +574,11 @@ def device_config(num_pairs, num_experts: int, hidden: int, inter: int, device: 
                   dtype: torch.dtype) -> dict:
     """`_config` as the op picks it on `device`: that device's shared memory, and the grouped_mm tier where it has
     `torch._grouped_mm`'s CUTLASS kernels for `dtype` and the rows are 16-byte aligned (the benchmarks start from it)."""
-    return _config(num_pairs, num_experts, hidden, inter,
-                   _smem_bytes(_device_index(device)) if device.type == "cuda" else 0,
-                   _grouped_mm_ok(device, dtype) and (hidden * 2) % 16 == 0 and (inter * 2) % 16 == 0)
+    on_gpu = device.type == "cuda"
+    return _config(num_pairs, num_experts, hidden, inter, _smem_bytes(_device_index(device)) if on_gpu else 0,
+                   _grouped_mm_ok(device, dtype) and (hidden * 2) % 16 == 0 and (inter * 2) % 16 == 0,
+                   _sm_count(_device_index(device)) if on_gpu else 0,
+                   torch.cuda.get_device_name(_device_index(device)) if on_gpu else None)
 
 
 def _grouped_mm_fn():
@@ -589,6 +593,11 @@ def _grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,7 +25,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._bitplanes import CODEBOOK_STRIDE, PackedLayout, format_from_args
-from .decode_attention import LAST_COMPILED, _interpreted, _pow2, group_constexprs, qjl_per_head
+from . import uses_triton
+from .decode_attention import LAST_COMPILED, _interpreted, _pow2, group_constexprs, qjl_per_head, wrap_interpreted
 
 FP16_MAX = 65504.0
 
@@ -362,17 +363,20 @@ def quantize_write(
     positions: torch.Tensor, k_basis: torch.Tensor, k_mean: torch.Tensor, k_codebooks: torch.Tensor,
     k_channel_scale: torch.Tensor, v_codebooks: torch.Tensor, v_channel_scale: torch.Tensor,
     k_qjl_proj: Optional[torch.Tensor], k_groups: list[int], v_groups: list[int], qjl_dims: int, qjl_bits: int,
+    kernel: str = "auto",
 ) -> None:
     """Quantize k_new (post-RoPE, unrotated) and v_new (value storage basis) [B, Hkv, T_new, d] and
     store their packed rows at `positions` of k_packed/v_packed. k_basis [Hkv, d, d], k_mean [Hkv, d],
     codebooks [groups, 256], channel scales [Hkv, d], k_qjl_proj [Hkv, m, qjl_dims] or [m, qjl_dims] or None; groups
     flattened (start, stop, bits, token_scale). Positions outside [0, max_tokens) raise IndexError
-    (checked on the host when not tracing; the kernel never writes outside the cache)."""
-    if k_new.device.type != "cuda":
+    (checked on the host when not tracing; the kernel never writes outside the cache). kernel: "torch" |
+    "triton" (CPU tensors: under TRITON_INTERPRET=1) | "auto" (Triton on CUDA, else torch), the backend's
+    `KernelPlan.write`."""
+    if not uses_triton(kernel, k_new):
         quantize_write_reference(k_new, v_new, k_packed, v_packed, positions, k_basis, k_mean, k_codebooks,
                                  k_channel_scale, v_codebooks, v_channel_scale, k_qjl_proj, k_groups, v_groups,
                                  qjl_dims, qjl_bits)
         return
     quantize_write_triton(k_new, v_new, k_packed, v_packed, positions, k_basis, k_mean, k_codebooks,
                           k_channel_scale, v_codebooks, v_channel_scale, k_qjl_proj, k_groups, v_groups,
-                          qjl_dims, qjl_bits, _launch=wrap_triton)
+                          qjl_dims, qjl_bits, _launch=wrap_triton if k_new.is_cuda else wrap_interpreted)

@@ -50,7 +50,7 @@ from torch.library import triton_op, wrap_triton
 
 from sqcompile.quant.fast_layout import FastLayout
 
-from .decode_attention import wrap_interpreted
+from .decode_attention import _interpreted, wrap_interpreted
 
 MAX_CODED = 4  # coded (bits > 0) groups per layout the kernel unrolls
 BLOCK_M = 16  # rows (b, t) per program on the tl.dot path (tl.dot's minimum M)
@@ -345,13 +345,10 @@ def quantize_write_fast_triton(key: torch.Tensor, v_store: torch.Tensor, k_packe
                                v_packed: torch.Tensor, positions: torch.Tensor, k_basis: torch.Tensor,
                                k_mean: torch.Tensor, k_layout: str, v_layout: str) -> None:
     """`sqcompile::quantize_write_fast` in one Triton launch (see the module doc). CUDA tensors run the
-    compiled kernel, CPU tensors the interpreted one when TRITON_INTERPRET=1 was set before triton was
-    imported, else the torch reference."""
+    compiled kernel, CPU tensors the interpreted one (TRITON_INTERPRET=1 set before triton was imported; else an
+    error that says so)."""
     consts = _check(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout, v_layout)
-    if not key.is_cuda and type(_quantize_write_fast_kernel).__name__ != "InterpretedFunction":
-        from sqcompile.kernels.fast_cache import quantize_write_fast
-
-        quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout, v_layout)
-        return
+    if not key.is_cuda:
+        _interpreted(_quantize_write_fast_kernel)
     _launch_kernel(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, consts,
                    wrap_triton if key.is_cuda else wrap_interpreted)

@@ -24,6 +24,7 @@ from .fx_utils import (
     is_linear,
     is_op,
     is_sdpa,
+    layer_from_module_stack,
     layer_from_name,
     meta_tensor,
     node_source_name,
@@ -344,6 +345,12 @@ def _weight_node(lin: fx.Node) -> Optional[fx.Node]:
 
 
 def _site_layer(*nodes: Optional[fx.Node]) -> Optional[int]:
+    """The layer of a site's projections: from dynamo's module stack (`layer_from_module_stack`), else from the
+    names of their weights (graphs without the metadata)."""
+    for n in nodes:
+        layer = layer_from_module_stack(n)
+        if layer is not None:
+            return layer
     for n in nodes:
         if n is None:
             continue
@@ -532,7 +539,7 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
             extra = [u for u in node.users if not _reads_into(u, (attn, out)) and not _only_to_cache_state(u)]
             if extra:
                 raise _Unproven(f"the {name} has a consumer outside attention: '{extra[0].name}'")
-    site.layer = _site_layer(_weight_node(v_lin), _weight_node(o_lin), k_base, v_base)
+    site.layer = _site_layer(v_lin, o_lin, _weight_node(v_lin), _weight_node(o_lin), k_base, v_base)
     site.layer = -1 if site.layer is None else site.layer
     site.nodes.update(q=q, attn=attn, out=out, new_k=new_k, new_v=new_v, k_linear=k_lin, v_linear=v_lin,
                       v_offset=v_offset, o_linear=o_lin, centering_ok=m["centering_ok"],

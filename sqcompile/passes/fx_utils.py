@@ -104,6 +104,24 @@ def layer_from_name(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+# `.3` or `[3]` after a module name in a module path (not the `[0]` of a dynamo source such as `L['args'][0]`)
+_INDEX_RE = re.compile(r"(?<=\w)(?:\.(\d+)|\[(\d+)\])(?=\.|\[|$)")
+
+
+def layer_from_module_stack(n: Any) -> Optional[int]:
+    """The decoder layer a node was traced in: the first ModuleList index in the path of its innermost module in
+    dynamo's `nn_module_stack` (`model.layers.3.self_attn.k_proj`, `transformer.h[3].attn`: 3), whatever the
+    model calls its layer list; None where the node has no such metadata (a graph not traced by dynamo)."""
+    if not isinstance(n, fx.Node):
+        return None
+    stack = n.meta.get("nn_module_stack") or {}
+    for path, _ in reversed(list(stack.values())):
+        m = _INDEX_RE.search(str(path))
+        if m:
+            return int(m.group(1) or m.group(2))
+    return None
+
+
 def node_source_name(n: Any) -> str:
     """The name of the parameter or input behind a node (placeholder / get_attr / module target)."""
     if not isinstance(n, fx.Node):

@@ -338,6 +338,7 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
     gm.graph.erase_node(attn)
     _erase_dead(old_inputs)
     site.kernel = "decode_attention_fast" if _is_fast_write(qw) else "decode_attention"
+    site.nodes["decode_op"] = out  # `choose_kernels` hands it the compile's implementation
     if _is_fast_write(qw):
         _fuse_write(gm, site, qw, out)
 
@@ -401,6 +402,7 @@ def _fuse_write(gm: fx.GraphModule, site: Site, qw: fx.Node, att: fx.Node) -> No
     gm.graph.erase_node(att)
     gm.graph.erase_node(qw)
     site.kernel = "decode_attention_fast_write"
+    site.nodes["decode_op"] = fused
 
 
 def _column_factor(gm: fx.GraphModule, site: Site, lay, q: fx.Node, before: fx.Node) -> fx.Node:

@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .format import token_normalize, uniform_codes
+from .uniform import token_normalize, uniform_codes
 
 BITS_ALLOWED = (0, 1, 2, 4, 8)
 CUDA_SLACK = 1.10  # fast planners: prefer layouts the CUDA decode kernel reads at up to 10% more predicted error

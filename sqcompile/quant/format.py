@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from .codebooks import boundaries as _boundaries
+from .uniform import FP16_MAX, token_normalize, uniform_codes  # noqa: F401  (shared with fast_layout)
 
 SCALES = ("token", "channel")
-FP16_MAX = 65504.0
 
 
 @dataclass
@@ -95,20 +95,6 @@ def _is_uniform(codebook: Tensor) -> bool:
     step = uniform_step(codebook)
     want = uniform_levels(int(codebook.numel()).bit_length() - 1, step)
     return step > 0 and bool(((codebook - want).abs() <= 1e-3 * step).all())
-
-
-def uniform_codes(c: Tensor, step: float, bits: int) -> Tensor:
-    """Nearest uniform level (ties up): floor(c / step + (2**bits - 1) / 2 + 1/2), clamped, int64.
-    `FastLayout.encode` and `sqcompile::quantize_write_fast` compute exactly this."""
-    code = torch.floor(c * (1.0 / step) + (((1 << bits) - 1) / 2 + 0.5))
-    return torch.nan_to_num(code, nan=0.0).clamp(0, (1 << bits) - 1).to(torch.int64)
-
-
-def token_normalize(xg: Tensor) -> tuple[Tensor, Tensor]:
-    """A "token" group's scale s = fp16(rms(x_g)) (returned as float32) and c = x_g / s (s == 0: c = x_g).
-    Both packings (`TensorFormat.encode`, `FastLayout.encode`) normalize with this."""
-    s = xg.pow(2).mean(-1).sqrt().clamp(max=FP16_MAX).to(torch.float16).float()
-    return xg / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1), s
 
 
 @dataclass
