@@ -4,6 +4,8 @@
 #   bash scripts/test.sh              the fast suite: every test not marked `slow`
 #   bash scripts/test.sh --all        every test, the slow real-model and Inductor ones too (what .ci/run runs)
 #   bash scripts/test.sh [--all] ARGS more pytest arguments: files, -k NAME, -m cuda (every GPU test), ...
+# Tests run in SQCOMPILE_TEST_WORKERS processes (pytest-xdist; default 2, one file per process at a time, one
+# thread each: 2 threads per process on 2 busy cores make small matmuls wait on each other); 1 runs them in this one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup.sh)
@@ -11,5 +13,11 @@ select=(-m "not slow")
 if [ "${1:-}" = "--all" ]; then
   shift
   select=()
+  "$PY" tests/models.py smollm2 texts >/dev/null  # the real model and texts, fetched once before the workers start
 fi
-exec "$PY" -m pytest -q -rs -p no:cacheprovider ${select[@]+"${select[@]}"} "$@"
+workers=()
+if [ "${SQCOMPILE_TEST_WORKERS:-2}" != 1 ]; then
+  workers=(-n "${SQCOMPILE_TEST_WORKERS:-2}" --dist loadfile)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+fi
+exec "$PY" -m pytest -q -rs -p no:cacheprovider ${workers[@]+"${workers[@]}"} ${select[@]+"${select[@]}"} "$@"

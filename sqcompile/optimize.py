@@ -19,6 +19,7 @@ class Optimized:
     max_cache_len: int
     max_batch_size: Optional[int] = None
     options: dict = field(default_factory=dict)
+    report: Any = None  # a `sqcompile.report.Report`: the sites and kernel plans of every graph compiled so far
 
     def cache(self):
         """A fresh SpectralCache for one generation (packed storage, capacity max_cache_len)."""
@@ -54,9 +55,22 @@ def optimize(model: Any, profile: Any = None, *, bits: float = DEFAULT_BITS, max
              max_batch_size: Optional[int] = None, **options: Any) -> Optimized:
     """Compile `model.forward` with backend="spectralquant" (the module's weights are not touched; its
     `forward` attribute is replaced by the compiled one) and return an `Optimized` handle whose `generate`
-    uses a `SpectralCache`. `options` are the backend's (kernels, moe, lower, ...). On a tensor-parallel model
+    uses a `SpectralCache`; its `report` fills with what each compile did (as `sqcompile.explain` prints it).
+    `options` are the backend's (kernels, moe, lower, ...). On a tensor-parallel model
     (`sqcompile.parallel`) every rank calls it; each rank's cache holds its own kv-heads."""
+    from . import backend
+    from .report import Report
+
     opts = dict(options, profile=profile, bits=bits)
     Options.from_dict(opts)  # validate now, not at the first call
-    model.forward = torch.compile(model.forward, backend="spectralquant", options=opts)
-    return Optimized(model, profile, bits, max_cache_len, max_batch_size, opts)
+    report = Report()
+
+    def spectralquant(gm, example_inputs, **kwargs):  # the backend, recording what each compile did in `report`
+        token = backend._REPORT_SINK.set(report)
+        try:
+            return backend.spectralquant(gm, example_inputs, **kwargs)
+        finally:
+            backend._REPORT_SINK.reset(token)
+
+    model.forward = torch.compile(model.forward, backend=spectralquant, options=opts)
+    return Optimized(model, profile, bits, max_cache_len, max_batch_size, opts, report)
