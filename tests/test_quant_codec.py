@@ -295,30 +295,6 @@ def test_layer_weights_keep_the_average_budget_and_favour_sensitive_layers(bits)
     assert torch.equal(codec.unpack("key", 2, codec.pack("key", 2, xs)), codec.fake_quant("key", 2, xs))
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_fast_layout_splits_a_layers_bytes_keys_first(d):
-    """layout="fast" weighs the keys' predicted error FAST_KEY_WEIGHT times the values' in the K/V split: where the
-    even split gives the values the larger share (a key spectrum decaying like this one), the fast codec gives it to
-    the keys, at no more bytes; planes keeps weight 1."""
-    from sqcompile.profile import SpectralProfile
-    from sqcompile.quant.codec import FAST_KEY_WEIGHT
-
-    prof = SpectralProfile.random(2, 2, d, seed=3)
-    prof.key_eigvals = torch.exp(-torch.arange(d).float() / 6.5).expand(2, 2, d).contiguous()
-    fast = build_codec(prof, bits=2.75, layout="fast", layer_weights=False)
-    even = build_codec(prof, bits=2.75, layout="fast", layer_weights=False, key_weight=1.0)
-    assert FAST_KEY_WEIGHT > 1
-    for layer in range(2):
-        k, v = fast.bytes_per_token("key", layer), fast.bytes_per_token("value", layer)
-        k1, v1 = even.bytes_per_token("key", layer), even.bytes_per_token("value", layer)
-        assert k1 < v1 and k > v and k + v <= math.floor(2.75 * 2 * d / 8)
-    assert build_codec(prof, bits=2.75, layout="fast", layer_weights=False,
-                       key_weight=FAST_KEY_WEIGHT).bytes_per_token("key", 0) == fast.bytes_per_token("key", 0)
-    planes, planes1 = (build_codec(prof, bits=3.25, layer_weights=False, **kw) for kw in ({}, {"key_weight": 1.0}))
-    assert all(planes.bytes_per_token(kind, l) == planes1.bytes_per_token(kind, l) for kind in ("key", "value")
-               for l in range(2))
-
-
 def test_layer_weights_from_the_profile_meta_drive_spectralquant_only():
     prof = _sens_profile()
     w = [[1.0, 1.0]] * 6

@@ -28,12 +28,12 @@ Methods:
   sensitivity-weighted predicted error. SmolLM2-135M, 1024 Hamlet tokens: dPPL +2.6% / +8.5% / +33% at
   4.25 / 3.25 / 2.69 bits, vs +4.2% / +21.9% / +75% with equal bytes per layer (keys centered, values
   not) and +6.9% / +25.4% / +74% before either change.
-  **Keys first** (layout="fast", equal bytes per layer): the K/V split weighs the keys' predicted error
-  `FAST_KEY_WEIGHT` times the values' (measured on the decode protocol; see the constant).
   Measured and not kept: forcing s = 8 or 16 at 8 bits, a second rotated token tier for the top PCA
-  dims (``signal_scale="rotated"``), query-energy key weighting, per-layer centering choices, and (fast, decode protocol at 2.75 bits + a
-  32-token window) a query-aware key transform k' = R U' S_q^(1/4) (k - mu): half the mean score error offline,
-  +7.4% dPPL against +4.8% on the model.
+  dims (``signal_scale="rotated"``), query-energy key weighting, per-layer centering choices, and, for
+  layout="fast" on the decode protocol (SmolLM2-135M, C = 2048, 2.75 bits + a 32-token window, CPU, 2026-12-07):
+  more key bytes at the same total (K 3.0 / V 2.25 bits in every layer: +3.61% dPPL vs +3.65% for the default
+  split; key_weight=1.5: +4.59%), sensitivity-weighted layers (+14.5% vs +4.8% on 128 tokens) and a query-aware
+  key transform k' = R U' S_q^(1/4) (k - mu) (half the mean score error offline, +7.4% vs +4.8% on 128 tokens).
 """
 from __future__ import annotations
 
@@ -57,13 +57,6 @@ KINDS = ("key", "value")
 LAYOUTS = ("planes", "fast")
 METHODS = ("spectralquant", "turboquant")
 MAX_BITS_PER_ELEMENT = 16.0
-# spectralquant, layout="fast", equal bytes per layer: the keys' predicted error weighs this much more than the values' in the K/V
-# split, so the keys get the larger share of a layer's bytes (keys first: with exact keys alone the next-token KL
-# falls 0.047 -> 0.009). SmolLM2-135M, `evaluate_decode` at C = 2048 (the last 128 tokens token by token, recent
-# window 32; CPU, 2026-12-07): at 2.75 bits the split of weight 1 (K 2.25 / V 3.0 bits in 10 of 30 layers) gives
-# +4.84% dPPL, K 3.0 / V 2.25 bits in every layer (key_bytes=24, the same total) +4.50%; 1.5 gives that split in 28
-# of 30 layers (the other two: K 3.25 / V 2.25).
-FAST_KEY_WEIGHT = 1.5
 
 RESEARCH_KNOBS = {
     "allocation": "spectralquant groups: 'hybrid' (default) | 'waterfill' (channel scales, PCA basis)",
@@ -73,9 +66,7 @@ RESEARCH_KNOBS = {
                     "dims randomly rotated among themselves, per-token fp16 scale: a second, finer tier)",
     "key_weighting": "'none' (default: plain MSE) | 'eigvals' (query energy assumed proportional to key "
                      "variance) | Tensor [L, d] or [L, Hkv, d] of query energy per key PCA dim",
-    "key_weight": "float (default 1.0; FAST_KEY_WEIGHT = 1.5 for spectralquant with layout='fast'): weight of the "
-                  "keys' relative "
-                  "error against the values' in the K/V "
+    "key_weight": "float (default 1.0): weight of the keys' relative error against the values' in the K/V "
                   "byte split search",
     "key_bytes": "int: fix the key bytes per token (values get the rest); None = search near half",
     "split_window": "bytes either side of half the budget searched for the K/V split (default d // 16)",
@@ -390,8 +381,7 @@ def build_codec(profile: Any = None, *, bits: float, method: str = "spectralquan
         raise ValueError(f"allocation must be 'hybrid' or 'waterfill', got {allocation!r}")
     window = int(knobs.get("split_window", max(2, d // 16)))
     key_bytes = knobs.get("key_bytes")
-    keys_first = (layout, method) == ("fast", "spectralquant")
-    key_weight = float(knobs.get("key_weight", FAST_KEY_WEIGHT if keys_first else 1.0))
+    key_weight = float(knobs.get("key_weight", 1.0))
 
     centering = {kind: _centering(knobs.get(f"center_{kind}s"), profile, kind, L) for kind in KINDS}
     stats_all: list[dict] = []
