@@ -572,7 +572,7 @@ DECODE_CONTEXT = 2048
 DECODE_SCORED = 512
 DECODE_PREFILL_CHUNK = 256
 # the recent window of the eval's windowed fast row: SmolLM2-135M, C = 2048, 512 scored token by token, fast 2.75 bits
-# (CPU, 2026-12-07): W = 32 5.40x +3.65% dPPL, 48 5.18x +2.52%, 56 5.08x +2.83%, 64 4.98x
+# (CPU, 2026-12-07): W = 32 5.40x +3.65% dPPL, 48 5.18x +2.52%, 56 5.08x +2.83% (64: 4.98x, below 5x)
 DECODE_WINDOW = 48
 
 
