@@ -322,7 +322,7 @@ def _chunked_log_probs(model, ids: Tensor, codec=None, chunk: int = 64) -> Tenso
 
 
 def measure_kv_sensitivity(model, ids: Tensor, profile: SpectralProfile, bits: float = 3.25,
-                           progress: bool = True) -> list:
+                           progress: bool = True, layout: str = "planes") -> list:
     """How much the model's output suffers per unit of quantization error, per (layer, kind).
 
     For each layer and kind, only that tensor is quantized (equal-bytes codec at `bits`), `ids` are fed through
@@ -334,7 +334,7 @@ def measure_kv_sensitivity(model, ids: Tensor, profile: SpectralProfile, bits: f
 
     from .quant import build_codec
 
-    codec = build_codec(profile, bits=bits, layer_weights=False)
+    codec = build_codec(profile, bits=bits, layer_weights=False, layout=layout)
     predicted = codec.config["predicted"]
     ref = _chunked_log_probs(model, ids)
     out = []
@@ -348,7 +348,8 @@ def measure_kv_sensitivity(model, ids: Tensor, profile: SpectralProfile, bits: f
     mean = sum(sum(r) for r in out) / (2 * len(out))
     sens = [[v / mean for v in r] for r in out]
     profile.meta["kv_sensitivity"] = sens
-    profile.meta["kv_sensitivity_info"] = f"KL per unit predicted error, {ids.numel()} tokens, {bits}-bit codec"
+    profile.meta["kv_sensitivity_info"] = (f"KL per unit predicted error, {ids.numel()} tokens, {bits}-bit codec, "
+                                           f"layout {layout}")
     return sens
 
 

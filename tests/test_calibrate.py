@@ -74,3 +74,24 @@ def test_too_short_text_says_how_many_tokens_are_needed(tiny_llama):
         calibrate(tiny_llama, torch.randint(0, 128, (10,)), progress=False)
     with pytest.raises(ValueError, match="0 tokens"):
         calibrate(tiny_llama, torch.zeros(0, dtype=torch.long), progress=False)
+
+
+def test_measure_kv_sensitivity_with_the_fast_layout(tiny_llama):
+    """The sensitivity pass measures the format it is asked for: KL per unit predicted error of the fast codec (not
+    the planes one) per (layer, kind), mean 1, recorded with its layout; build_codec then allocates by it."""
+    from sqcompile.calibrate import measure_kv_sensitivity
+    from sqcompile.quant import build_codec
+
+    torch.manual_seed(0)
+    profile = calibrate(tiny_llama, torch.randint(0, 128, (2, 64)), seconds=60, progress=False)
+    ids = torch.randint(0, 128, (96,))
+    fast = measure_kv_sensitivity(tiny_llama, ids, profile, bits=3.25, progress=False, layout="fast")
+    assert "layout fast" in profile.meta["kv_sensitivity_info"]
+    planes = measure_kv_sensitivity(tiny_llama, ids, profile, bits=3.25, progress=False)
+    assert "layout planes" in profile.meta["kv_sensitivity_info"]
+    for sens in (fast, planes):
+        assert len(sens) == 2 and all(len(row) == 2 and min(row) >= 0 for row in sens)
+        assert abs(sum(map(sum, sens)) / 4 - 1) < 1e-9
+    assert fast != planes
+    profile.meta["kv_sensitivity"] = fast
+    assert build_codec(profile, bits=3.25, layout="fast").config["layer_adaptive"]

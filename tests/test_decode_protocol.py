@@ -188,11 +188,12 @@ def test_recent_window_reads_the_last_tokens_exact(layout):
 # calibrate()'s defaults use on 2 busy cores (its 15 s budget stops after one 1024-token window), fixed here so
 # the test does not depend on the machine's load. Measured values: /work/coord/results-quality.md.
 PROXY_SCORED = 128
-# the best fast-format row measured on the proxy (CPU, 2026-12-07): 5.40x at +4.84% dPPL (FP16 PPL 68.45)
-BEST_NAME, BEST_BITS, BEST_KWARGS = "fast 2.75 bits + recent window 32", 2.75, {"recent_window": 32}
-BEST_RATIO_MIN, BEST_DPPL_MAX = 5.35, 8.0  # margin: 128 scored tokens, float rounding can flip codes
-Q1_REASON = ("Q1 not met: the best fast-format row measured 5.40x at +4.84% dPPL on the proxy (fast 2.75 bits + "
-             "the last 32 tokens exact); without a window, fast 3.0 bits gives 5.20x at +28%")
+# the best fast-format row measured (CPU, 2026-12-07): the window of 48 meets Q1 on the full protocol (512 scored):
+# 5.18x at +2.52% dPPL; on this proxy (FP16 PPL 68.45) it reads +4.53% (the proxy reads 0.9-2.3 points worse)
+BEST_NAME, BEST_BITS, BEST_KWARGS = "fast 2.75 bits + recent window 48", 2.75, {"recent_window": 48}
+BEST_RATIO_MIN, BEST_DPPL_MAX = 5.15, 8.0  # margin: 128 scored tokens, float rounding can flip codes
+Q1_REASON = ("Q1 is met on the full protocol (test_real_model_decode_q1: 5.18x at +2.52%), not on the 128-token "
+             "proxy, which reads the same row at +4.53%")
 Q1_ROW = dict(name=BEST_NAME, layout="fast", bits=BEST_BITS, cache_kwargs=BEST_KWARGS)
 
 
@@ -225,4 +226,23 @@ def test_real_model_decode_proxy_best_fast_row(proxy_rows):
 def test_real_model_decode_proxy_q1(proxy_rows):
     """Issue #17's Q1: >= 5.0x at dPPL <= +3% with the fast format, decoded token by token."""
     fp16, best = proxy_rows
+    assert best.compression >= 5.0 and best.dppl_pct <= 3.0, (best.compression, best.dppl_pct)
+
+
+@pytest.mark.slow
+def test_real_model_decode_q1(smollm2, shared_texts):
+    """Issue #17's Q1 on the full decode protocol (C = 2048, the last 512 tokens token by token): the fast format at
+    2.75 bits with the last 48 tokens exact keeps >= 5.0x at dPPL <= +3% (measured 5.18x at +2.52%, CPU, 2026-12-07;
+    about 6 minutes on an idle CPU core)."""
+    from sqcompile.calibrate import calibrate
+    from sqcompile.evaluate import DecodeRowSpec, decode_context, evaluate_decode
+
+    torch.set_num_threads(1)
+    model, tok = smollm2
+    profile = calibrate(model, shared_texts["britannica"], tokenizer=tok, seconds=1e9, max_tokens=1024,
+                        progress=False)
+    ids = decode_context(tok, shared_texts["hamlet"], 2048)
+    fp16, best = evaluate_decode(model, profile, ids, [DecodeRowSpec("FP16"), DecodeRowSpec(**Q1_ROW)], chunked=None,
+                                 progress=False)
+    assert fp16.error is None and best.error is None, (fp16.error, best.error)
     assert best.compression >= 5.0 and best.dppl_pct <= 3.0, (best.compression, best.dppl_pct)

@@ -29,7 +29,11 @@ Methods:
   4.25 / 3.25 / 2.69 bits, vs +4.2% / +21.9% / +75% with equal bytes per layer (keys centered, values
   not) and +6.9% / +25.4% / +74% before either change.
   Measured and not kept: forcing s = 8 or 16 at 8 bits, a second rotated token tier for the top PCA
-  dims (``signal_scale="rotated"``), query-energy key weighting, and per-layer centering choices.
+  dims (``signal_scale="rotated"``), query-energy key weighting, per-layer centering choices, and, for
+  layout="fast" on the decode protocol (SmolLM2-135M, C = 2048, 2.75 bits + a 32-token window, CPU, 2026-12-07):
+  more key bytes at the same total (K 3.0 / V 2.25 bits in every layer: +3.61% dPPL vs +3.65% for the default
+  split; key_weight=1.5: +4.59%), sensitivity-weighted layers (+14.5% vs +4.8% on 128 tokens) and a query-aware
+  key transform k' = R U' S_q^(1/4) (k - mu) (half the mean score error offline, +7.4% vs +4.8% on 128 tokens).
 """
 from __future__ import annotations
 
