@@ -20,6 +20,7 @@ class Optimized:
     max_batch_size: Optional[int] = None
     options: dict = field(default_factory=dict)
     report: Any = None  # a `sqcompile.report.Report`: the sites and kernel plans of every graph compiled so far
+    recent_window: int = 0  # the SpectralCache's last tokens kept exact (fp16 ring read by the decode kernels)
 
     def cache(self):
         """A fresh SpectralCache for one generation (packed storage, capacity max_cache_len)."""
@@ -28,7 +29,8 @@ class Optimized:
 
         return SpectralCache(self.model, profile=self.profile, bits=self.bits, max_cache_len=self.max_cache_len,
                              max_batch_size=self.max_batch_size, layout=self.options.get("layout", "planes"),
-                             outlier_tokens=self.options.get("outlier_tokens", OUTLIER_TOKENS))
+                             outlier_tokens=self.options.get("outlier_tokens", OUTLIER_TOKENS),
+                             recent_window=self.recent_window)
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any):
         """`model.generate` with a new SpectralCache; kwargs go to generate (max_new_tokens, do_sample, ...)."""
@@ -52,10 +54,10 @@ class Optimized:
 
 
 def optimize(model: Any, profile: Any = None, *, bits: float = DEFAULT_BITS, max_cache_len: int = 4096,
-             max_batch_size: Optional[int] = None, **options: Any) -> Optimized:
+             max_batch_size: Optional[int] = None, recent_window: int = 0, **options: Any) -> Optimized:
     """Compile `model.forward` with backend="spectralquant" (the module's weights are not touched; its
     `forward` attribute is replaced by the compiled one) and return an `Optimized` handle whose `generate`
-    uses a `SpectralCache`; its `report` fills with what each compile did (as `sqcompile.explain` prints it).
+    uses a `SpectralCache` (`recent_window` W: its last W tokens kept exact beside the codes); its `report` fills with what each compile did (as `sqcompile.explain` prints it).
     `options` are the backend's (kernels, moe, lower, ...). On a tensor-parallel model
     (`sqcompile.parallel`) every rank calls it; each rank's cache holds its own kv-heads."""
     from . import backend
@@ -63,6 +65,9 @@ def optimize(model: Any, profile: Any = None, *, bits: float = DEFAULT_BITS, max
 
     opts = dict(options, profile=profile, bits=bits)
     Options.from_dict(opts)  # validate now, not at the first call
+    from .cache import _check_window
+
+    _check_window(recent_window)
     report = Report()
 
     def spectralquant(gm, example_inputs, **kwargs):  # the backend, recording what each compile did in `report`
@@ -73,4 +78,4 @@ def optimize(model: Any, profile: Any = None, *, bits: float = DEFAULT_BITS, max
             backend._REPORT_SINK.reset(token)
 
     model.forward = torch.compile(model.forward, backend=spectralquant, options=opts)
-    return Optimized(model, profile, bits, max_cache_len, max_batch_size, opts, report)
+    return Optimized(model, profile, bits, max_cache_len, max_batch_size, opts, report, recent_window)

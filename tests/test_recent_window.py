@@ -202,6 +202,33 @@ def test_compiled_decode_reads_the_window_and_equals_the_eager_cache():
         assert torch.equal(le.keys, lc.keys)
 
 
+def test_optimize_generates_with_the_window_as_the_eager_cache_does():
+    """`sqcompile.optimize(..., recent_window=8).generate` (prefill + 10 greedy tokens: the ring wraps) gives the
+    greedy tokens of the uncompiled model over an eager SpectralCache with the same window, its caches hold the
+    ring, and its report has every attention layer rewritten."""
+    import sqcompile
+    from sqcompile.cache import SpectralCache
+    from sqcompile.hf import cache_kwarg
+    from test_hf_models import _model
+
+    torch._dynamo.reset()
+    model = _model("llama")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
+    gen = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    eager = SpectralCache(model, bits=2.75, max_cache_len=32, layout="fast", recent_window=8)
+    with torch.no_grad():
+        ref = model.generate(ids, **{cache_kwarg(model): eager}, **gen)
+    opt = sqcompile.optimize(model, None, bits=2.75, max_cache_len=32, layout="fast", recent_window=8, lower="eager")
+    assert opt.cache().layers[0].recent_window == 8
+    out = opt.generate(ids, **gen)
+    assert torch.equal(out, ref), (out, ref)
+    layers = {s.layer for s in opt.report.by_kind("attention")}
+    assert layers == set(range(model.config.num_hidden_layers))
+    assert all(s.rewritten for s in opt.report.by_kind("attention"))
+    with pytest.raises(ValueError, match="recent_window"):
+        sqcompile.optimize(model, None, recent_window=-1)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("G", [1, 4, 8])
 @pytest.mark.parametrize("W", [0, 32])
