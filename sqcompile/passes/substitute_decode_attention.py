@@ -144,21 +144,16 @@ def _attn_of(gm: fx.GraphModule, site: Site) -> Optional[fx.Node]:
 def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
     k_dq, k_sink = k_read["dq"], k_read["sink"]
     v_dq, v_basis, v_mean, v_sink = v_read["dq"], v_read["basis"], v_read["mean"], v_read["sink"]
-    if (k_sink is None) != (v_sink is None):
-        raise _Unproven("the exact sink replaces only one of K and V")
-    if k_sink is not None:
-        if k_sink.args[2] is not v_sink.args[2]:
-            raise _Unproven("K and V sinks have different positions")
-        if k_read["sink_inner"] or not v_read["sink_inner"]:
-            raise _Unproven("the sink is not on the model-basis keys and the storage-basis values")
     k_window, v_window = k_read["window"], v_read["window"]
-    if (k_window is None) != (v_window is None):
-        raise _Unproven("the recent window replaces only one of K and V")
-    if k_window is not None:
-        if k_window.args[2] is not v_window.args[2]:
-            raise _Unproven("K and V windows have different positions")
-        if k_read["window_inner"] or not v_read["window_inner"]:
-            raise _Unproven("the window is not on the model-basis keys and the storage-basis values")
+    for part, what in (("sink", "exact sink"), ("window", "recent window")):
+        k_part, v_part = k_read[part], v_read[part]
+        if (k_part is None) != (v_part is None):
+            raise _Unproven(f"the {what} replaces only one of K and V")
+        if k_part is not None:
+            if k_part.args[2] is not v_part.args[2]:
+                raise _Unproven(f"K and V {part}s have different positions")
+            if k_read[f"{part}_inner"] or not v_read[f"{part}_inner"]:
+                raise _Unproven(f"the {what} is not on the model-basis keys and the storage-basis values")
     k_fresh, v_fresh = k_read["fresh"], v_read["fresh"]
     if (k_fresh is None) != (v_fresh is None):
         raise _Unproven("the new tokens' exact rows replace only one of K and V")
