@@ -20,4 +20,4 @@ if [ "${SQCOMPILE_TEST_WORKERS:-2}" != 1 ]; then
   workers=(-n "${SQCOMPILE_TEST_WORKERS:-2}" --dist loadfile)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
-exec "$PY" -m pytest -q -rs -p no:cacheprovider ${workers[@]+"${workers[@]}"} ${select[@]+"${select[@]}"} "$@"
+exec "$PY" -m pytest -q -rs -p no:cacheprovider -p no:benchmark ${workers[@]+"${workers[@]}"} ${select[@]+"${select[@]}"} "$@"
