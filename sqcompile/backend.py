@@ -42,7 +42,7 @@ from .transform import KVTransform
 
 log = logging.getLogger("sqcompile")
 
-# explain() collects the sites and kernel plans of every graph compiled while it runs (a `report.Report`).
+# where a compile records its sites and kernel plan (a `report.Report`), set by `recording_backend` (explain, optimize)
 _REPORT_SINK: contextvars.ContextVar[Optional[Any]] = contextvars.ContextVar("sqcompile_report_sink", default=None)
 _logged: set = set()
 _transforms: dict = {}
@@ -297,3 +297,17 @@ def spectralquant(gm: fx.GraphModule, example_inputs: list, options: Any = None,
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True} if opts.cudagraphs else None)
+
+
+def recording_backend(report: Any):
+    """A fresh backend callable (so dynamo compiles again) that records each compile's sites and kernel plan in
+    `report` (a `report.Report`): what `explain` and `optimize(...).report` show."""
+
+    def spectralquant_recording(gm, example_inputs, **kwargs):
+        token = _REPORT_SINK.set(report)
+        try:
+            return spectralquant(gm, example_inputs, **kwargs)
+        finally:
+            _REPORT_SINK.reset(token)
+
+    return spectralquant_recording

@@ -77,15 +77,8 @@ def explain(model: Any, *args: Any, options: Optional[dict] = None, **kwargs: An
     opts = dict(options or {})
     opts.setdefault("lower", "eager")
     fn = model.forward if isinstance(model, torch.nn.Module) else model
-    def explain_backend(gm, example_inputs, **kwargs):  # a fresh backend object: dynamo must compile again
-        return backend.spectralquant(gm, example_inputs, **kwargs)
-
-    compiled = torch.compile(fn, backend=explain_backend, options=opts)
     report = Report()
-    token = backend._REPORT_SINK.set(report)
-    try:
-        with torch.no_grad():
-            compiled(*args, **kwargs)
-    finally:
-        backend._REPORT_SINK.reset(token)
+    compiled = torch.compile(fn, backend=backend.recording_backend(report), options=opts)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
     return report
