@@ -110,12 +110,15 @@ EXPECT = {
                          moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
                          n_shared_experts=1),
                     "sdpa", ("dynamic",), "interleaved", None),
-    # attention sinks: softmax over [scores, sink] then the sink column is dropped, so the weights do not sum to
-    # one and the value-mean fold would be wrong
+    # attention sinks: softmax over [scores, sink] then the sink column is dropped (the weights on the values sum
+    # to 1 - p_sink): the key mean is kept, the sink column gets the storage-basis value of a zero model-basis
+    # value (-B_v mu_v), so the value-mean fold stays exact; sliding + full layers; its MoE is left alone. Its RoPE
+    # (cat(x1 cos - x2 sin, x2 cos + x1 sin)) is not the form the report's RoPE flag recognises (the flag only
+    # reports; the key rotation sits after the RoPE either way)
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
                 dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8,
                      layer_types=["sliding_attention", "full_attention"]),
-                "eager", ("dynamic",), "attention sinks", None),
+                "eager", ("dynamic",), REWRITTEN, False),
 }
 
 

@@ -7,7 +7,10 @@ QKV linear), and the `o_proj` linear that is the only consumer of the attention 
 reported with the reason it was left alone. Two forms are recognised:
 
 - ``sdpa``:  ``F.scaled_dot_product_attention(q, k, v, ...)`` (GQA by ``enable_gqa`` or ``repeat_kv``);
-- ``eager``: ``matmul(q, k^T) -> (*scale) -> (tanh soft-cap) -> (+mask) -> softmax -> matmul(., v)``.
+- ``eager``: ``matmul(q, k^T) -> (*scale) -> (tanh soft-cap) -> (+mask) -> softmax -> matmul(., v)``;
+- ``eager+sinks`` (GPT-OSS): the same scores concatenated with one learned logit per query head before softmax,
+  whose column is dropped after it: ``cat([scores, sinks], -1) -> (- row max) -> softmax -> [..., :-1] ->
+  matmul(., v)`` (`_sink_attention`). The weights on the values sum to one minus the sink's share.
 """
 from __future__ import annotations
 
@@ -49,6 +52,9 @@ _PROB_OPS = ("to", "dropout", "type_as", "float", "type")
 _SCALE_OPS = ("mul", "truediv", "div", "itruediv", "imul")
 _SOFTMAX = ("softmax", "_softmax", "_safe_softmax")
 _SPLITS = ("split", "chunk", "split_with_sizes", "tensor_split")
+# What `_sink_attention` adds to a site's nodes: the softmax over [scores, sink], the slice dropping the sink's
+# column, the sink operand of the cat, and the cat.
+SINK_NODES = ("probs", "sink_slice", "sink_logits", "sink_cat")
 
 
 class _Unproven(Exception):
@@ -73,7 +79,7 @@ def _strip_kv_read(n: fx.Node) -> fx.Node:
 
 def _find_kv_write(base: fx.Node, attn: fx.Node, what: str) -> tuple[fx.Node, str]:
     """The fresh tensor written into the cache that `base` is, and the form of the write."""
-    if is_op(base, "cat"):
+    if is_op(base, "cat") and arg(base, 1, "dim", 0) not in (-1, 3):  # a cat of the features: RoPE's, a fresh key
         tensors = arg(base, 0, "tensors")
         dim = arg(base, 1, "dim", 0)
         if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or dim not in (-2, 2):
@@ -402,6 +408,113 @@ def _eager_attention(softmax: fx.Node) -> Optional[dict]:
             "centering_ok": centering_ok}
 
 
+def _is_row_max_shift(n: fx.Node) -> Optional[fx.Node]:
+    """`x - x.max(dim=-1, keepdim=True).values` (or `amax`): x, else None. A shift by a per-row constant, which
+    softmax ignores."""
+    if not is_op(n, "sub") or len(n.args) != 2 or not isinstance(n.args[0], fx.Node):
+        return None
+    x, m = n.args
+    if is_op(m, "getitem") and m.args[1] == 0 and is_op(m.args[0], "max"):
+        m = m.args[0]
+    elif not is_op(m, "amax"):
+        return None
+    dim, keep = arg(m, 1, "dim"), arg(m, 2, "keepdim", False)
+    t = meta_tensor(x)
+    if m.args[0] is not x or not keep or t is None or not isinstance(dim, (int, list, tuple)):
+        return None
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return x if [d % t.dim() for d in dims] == [t.dim() - 1] else None
+
+
+def _drops_last_column(n: fx.Node) -> bool:
+    """`p[..., :-1]` (or `p[:, :, :, :-1]` on a 4-D p): every column but the last."""
+    if not (is_op(n, "getitem") and _is_tensor_getitem(n)):
+        return False
+    idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    t = meta_tensor(n.args[0])
+    if not idx or idx[-1] != slice(None, -1, None) or t is None:
+        return False
+    lead = idx[:-1]
+    return all(i == slice(None) for i in lead if i is not Ellipsis) and (Ellipsis in lead or len(idx) == t.dim())
+
+
+def _sink_attention(softmax: fx.Node) -> Optional[dict]:
+    """The attention-sink form (GPT-OSS's eager attention in transformers):
+
+        logits = cat([q @ k^T * scale (+ mask), sinks.reshape(1, -1, 1, 1).expand(B, -1, S, -1)], -1)
+        p = softmax(logits - logits.max(-1, keepdim=True))[..., :-1]  ->  p @ v
+
+    The sink operand must be one value per query head, the same for every query and key ([B|1, Hq|1, S|1, 1]
+    from a tensor of at most Hq values, through reshape/expand/casts only). The key mean is kept (`centering_ok`
+    False): q . mu_k is the same for every key of a query but the sink logit does not move with it, so
+    removing it from the scores would change the sink's share. Returns `_eager_attention`'s dict plus the
+    softmax node (`probs`, whose last column is the sink's weight) and the sink operand; None when it is not
+    this form."""
+    if not _softmax_dim_is_last(softmax):
+        return None
+    n, chain = softmax.args[0], [softmax]  # chain: the readers of the logits on the way to softmax
+    while is_op(n, "to", "float", "type") and len(n.users) == 1:
+        chain.append(n)
+        n = n.args[0]
+    shift, x = n, _is_row_max_shift(n)
+    if x is not None:
+        chain.append(shift)
+        n = x
+    if not is_op(n, "cat") or len(arg(n, 0, "tensors", [])) != 2:
+        return None
+    cat = n
+    t = meta_tensor(cat)
+    if t is None or t.dim() != 4 or arg(cat, 1, "dim", 0) % 4 != 3:
+        return None
+    scores, sinks = arg(cat, 0, "tensors")
+    st = meta_tensor(sinks)
+    if not isinstance(sinks, fx.Node) or st is None or st.dim() != 4 or concrete_int(st.shape[-1]) != 1:
+        return None
+    leaf = sinks
+    while is_op(leaf, "expand", "reshape", "view", "to", "float", "type_as", "unsqueeze", "contiguous"):
+        leaf = leaf.args[0]
+    lt = meta_tensor(leaf)
+    if not isinstance(leaf, fx.Node) or leaf.op not in ("placeholder", "get_attr") or lt is None \
+            or concrete_int(lt.numel()) not in (1, concrete_int(t.shape[1])):
+        return None
+    users = list(softmax.users)
+    if len(users) != 1 or not _drops_last_column(users[0]):
+        return None
+    # the logits are read on the way to softmax and by the row max only; the max only by the shift
+    row_max = ([shift.args[1]] + ([shift.args[1].args[0]] if is_op(shift.args[1], "getitem") else [])) \
+        if x is not None else []
+    if any(u not in chain[-1:] + row_max for u in cat.users) or any(
+            u not in row_max + [shift] for m in row_max for u in m.users):
+        return None
+    # from the scores back to q @ k^T, and from the kept columns on to the value product
+    m = _scores_to_values(scores, users[0])
+    if m is None:
+        return None
+    m.update(centering_ok=False, probs=softmax, sink_slice=users[0], sink_logits=sinks, sink_cat=cat)
+    return m
+
+
+def _scores_to_values(scores: fx.Node, p: fx.Node) -> Optional[dict]:
+    """q @ k^T -> scale/mask ops = `scores`; `p` -> casts/dropout -> @ v: the nodes `_prove` needs."""
+    n = scores
+    while isinstance(n, fx.Node) and is_op(n, *_SCORE_OPS):
+        if is_op(n, "tanh"):
+            return None
+        n = n.args[0]
+    if not is_op(n, "matmul", "bmm") or not isinstance(n, fx.Node):
+        return None
+    q, kt = n.args[0], n.args[1]
+    if not is_op(kt, "transpose") or {d % 4 for d in kt.args[1:3]} != {2, 3}:
+        return None
+    users = list(p.users)
+    while len(users) == 1 and is_op(users[0], *_PROB_OPS):
+        p = users[0]
+        users = list(p.users)
+    if len(users) != 1 or not is_op(users[0], "matmul", "bmm") or users[0].args[0] is not p:
+        return None
+    return {"attn": n, "out": users[0], "q": q, "k": kt.args[0], "v": users[0].args[1], "kt": kt}
+
+
 _NEAR_SCORE_OPS = _SCORE_OPS + ("view", "reshape", "cat", "where", "sub", "contiguous", "clamp", "dropout")
 _NEAR_PROB_OPS = _PROB_OPS + ("view", "reshape", "getitem", "contiguous", "mul", "masked_fill", "where")
 
@@ -460,8 +573,11 @@ def detect_attention(gm: fx.GraphModule, graph_index: int = 0) -> list[Site]:
                                    "v": arg(n, 2, "value"), "centering_ok": True}))
         elif is_op(n, *_SOFTMAX):
             m = _eager_attention(n)
+            sink = _sink_attention(n) if m is None else None
             if m is not None:
                 found.append(("eager", m))
+            elif sink is not None:
+                found.append(("eager+sinks", sink))
             else:
                 why = _near_miss(n)
                 if why is not None:
@@ -544,6 +660,7 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
     site.nodes.update(q=q, attn=attn, out=out, new_k=new_k, new_v=new_v, k_linear=k_lin, v_linear=v_lin,
                       v_offset=v_offset, o_linear=o_lin, centering_ok=m["centering_ok"],
                       k_base=k_base, v_base=v_base, k_read=k, v_read=v, k_consumer=m.get("kt", attn), v_consumer=out)
+    site.nodes.update({key: m[key] for key in SINK_NODES if key in m})
 
 
 def _same_size(a, b) -> bool:
