@@ -41,22 +41,27 @@ def gpt_oss(layer_types=("full_attention", "full_attention"), sliding_window=8):
     return model
 
 
-def profile_of(model, seed=4):
+def profile_of(model, seed=4, centered_values=False):
+    """A random profile; centered_values: the codec centers the values too (`kv_center`), so the sink column's
+    storage-basis value -B_v mu_v is not zero (by default the codec stores values uncentered: mu_v = 0)."""
     fp = model_fingerprint(model.config)
-    return SpectralProfile.random(fp["num_layers"], fp["num_kv_heads"], fp["head_dim"], num_heads=fp["num_heads"],
-                                  seed=seed, mean_scale=0.5)
+    profile = SpectralProfile.random(fp["num_layers"], fp["num_kv_heads"], fp["head_dim"], num_heads=fp["num_heads"],
+                                     seed=seed, mean_scale=0.5)
+    if centered_values:
+        profile.meta["kv_center"] = [[True, True]] * fp["num_layers"]
+    return profile
 
 
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("kind", ["dynamic", "static"])
-def test_backend_with_a_plain_cache_equals_spectral_cache(kind):
+@pytest.mark.parametrize("kind,centered", [("dynamic", False), ("static", False), ("dynamic", True)])
+def test_backend_with_a_plain_cache_equals_spectral_cache(kind, centered):
     """Quantized, over a plain cache: the compiled GPT-OSS gives the eager GPT-OSS's logits over SpectralCache."""
     torch._dynamo.reset()
     model = gpt_oss()
-    profile = profile_of(model)
+    profile = profile_of(model, centered_values=centered)
     ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(5))
     sink = []
     from sqcompile import backend
@@ -81,3 +86,100 @@ def test_backend_with_a_plain_cache_equals_spectral_cache(kind):
     assert attention and all(s.rewritten and s.quantized and s.form == "eager+sinks" for s in attention), attention
     assert worst < 1e-4, worst
     assert rel(want, exact) > 1e-2  # the cache really quantizes
+
+
+def test_sink_logit_split_is_one_more_softmax_term():
+    """The decode ops' extra split with the sink merged in (`sink_logits`) gives softmax([q.k * scale, s_h]) with
+    the sink's column valued c_h, from scores without q . k_mean, with and without exact tokens in the split."""
+    from sqcompile.kernels.sink import LOG2E, merge_sink_reference
+    from sqcompile.kernels.sink_logits import merge_splits, sink_logit_split
+
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, G, T, D = 2, 2, 3, 11, 32
+    Hq, scale = Hkv * G, D ** -0.5
+    q = torch.randn(B, Hq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, T, D, generator=g, dtype=torch.float64) + 2.0
+    v = torch.randn(B, Hkv, T, D, generator=g, dtype=torch.float64)
+    k_mean = torch.randn(Hkv, D, generator=g, dtype=torch.float64) + 2.0
+    sinks = torch.randn(Hq, generator=g, dtype=torch.float64) * 2
+    c = torch.randn(Hq, D, generator=g, dtype=torch.float64)
+    qg = q.reshape(B, Hkv, G, D)
+    raw = torch.einsum("bhgd,bhtd->bhgt", qg, k) * scale
+    p = torch.softmax(torch.cat([raw, sinks.reshape(1, Hkv, G, 1).expand(B, Hkv, G, 1)], -1), -1)
+    want = torch.einsum("bhgt,bhtd->bhgd", p[..., :-1], v) + p[..., -1:] * c.reshape(1, Hkv, G, D)
+    centered = torch.einsum("bhgd,bhtd->bhgt", qg, k - k_mean[None, :, None]) * scale  # the kernels' scores
+    # the sink alone as the split ([B, Hq, 1, 1] as the model's cat reads it)
+    s, val = sink_logit_split(q, sinks.reshape(1, Hq, 1, 1).expand(B, Hq, 1, 1), k_mean, scale, c)
+    got = merge_sink_reference(centered.float(), v.float(), s, val)
+    assert torch.allclose(got.double(), want, atol=1e-5), (got.double() - want).abs().max()
+    # the last token as an exact split (as `exact_split` gives it), merged with the sink
+    exact_s = (centered[..., -1] * LOG2E).reshape(B, Hq).float()
+    exact_v = v[:, :, -1].float()  # [B, Hkv, d]
+    ms, mv = merge_splits(exact_s, exact_v, s, val)
+    got = merge_sink_reference(centered[..., :-1].float(), v[:, :, :-1].float(), ms, mv)
+    assert torch.allclose(got.double(), want, atol=1e-5), (got.double() - want).abs().max()
+    # an empty exact split (score -inf) leaves the sink alone
+    ms, mv = merge_splits(torch.full_like(exact_s, float("-inf")), exact_v, s, val)
+    assert torch.equal(ms, s) and torch.allclose(mv, val)
+
+
+def test_additive_mask_becomes_a_token_mask_or_an_error():
+    from sqcompile.kernels.sink_logits import token_mask_from_bias
+
+    low = torch.finfo(torch.float32).min
+    bias = torch.tensor([[0.0, low, 0.0], [low, 0.0, 0.0]]).reshape(2, 1, 1, 3)
+    assert torch.equal(torch.ops.sqcompile.token_mask_from_bias(bias),
+                       torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.uint8))
+    with pytest.raises(ValueError, match="other than 0"):
+        token_mask_from_bias(bias - 0.5)
+
+
+@pytest.mark.parametrize("layout,centered", [("planes", False), ("fast", False), ("planes", True), ("fast", True)])
+def test_compiled_spectral_cache_equals_eager_spectral_cache(layout, centered):
+    """A SpectralCache under the backend: prefill keeps the eager softmax over the dequantized cache (sink column
+    valued -B_v mu_v), decode steps run the decode op with the sink logit in its extra split; logits equal the eager
+    model over its own SpectralCache, sliding and full layers."""
+    torch._dynamo.reset()
+    model = gpt_oss(("sliding_attention", "full_attention"))
+    profile = profile_of(model, centered_values=centered)
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(6))
+    from sqcompile import backend
+
+    sink = []
+    step = torch.compile(model.forward, backend="spectralquant",
+                         options={"profile": profile, "bits": 2.69, "layout": layout, "lower": "eager"})
+    mine = SpectralCache(model, profile, bits=2.69, max_cache_len=32, layout=layout)
+    real = SpectralCache(model, profile, bits=2.69, max_cache_len=32, layout=layout)
+    worst = 0.0
+    token = backend._REPORT_SINK.set(sink)
+    try:
+        with torch.no_grad():
+            for a, b in SCHEDULE:
+                got = step(input_ids=ids[:, a:b], past_key_values=mine, use_cache=True).logits
+                want = model(input_ids=ids[:, a:b], past_key_values=real, use_cache=True).logits
+                worst = max(worst, rel(got, want))
+    finally:
+        backend._REPORT_SINK.reset(token)
+    attention = [s for s in sink if s.kind == "attention"]
+    assert attention and all(s.rewritten and s.form == "eager+sinks" for s in attention), attention
+    assert any(s.kernel and s.kernel.startswith("decode_attention") for s in attention), [s.kernel for s in attention]
+    assert worst < 1e-4, worst
+
+
+def test_optimize_generate_runs_gpt_oss():
+    """`sqcompile.optimize(model).generate` on CPU: the eager SpectralCache model's greedy tokens, decode steps
+    through the decode op (the mask `generate` hands in is read as a token mask)."""
+    import sqcompile
+
+    torch._dynamo.reset()
+    model = gpt_oss(("sliding_attention", "full_attention"))
+    profile = profile_of(model, centered_values=True)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cache = SpectralCache(model, profile, bits=2.69, max_cache_len=32).allocate(2, ids.device, torch.float32)
+        want = model.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False)
+    opt = sqcompile.optimize(model, profile, bits=2.69, max_cache_len=32, lower="eager")
+    got = opt.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(got, want), (got, want)
+    kernels = [s.kernel for s in opt.report.sites if s.kind == "attention"]
+    assert kernels and any(k and k.startswith("decode_attention") for k in kernels), kernels

@@ -587,6 +587,8 @@ def detect_attention(gm: fx.GraphModule, graph_index: int = 0) -> list[Site]:
         site = Site(layer=-1, kind="attention", form=form, graph=graph_index)
         if "attn" in m:
             site.nodes["attn_candidate"] = m["attn"]
+        if form == "eager+sinks":
+            site.nodes["candidate"] = m  # a SpectralCache's read is proven later (`upgrade_spectral_sites`)
         try:
             if "near_miss" in m:
                 raise _Unproven(m["near_miss"])

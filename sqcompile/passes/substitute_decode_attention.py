@@ -35,6 +35,7 @@ import torch.fx as fx
 
 from .detect_attention import _find_o_proj, _strip_kv_read, _trace_value, _Unproven
 from .fold_value_rotation import fold_value_rotation
+from .insert_sink_value import insert_sink_value, sink_value
 from .fx_utils import add_constant, arg, concrete_int, is_op, layer_from_name, meta_tensor, node_source_name, tensor_value
 from .sites import Site
 
@@ -121,17 +122,21 @@ def upgrade_spectral_sites(gm: fx.GraphModule, sites: list[Site]) -> None:
         return
     dequant, qwrite = _ops()
     for site in sites:
-        if site.kind != "attention" or site.form != "sdpa":
+        if site.kind != "attention" or site.form not in ("sdpa", "eager+sinks"):
             continue
         attn = site.nodes.get("attn") or _attn_of(gm, site)
         if attn is None:
             continue
-        k_read = _match_read(_strip_kv_read(arg(attn, 1, "key")), dequant)
-        v_read = _match_read(_strip_kv_read(arg(attn, 2, "value")), dequant)
+        sink = site.nodes.get("candidate") if site.form == "eager+sinks" else None  # `_sink_attention`'s match
+        if site.form == "eager+sinks" and sink is None:
+            continue
+        key, value = (arg(attn, 1, "key"), arg(attn, 2, "value")) if sink is None else (sink["k"], sink["v"])
+        k_read = _match_read(_strip_kv_read(key), dequant)
+        v_read = _match_read(_strip_kv_read(value), dequant)
         if k_read is None or v_read is None:
             continue
         try:
-            _prove_spectral(gm, site, attn, k_read, v_read, qwrite)
+            _prove_spectral(gm, site, attn, k_read, v_read, qwrite, sink=sink)
             site.reason = None
         except _Unproven as e:
             site.leave(f"SpectralCache attention: {e}")
@@ -141,7 +146,9 @@ def _attn_of(gm: fx.GraphModule, site: Site) -> Optional[fx.Node]:
     return site.nodes.get("attn_candidate")
 
 
-def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
+def _prove_spectral(gm, site, attn, k_read, v_read, qwrite, sink: Optional[dict] = None) -> None:
+    """`sink`: the attention-sink form's match (`detect_attention._sink_attention`; attn is then its q @ k^T and the
+    value product is sink["out"]), else attn is SDPA."""
     k_dq, k_sink = k_read["dq"], k_read["sink"]
     v_dq, v_basis, v_mean, v_sink = v_read["dq"], v_read["basis"], v_read["mean"], v_read["sink"]
     k_window, v_window = k_read["window"], v_read["window"]
@@ -182,17 +189,21 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
     if None in (site.q_heads, site.head_dim, site.kv_heads) or site.q_heads % site.kv_heads:
         raise _Unproven("head counts are symbolic or not a GQA ratio")
     v_lin, v_offset = _trace_value(new_v, gm, site.kv_heads, site.head_dim)
-    o_lin = _find_o_proj(attn, gm, site.q_heads, site.head_dim)
+    out = attn if sink is None else sink["out"]
+    o_lin = _find_o_proj(out, gm, site.q_heads, site.head_dim)
     for u in new_v.users:
         if u is sub or (is_op(u, "to", "contiguous") and set(u.users) == {sub}):
             continue
         raise _Unproven(f"the value has a consumer outside the cache write: '{u.name}'")
-    mask = arg(attn, 3, "attn_mask")
+    mask = arg(attn, 3, "attn_mask") if sink is None else None
     q_len = concrete_int(qt.shape[2])
     decode, why = q_len == 1, None
+    if sink is not None:
+        scale, mask, why = _sink_score_terms(attn, sink["sink_cat"])
+        decode = decode and why is None
     if decode and isinstance(mask, fx.Node):
         mt, cap = meta_tensor(mask), concrete_int(meta_tensor(k_packed).shape[2]) if meta_tensor(k_packed) is not None else None
-        if mt is None or mt.dtype != torch.bool:
+        if mt is None or (mt.dtype != torch.bool and not (sink is not None and mt.is_floating_point())):
             decode, why = False, "the attention mask is not boolean (an additive bias cannot be a token mask)"
         elif mt.dim() != 4 or concrete_int(mt.shape[1]) != 1 or concrete_int(mt.shape[2]) != 1 \
                 or concrete_int(mt.shape[3]) != cap:
@@ -205,7 +216,11 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
     site.layer = site.layer if layer is None else layer
     site.kv_write = "spectral"
     site.rope = site.rope or False
-    site.nodes.update(spectral=True, attn=attn, out=attn, q=q, qwrite=qw, v_store=v_store, new_v=new_v,
+    if sink is not None:
+        from .detect_attention import SINK_NODES
+
+        site.nodes.update({key: sink[key] for key in SINK_NODES}, sink_scale=scale, sink_mask=mask)
+    site.nodes.update(spectral=True, attn=attn, out=out, q=q, qwrite=qw, v_store=v_store, new_v=new_v,
                       v_linear=v_lin, v_offset=v_offset, o_linear=o_lin, v_basis=v_basis, v_mean=v_mean, decode=decode,
                       k_packed=k_packed, v_packed=v_packed, k_sink=k_sink, v_sink=v_sink, exact_new=k_fresh is not None,
                       k_window=k_window, v_window=v_window,
@@ -236,7 +251,7 @@ def _erase_dead(nodes: list) -> None:
     todo = [n for n in nodes if isinstance(n, fx.Node)]
     while todo:
         n = todo.pop()
-        if n.graph is None or n.users or n.op not in ("call_function", "call_method"):
+        if getattr(n, "_erased", False) or n.graph is None or n.users or n.op not in ("call_function", "call_method"):
             continue
         if is_op(n, "index_copy_", "add_", "copy_") or "quantize_write" in str(n.target) or "assert" in str(n.target) \
                 or getattr(getattr(n.target, "_schema", None), "is_mutable", False):
@@ -265,13 +280,17 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
                 add.replace_all_uses_with(v_dq)
                 _erase_dead([add])
     attn, qw = nodes["attn"], nodes["qwrite"]
+    sinks = nodes.get("sink_slice") is not None  # attention sinks (GPT-OSS): eager scores, one more softmax column
     site.rotation = True
     site.quantized = True
     if not nodes["decode"]:
-        site.kernel = "sdpa over the dequantized cache" + (f" ({nodes['decode_reason']})" if nodes.get("decode_reason") else " (prefill)")
+        if sinks:  # the eager softmax stays: its sink column gets the storage-basis value of zero (-B_v mu_v)
+            insert_sink_value(gm, site, basis_t, mean_t)
+        site.kernel = ("eager attention" if sinks else "sdpa") + " over the dequantized cache" + (
+            f" ({nodes['decode_reason']})" if nodes.get("decode_reason") else " (prefill)")
         return
     q = nodes["q"]
-    scale = arg(attn, 6, "scale")
+    scale = arg(attn, 6, "scale") if not sinks else nodes["sink_scale"]
     if scale is None:
         scale = 1.0 / math.sqrt(site.head_dim)
     elif not isinstance(scale, fx.Node):
@@ -280,7 +299,8 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
     # two models with different head_dim in one process): the ops read it at run time, never a stale constant
     positions = qw.args[4]
     a = qw.args
-    with gm.graph.inserting_before(attn):
+    # the eager sink form: at the value product (the sink logits are read after q @ k^T)
+    with gm.graph.inserting_before(nodes["out"] if sinks else attn):
         q3 = gm.graph.call_method("select", (q, 2, 0))
         last = gm.graph.call_method("max", (positions,))
         # the step's own token exact (its rows put over the read): the kernel reads the cache up to it, not it
@@ -296,9 +316,11 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
             lengths = gm.graph.call_method("reshape", (length, (1,)))
             lengths = gm.graph.call_method("expand", (lengths, batch))
             lengths = gm.graph.call_method("contiguous", (lengths,))
-        mask = arg(attn, 3, "attn_mask")
+        mask = arg(attn, 3, "attn_mask") if not sinks else nodes["sink_mask"]
         kv_mask = None
-        if isinstance(mask, fx.Node):  # [B|1, 1, 1, T] bool -> [B|1, T] uint8: padding and windows, read per token
+        if isinstance(mask, fx.Node) and meta_tensor(mask).is_floating_point():  # the sink form's handed-in mask
+            kv_mask = _bias_token_mask(gm, mask)
+        elif isinstance(mask, fx.Node):  # [B|1, 1, 1, T] bool -> [B|1, T] uint8: padding and windows, read per token
             kv_mask = _token_mask(gm, mask)
         sink = {}
         if nodes.get("k_sink") is not None or nodes.get("exact_new") or k_window is not None:
@@ -314,6 +336,8 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
                                         (q3, a[6], kv_mask, scale, *exact_sink, *new, *window))
             sink = {name: gm.graph.call_function(operator.getitem, (ex, i))
                     for i, name in enumerate(("sink_score", "sink_value", "sink_pos"))}
+        if sinks:  # the sink logit as one more entry of the extra split
+            sink = _add_sink_logit(gm, site, q3, a[6], scale, basis_t, mean_t, sink)
         if _is_fast_write(qw):
             # (key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout, v_layout): layouts are str
             from ..quant.fast_layout import FastLayout
@@ -328,14 +352,97 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
                                          (q3, a[2], a[3], lengths, a[5], a[7], a[8], a[9], a[10], a[11], a[12],
                                           a[13], a[14], a[15], scale), {"kv_mask": kv_mask, **sink})
         out4 = gm.graph.call_method("unsqueeze", (out, 2))
-    old_inputs = list(attn.all_input_nodes)
-    attn.replace_all_uses_with(out4)
-    gm.graph.erase_node(attn)
+    replaced = nodes["out"] if sinks else attn  # the eager form: the value product; its scores die with it
+    old_inputs = list(replaced.all_input_nodes)
+    replaced.replace_all_uses_with(out4)
+    gm.graph.erase_node(replaced)
     _erase_dead(old_inputs)
     site.kernel = "decode_attention_fast" if _is_fast_write(qw) else "decode_attention"
     site.nodes["decode_op"] = out  # `choose_kernels` hands it the compile's implementation
     if _is_fast_write(qw):
         _fuse_write(gm, site, qw, out)
+
+
+def _sink_score_terms(attn: fx.Node, cat: fx.Node) -> tuple:
+    """The scores of the attention-sink form between q @ k^T (`attn`) and the cat with the sinks: (scale, boolean
+    token mask or None, None) when they are `q @ k^T * c (/ c) (+ where(mask, 0, -big))`, else (None, None, why not)
+    (such a site keeps the eager softmax over the dequantized cache)."""
+    n, scale, mask = arg(cat, 0, "tensors")[0], 1.0, None
+    for _ in range(8):
+        if n is attn:
+            return scale, mask, None
+        if is_op(n, "mul", "truediv", "div") and isinstance(n.args[1], (int, float)) and n.args[0] is not None:
+            scale = scale * n.args[1] if is_op(n, "mul") else scale / n.args[1]
+            n = n.args[0]
+        elif is_op(n, "add") and len(n.args) == 2 and mask is None and all(isinstance(x, fx.Node) for x in n.args):
+            chain, bias = (n.args[0], n.args[1]) if _reaches(n.args[0], attn) else (n.args[1], n.args[0])
+            mask = _token_mask_of(bias)
+            bt = meta_tensor(bias)
+            if mask is None and (bt is None or not bt.is_floating_point() or bias.op != "placeholder"):
+                return None, None, "the scores get an additive bias that is not a token mask (where(mask, 0, -inf))"
+            # a float mask handed in (`generate` builds it outside the graph): read as a token mask at run time,
+            # where the op raises on any value but 0 and -inf (`sink_logits.token_mask_from_bias`)
+            mask = bias if mask is None else mask
+            n = chain
+        else:
+            break
+    return None, None, f"the scores pass through '{n.target if isinstance(n, fx.Node) else n}' before the sinks"
+
+
+def _reaches(n, target: fx.Node, depth: int = 8) -> bool:
+    for _ in range(depth):
+        if n is target:
+            return True
+        if not isinstance(n, fx.Node) or not n.args or not isinstance(n.args[0], fx.Node):
+            return False
+        n = n.args[0]
+    return n is target
+
+
+def _token_mask_of(bias: fx.Node) -> Optional[fx.Node]:
+    """`where(mask, 0, -big)` (transformers' eager mask from a boolean one): the boolean mask, else None."""
+    if not (is_op(bias, "where") and len(bias.args) == 3):
+        return None
+    cond, keep, drop = bias.args
+    ct = meta_tensor(cond)
+    zero = (isinstance(keep, (int, float)) and keep == 0) or (
+        is_op(keep, "zeros", "zeros_like", "new_zeros") or (is_op(keep, "full") and arg(keep, 1, "fill_value") == 0))
+    return cond if ct is not None and ct.dtype == torch.bool and zero and isinstance(drop, (int, float)) \
+        and drop <= -1e30 else None
+
+
+def _add_sink_logit(gm: fx.GraphModule, site: Site, q3: fx.Node, k_mean: fx.Node, scale, basis_t, mean_t,
+                    split: dict) -> dict:
+    """The decode op's extra split with the site's sink logit merged in (`kernels.sink_logits`): from the exact
+    tokens' split where there is one, else the sink alone (no packed copy to skip)."""
+    from ..kernels import sink_logits
+
+    value = sink_value(basis_t, mean_t, site.q_heads)
+    v_node = None if value is None else add_constant(
+        gm, "sq_sink_value", value.to(device=meta_tensor(site.nodes["q"]).device, dtype=torch.float32), q3)
+    score_v = gm.graph.call_function(sink_logits.sink_logit_split, (q3, site.nodes["sink_logits"], k_mean, scale,
+                                                                   v_node))
+    s_score = gm.graph.call_function(operator.getitem, (score_v, 0))
+    s_value = gm.graph.call_function(operator.getitem, (score_v, 1))
+    if not split:
+        return {"sink_score": s_score, "sink_value": s_value,
+                "sink_pos": gm.graph.call_function(sink_logits.no_exact_positions, (q3,))}
+    merged = gm.graph.call_function(sink_logits.merge_splits, (split["sink_score"], split["sink_value"], s_score,
+                                                               s_value))
+    return {"sink_score": gm.graph.call_function(operator.getitem, (merged, 0)),
+            "sink_value": gm.graph.call_function(operator.getitem, (merged, 1)), "sink_pos": split["sink_pos"]}
+
+
+def _bias_token_mask(gm: fx.GraphModule, bias: fx.Node) -> fx.Node:
+    """`sqcompile::token_mask_from_bias` of an additive mask input, made once after the graph's inputs and shared by
+    the layers that read it."""
+    from ..kernels import sink_logits  # noqa: F401  (registers sqcompile::token_mask_from_bias)
+
+    for u in bias.users:
+        if u.op == "call_function" and u.target == torch.ops.sqcompile.token_mask_from_bias.default:
+            return u
+    with gm.graph.inserting_after([n for n in gm.graph.nodes if n.op == "placeholder"][-1]):
+        return gm.graph.call_function(torch.ops.sqcompile.token_mask_from_bias.default, (bias,))
 
 
 def _mask_root(mask: fx.Node) -> fx.Node:
