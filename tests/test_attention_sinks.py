@@ -183,3 +183,85 @@ def test_optimize_generate_runs_gpt_oss():
     assert torch.equal(got, want), (got, want)
     kernels = [s.kernel for s in opt.report.sites if s.kind == "attention"]
     assert kernels and any(k and k.startswith("decode_attention") for k in kernels), kernels
+
+
+def _sink_split(B, Hq, Hkv, d, gen, scale):
+    """A GPT-OSS sink split as the substitution pass builds it: (score, value per query head, sink_pos -1)."""
+    from sqcompile.kernels.sink_logits import no_exact_positions, sink_logit_split
+
+    q = torch.randn(B, Hq, d, generator=gen)
+    sinks = torch.randn(Hq, generator=gen) * 2 + 1
+    k_mean = torch.randn(Hkv, d, generator=gen)
+    value = torch.randn(Hq, d, generator=gen)
+    score, v = sink_logit_split(q, sinks, k_mean, scale, value)
+    return q, dict(sink_score=score, sink_value=v, sink_pos=no_exact_positions(q))
+
+
+@pytest.mark.interpreter
+def test_triton_decode_kernels_take_the_sink_logit():
+    """Both Triton decode kernels (bit-plane and fast layouts) with the sink split equal their torch references
+    (fresh random codes, output poisoned first); the sink changes the result."""
+    import math
+
+    from sqcompile.kernels import decode_attention as da
+    from sqcompile.kernels import decode_attention_fast as fa
+    from sqcompile.quant.fast_layout import layout_for_budget
+    from test_decode_attention import attention_args, make_format, random_cache
+    from test_decode_attention_fast import make_args
+    from test_decode_attention_fast import random_cache as fast_cache
+
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, d, T = 2, 8, 2, 64, 40
+    scale = 0.5 / math.sqrt(d)
+    lens = torch.tensor([40, 23], dtype=torch.int32)
+    q, sink = _sink_split(B, Hq, Hkv, d, gen, scale)
+
+    kfmt, vfmt = make_format("turbo4", d, Hkv, gen), make_format("turbo4", d, Hkv, gen)
+    args = attention_args(kfmt, vfmt, Hkv, d, gen)
+    kp, vp = random_cache(kfmt, B, Hkv, T, gen), random_cache(vfmt, B, Hkv, T, gen)
+    ref = da.decode_attention_reference(q, kp, vp, lens, scale=scale, **args, **sink)
+    assert rel(da.decode_attention_reference(q, kp, vp, lens, scale=scale, **args), ref) > 1e-2
+    out = da.decode_attention_triton(q, kp, vp, lens, scale=scale, num_splits=3, block_n=16, poison=True, **args,
+                                     **sink)
+    assert rel(out, ref) < 2e-3, rel(out, ref)
+
+    kl, vl = layout_for_budget(3.25, d)
+    fargs = make_args(kl, vl, Hkv, gen)
+    kp, vp = fast_cache(kl, B, Hkv, T, gen), fast_cache(vl, B, Hkv, T, gen)
+    ref = fa.decode_attention_fast_reference(q, kp, vp, lens, scale=scale, **fargs, **sink)
+    assert rel(fa.decode_attention_fast_reference(q, kp, vp, lens, scale=scale, **fargs), ref) > 1e-2
+    out = fa.decode_attention_fast_triton(q, kp, vp, lens, scale=scale, num_splits=3, block_n=16, poison=True,
+                                          **fargs, **sink)
+    assert rel(out, ref) < 2e-3, rel(out, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernels", ["cuda", "triton"])
+def test_gpu_decode_with_sinks_equals_eager_spectral_cache(kernels):
+    """On a GPU: the compiled GPT-OSS over a fast-layout SpectralCache (decode steps on the CUDA or Triton decode
+    kernel, the sink logit in the extra split they merge) equals the eager model over its own SpectralCache."""
+    torch._dynamo.reset()
+    model = gpt_oss(("sliding_attention", "full_attention")).cuda()
+    profile = profile_of(model, centered_values=True)
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(6)).cuda()
+    from sqcompile import backend
+
+    sink = []
+    step = torch.compile(model.forward, backend="spectralquant",
+                         options={"profile": profile, "bits": 3.25, "layout": "fast", "kernels": kernels,
+                                  "lower": "eager"})
+    mine = SpectralCache(model, profile, bits=3.25, max_cache_len=32, layout="fast")
+    real = SpectralCache(model, profile, bits=3.25, max_cache_len=32, layout="fast")
+    worst = 0.0
+    token = backend._REPORT_SINK.set(sink)
+    try:
+        with torch.no_grad():
+            for a, b in SCHEDULE:
+                got = step(input_ids=ids[:, a:b], past_key_values=mine, use_cache=True).logits
+                want = model(input_ids=ids[:, a:b], past_key_values=real, use_cache=True).logits
+                worst = max(worst, rel(got.float(), want.float()))
+    finally:
+        backend._REPORT_SINK.reset(token)
+    kernels_used = [s.kernel for s in sink if s.kind == "attention"]
+    assert any(k and k.startswith("decode_attention") for k in kernels_used), kernels_used
+    assert worst < 5e-3, worst
