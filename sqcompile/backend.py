@@ -4,6 +4,7 @@ The pipeline, in order (each step a function over the FX graph, testable alone):
 
 0. localize_tensor_parallel       tensor-parallel (DTensor) linears as local ones (a sharded model only)
 1. detect_attention, detect_moe   find the sites and prove them (or record why they are left alone)
+   detect_sequence_mixers         hybrid models' state-space / linear-attention blocks: reported, left alone
 2. insert_kv_rotation             k' = B_k (k - mu_k) at the KV write, q' = B_k q at the attention input
 3. fold_value_rotation            B_v into v_proj, B_v^T into o_proj (weights rewritten once, on copies)
    insert_sink_value              attention sinks: the dropped sink column's value, -B_v mu_v (GPT-OSS)
@@ -31,6 +32,7 @@ from .options import Options
 from .passes.choose_kernels import choose_kernels
 from .passes.detect_attention import detect_attention
 from .passes.detect_moe import detect_moe
+from .passes.detect_sequence_mixers import detect_sequence_mixers
 from .passes.fold_value_rotation import fold_value_rotation
 from .passes.insert_kv_quantization import insert_kv_quantization
 from .passes.insert_kv_rotation import insert_kv_rotation
@@ -124,6 +126,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
     if any(s.reason is not None for s in sites) and _reads_spectral_cache(gm):
         upgrade_spectral_sites(gm, sites)
     moe_sites = detect_moe(gm, graph_index)
+    mixer_sites = detect_sequence_mixers(gm, graph_index, sites)  # hybrid models' SSM / linear-attention blocks
     if tensor_parallel:  # each site's kv-heads of the profile, from its k/v/o_proj shards
         for site in sites:
             if site.reason is None and not site.nodes.get("spectral"):
@@ -164,7 +167,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
             for s in moe_sites:
                 if s.reason is None:
                     s.leave("MoE substitution is off (options['moe'] = False)")
-    all_sites = sites + moe_sites
+    all_sites = sites + moe_sites + mixer_sites
     choose_kernels(gm, sites, plan)
     _check_consistent(scope, sites)
     if any(s.rewritten and not s.nodes.get("spectral") for s in sites):

@@ -351,6 +351,39 @@ def _position_ids(args, kwargs) -> Optional[torch.Tensor]:
     return None
 
 
+def non_attention_layers(config: Any) -> dict[int, str]:
+    """{layer: kind} of the decoder layers that keep a convolution / recurrent state instead of (or beside) a KV cache:
+    the state-space, linear-attention and short-convolution layers of hybrid models (Jamba, Bamba, Falcon-H1,
+    Qwen3-Next, LFM2). From the layers transformers' own cache builds for the config (its linear-attention layer
+    class), else from `config.layer_types` / `layers_block_type`."""
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+        layers = DynamicCache(config=config).layers
+        return {i: type(layer).__name__ for i, layer in enumerate(layers)
+                if isinstance(layer, LinearAttentionCacheLayerMixin)}
+    except Exception:  # an older transformers (no linear-attention cache layers), or a config it cannot build for
+        pass
+    kinds = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None) or []
+    return {i: str(k) for i, k in enumerate(kinds)
+            if any(w in str(k) for w in ("linear", "mamba", "conv", "hybrid", "ssm", "recurrent"))}
+
+
+def _refuse_hybrid(config: Any) -> None:
+    """SpectralCache has a layer for softmax attention only: a hybrid model is one clear error, not transformers'
+    failure at the first state update."""
+    other = non_attention_layers(config)
+    if other:
+        shown = ", ".join(f"{i}: {k}" for i, k in list(other.items())[:8]) + (", ..." if len(other) > 8 else "")
+        raise ValueError(
+            f"SpectralCache holds softmax-attention KV layers only; this model has {len(other)} layer(s) with a "
+            f"convolution / recurrent state (state-space or linear-attention blocks: {shown}), which it has no layer "
+            "for. Use the model's own cache (e.g. transformers.DynamicCache(config=model.config)) under "
+            "torch.compile(model.forward, backend='spectralquant'): the attention layers are rotated and quantized "
+            "through it (SpectralCache's quality, not its memory savings); the other layers run as they are.")
+
+
 class SpectralCache(Cache):
     """A compressed KV cache: `SpectralCache(model_or_config, profile=None, bits=4.25, max_cache_len=...)`.
 
@@ -380,6 +413,7 @@ class SpectralCache(Cache):
 
         config = getattr(model_or_config, "config", model_or_config)
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        _refuse_hybrid(config)
         fp = model_fingerprint(config)
         if isinstance(profile, (str, bytes)) or hasattr(profile, "__fspath__"):
             profile = SpectralProfile.load(profile)

@@ -62,12 +62,15 @@ def optimize(model: Any, profile: Any = None, *, bits: float = DEFAULT_BITS, max
     `options` are the backend's (kernels, moe, lower, ...). On a tensor-parallel model
     (`sqcompile.parallel`) every rank calls it; each rank's cache holds its own kv-heads."""
     from .backend import recording_backend
-    from .cache import _check_window
+    from .cache import _check_window, _refuse_hybrid
     from .report import Report
 
     opts = dict(options, profile=profile, bits=bits)
     Options.from_dict(opts)  # validate now, not at the first call
     _check_window(recent_window)
+    config = getattr(model, "config", None)
+    if config is not None:  # generate's SpectralCache has no layer for a hybrid model's state-space layers: say so now
+        _refuse_hybrid(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config)
     report = Report()
     model.forward = torch.compile(model.forward, backend=recording_backend(report), options=opts)
     return Optimized(model, profile, bits, max_cache_len, max_batch_size, opts, report, recent_window)

@@ -595,6 +595,8 @@ def detect_attention(gm: fx.GraphModule, graph_index: int = 0) -> list[Site]:
             _prove(gm, site, m)
         except _Unproven as e:
             site.leave(str(e))
+        if site.layer < 0 and "attn" in m:  # left alone: the layer dynamo traced the attention in, where known
+            site.layer = layer_from_module_stack(m["attn"]) if layer_from_module_stack(m["attn"]) is not None else -1
         if site.layer < 0:
             site.layer = order
             site.nodes["layer_from_order"] = True
