@@ -56,6 +56,26 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def run_schedule(model, options, ids, mine, real):
+    """Each (a, b) of SCHEDULE through the compiled model over `mine` and the eager model over `real`: (the worst
+    relative logit difference, the last eager logits, the attention sites of every graph compiled)."""
+    from sqcompile import backend
+
+    sink = []
+    step = torch.compile(model.forward, backend="spectralquant", options=options)
+    worst, want = 0.0, None
+    token = backend._REPORT_SINK.set(sink)
+    try:
+        with torch.no_grad():
+            for a, b in SCHEDULE:
+                got = step(input_ids=ids[:, a:b], past_key_values=mine, use_cache=True).logits
+                want = model(input_ids=ids[:, a:b], past_key_values=real, use_cache=True).logits
+                worst = max(worst, rel(got.float(), want.float()))
+    finally:
+        backend._REPORT_SINK.reset(token)
+    return worst, want, [s for s in sink if s.kind == "attention"]
+
+
 @pytest.mark.parametrize("kind,centered", [("dynamic", False), ("static", False), ("dynamic", True)])
 def test_backend_with_a_plain_cache_equals_spectral_cache(kind, centered):
     """Quantized, over a plain cache: the compiled GPT-OSS gives the eager GPT-OSS's logits over SpectralCache."""
@@ -63,26 +83,13 @@ def test_backend_with_a_plain_cache_equals_spectral_cache(kind, centered):
     model = gpt_oss()
     profile = profile_of(model, centered_values=centered)
     ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(5))
-    sink = []
-    from sqcompile import backend
-
-    step = torch.compile(model.forward, backend="spectralquant",
-                         options={"profile": profile, "bits": 2.69, "lower": "eager"})
     plain = transformers.DynamicCache(config=model.config) if kind == "dynamic" else \
         transformers.StaticCache(config=model.config, max_cache_len=32)
     real = SpectralCache(model, profile, bits=2.69, max_cache_len=32)
-    worst = 0.0
-    token = backend._REPORT_SINK.set(sink)
-    try:
-        with torch.no_grad():
-            for a, b in SCHEDULE:
-                got = step(input_ids=ids[:, a:b], past_key_values=plain, use_cache=True).logits
-                want = model(input_ids=ids[:, a:b], past_key_values=real, use_cache=True).logits
-                worst = max(worst, rel(got, want))
-            exact = model(input_ids=ids).logits[:, -1:]
-    finally:
-        backend._REPORT_SINK.reset(token)
-    attention = [s for s in sink if s.kind == "attention"]
+    worst, want, attention = run_schedule(model, {"profile": profile, "bits": 2.69, "lower": "eager"}, ids, plain,
+                                          real)
+    with torch.no_grad():
+        exact = model(input_ids=ids).logits[:, -1:]
     assert attention and all(s.rewritten and s.quantized and s.form == "eager+sinks" for s in attention), attention
     assert worst < 1e-4, worst
     assert rel(want, exact) > 1e-2  # the cache really quantizes
@@ -143,24 +150,10 @@ def test_compiled_spectral_cache_equals_eager_spectral_cache(layout, centered):
     model = gpt_oss(("sliding_attention", "full_attention"))
     profile = profile_of(model, centered_values=centered)
     ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(6))
-    from sqcompile import backend
-
-    sink = []
-    step = torch.compile(model.forward, backend="spectralquant",
-                         options={"profile": profile, "bits": 2.69, "layout": layout, "lower": "eager"})
     mine = SpectralCache(model, profile, bits=2.69, max_cache_len=32, layout=layout)
     real = SpectralCache(model, profile, bits=2.69, max_cache_len=32, layout=layout)
-    worst = 0.0
-    token = backend._REPORT_SINK.set(sink)
-    try:
-        with torch.no_grad():
-            for a, b in SCHEDULE:
-                got = step(input_ids=ids[:, a:b], past_key_values=mine, use_cache=True).logits
-                want = model(input_ids=ids[:, a:b], past_key_values=real, use_cache=True).logits
-                worst = max(worst, rel(got, want))
-    finally:
-        backend._REPORT_SINK.reset(token)
-    attention = [s for s in sink if s.kind == "attention"]
+    worst, _, attention = run_schedule(model, {"profile": profile, "bits": 2.69, "layout": layout, "lower": "eager"},
+                                       ids, mine, real)
     assert attention and all(s.rewritten and s.form == "eager+sinks" for s in attention), attention
     assert any(s.kernel and s.kernel.startswith("decode_attention") for s in attention), [s.kernel for s in attention]
     assert worst < 1e-4, worst
@@ -244,24 +237,10 @@ def test_gpu_decode_with_sinks_equals_eager_spectral_cache(kernels):
     model = gpt_oss(("sliding_attention", "full_attention")).cuda()
     profile = profile_of(model, centered_values=True)
     ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(6)).cuda()
-    from sqcompile import backend
-
-    sink = []
-    step = torch.compile(model.forward, backend="spectralquant",
-                         options={"profile": profile, "bits": 3.25, "layout": "fast", "kernels": kernels,
-                                  "lower": "eager"})
     mine = SpectralCache(model, profile, bits=3.25, max_cache_len=32, layout="fast")
     real = SpectralCache(model, profile, bits=3.25, max_cache_len=32, layout="fast")
-    worst = 0.0
-    token = backend._REPORT_SINK.set(sink)
-    try:
-        with torch.no_grad():
-            for a, b in SCHEDULE:
-                got = step(input_ids=ids[:, a:b], past_key_values=mine, use_cache=True).logits
-                want = model(input_ids=ids[:, a:b], past_key_values=real, use_cache=True).logits
-                worst = max(worst, rel(got.float(), want.float()))
-    finally:
-        backend._REPORT_SINK.reset(token)
-    kernels_used = [s.kernel for s in sink if s.kind == "attention"]
+    worst, _, attention = run_schedule(model, {"profile": profile, "bits": 3.25, "layout": "fast", "kernels": kernels,
+                                               "lower": "eager"}, ids, mine, real)
+    kernels_used = [s.kernel for s in attention]
     assert any(k and k.startswith("decode_attention") for k in kernels_used), kernels_used
     assert worst < 5e-3, worst

@@ -20,6 +20,7 @@ from sqcompile import SpectralProfile, backend
 from sqcompile.cache import SpectralCache, non_attention_layers
 from sqcompile.profile import model_fingerprint
 from sqcompile.report import Report
+from test_hf_models import _decode as hf_decode  # noqa: E402
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -64,14 +65,8 @@ def profile_of(config):
 
 
 def decode(fn, model, ids, steps=4):
-    cache = transformers.DynamicCache(config=model.config)
-    logits, x = [], ids
-    with torch.no_grad():
-        for _ in range(steps + 1):
-            out = fn(input_ids=x, past_key_values=cache, use_cache=True).logits
-            logits.append(out[:, -1])
-            x = out[:, -1:].argmax(-1)
-    return torch.stack(logits, 1)
+    """Prefill and greedy steps over the model's own cache (`DynamicCache(config=...)`: hybrid layers included)."""
+    return hf_decode(fn, model, "dynamic", ids, steps)
 
 
 def compiled(model, options, ids):
