@@ -1,4 +1,5 @@
-"""Records of what the detection passes found: one `Site` per attention or MoE block."""
+"""Records of what the detection passes found: one `Site` per attention, MoE or (hybrid models) other token-mixing
+block."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,11 +15,11 @@ class Site:
     """
 
     layer: int
-    kind: str  # "attention" | "moe"
+    kind: str  # "attention" | "moe" | "mixer" (a hybrid model's state-space / linear-attention block: reported only)
     rewritten: bool = False
     reason: Optional[str] = None
     # attention fields
-    form: Optional[str] = None  # "sdpa" | "eager" | "fused_qkv+sdpa" ...
+    form: Optional[str] = None  # "sdpa" | "eager" | "eager+sinks" | ...; a mixer: its module's class name
     q_heads: Optional[int] = None
     kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
