@@ -200,7 +200,7 @@ def test_backend_with_a_plain_cache_and_a_recent_window_equals_spectral_cache(ki
     worst_win = max(_rel(got, want) for got, want in win)
     worst_bare = max(_rel(got, want) for got, want in bare)
     apart = max(_rel(g, g0) for (g, _), (g0, _) in zip(win, bare))
-    assert worst_win < 1e-4, worst_win
+    assert worst_win < 1e-5, worst_win  # 3.4e-6 measured; 3.9e-5 without the ring's fp16 rounding simulated
     assert worst_bare < 1e-4, worst_bare
     assert apart > 1e-2, apart  # the window changes what attention reads
 

@@ -10,11 +10,18 @@ Attention reads, per layer, `SpectralCache`'s view of the sequence so far (`simu
   `sink.OUTLIER_TOKENS`, and `exact_new`, as in `SpectralCache`'s defaults): the sink (cache position 0), the `outlier_tokens` tokens whose keys lie farthest
   from the calibrated key mean (over the whole sequence so far, the sink not counted: the slots `SpectralCache`
   holds after the same updates, since the top-k of a union is the top-k of the earlier top-k and the new tokens),
-  and the update's own new tokens, read exact.
+  and the update's own new tokens, read exact;
+- with the backend option `recent_window` W (`SpectralCache(recent_window=W)`, what `sqcompile.optimize(...,
+  recent_window=W)` builds), the last W positions up to the last one written read the ring's copy: the key rounded to
+  fp16 in the model basis, the value in the storage basis (under the exact slots and the new tokens, as
+  `SpectralCache` reads them). In a chunk longer than W that is the chunk's own last W tokens, so its first tokens
+  read the previous chunk from the codes, as `SpectralCache`'s ring (overwritten by the chunk before it attends)
+  gives them.
 
 The outlier slots need the exact K/V of earlier tokens, so the plain cache stores the rotated K/V exact and the
 quantization happens at the read (`sqcompile::simulate_read`, inserted between the cache write and attention's read
-of the cache; stateless: recomputed from the cache each step, O(tokens) quantization per step and layer).
+of the cache; stateless: recomputed from the cache each step, O(tokens) quantization per step and layer, and with a
+window two d x d products per token: a cost of the simulation, not of `SpectralCache`).
 
 Where it differs from `SpectralCache` (the last two cases log a line per layer):
 - left-padded batches: the sink is the token at cache position 0, not each row's first real token (RoPE position 0,
@@ -25,7 +32,11 @@ Where it differs from `SpectralCache` (the last two cases log a line per layer):
   only the new tokens exact (`SpectralCache` also keeps exact those of its 4 outlier slots, chosen over the whole
   sequence, that lie inside the window);
 - a cache write this pass cannot map rows to positions in (a sliding-window StaticCache's roll or copy) falls back
-  to quantizing at the write (`sqcompile::fake_quant`): the codec's format without the exact slots;
+  to quantizing at the write (`sqcompile::fake_quant`): the codec's format without the exact slots and the window;
+- after a `crop` (assisted decoding) `SpectralCache`'s ring holds only the positions it kept, fewer than W until W
+  more tokens are written (the dropped tail's earlier positions read from the codes); the simulation, stateless,
+  reads the last W positions exact at once. The ring's key is rounded to fp16 after the round trip through the
+  storage basis (k_store B + mu), which can differ from the fp16 of the model's key by one unit in the last place;
 - QJL codecs: the sketch's score correction is not simulated;
 - half-precision models: the graph rotates and stores K/V in the model's dtype before quantizing them in float32;
   `SpectralCache` rotates in float32 (a rounding of the input, not of the format).
