@@ -149,15 +149,18 @@ def test_backend_with_a_sliding_window_dynamic_cache_equals_spectral_cache_until
 
 
 @pytest.mark.slow
-def test_backend_with_a_plain_cache_under_inductor_equals_spectral_cache():
-    """The same under Inductor (sqcompile::simulate_read is one fallback node in the generated code)."""
+@pytest.mark.parametrize("window", [0, 4])
+def test_backend_with_a_plain_cache_under_inductor_equals_spectral_cache(window):
+    """The same under Inductor (sqcompile::simulate_read is one fallback node in the generated code), without and
+    with a recent window (the ring wraps in the decode steps)."""
     torch._dynamo.reset()
     model = _llama()
     profile = _profile(model)
     ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(7))
-    step = torch.compile(model.forward, backend="spectralquant", options={"profile": profile, "bits": 2.69})
+    step = torch.compile(model.forward, backend="spectralquant",
+                         options={"profile": profile, "bits": 2.69, "recent_window": window})
     plain = transformers.DynamicCache(config=model.config)
-    real = SpectralCache(model, profile, bits=2.69, max_cache_len=32)
+    real = SpectralCache(model, profile, bits=2.69, max_cache_len=32, recent_window=window)
     with torch.no_grad():
         for a, b in ((0, 12), *((i, i + 1) for i in range(12, 20))):
             got = step(input_ids=ids[:, a:b], past_key_values=plain, use_cache=True).logits
