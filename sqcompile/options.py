@@ -105,8 +105,8 @@ class Options:
                              f"most {MAX_SLOTS} exact tokens per row, the sink included), got {o!r}")
         w = self.recent_window
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-            raise ValueError(f"option 'recent_window' must be an int >= 0 (the last tokens kept exact beside the codes, "
-                             f"as SpectralCache(recent_window=...); 0 = none), got {w!r}")
+            raise ValueError(f"option 'recent_window' must be an int >= 0 (the last tokens kept exact beside the "
+                             f"codes, as SpectralCache(recent_window=...); 0 = none), got {w!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"option 'seed' must be an int, got {self.seed!r}")
         if isinstance(self.profile, (str, Path)) and not Path(self.profile).exists():
