@@ -83,10 +83,11 @@ EXPECT = {
     "mpt": ("MptConfig", "MptForCausalLM", dict(vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=256,
                                                 **IDS),
             "eager", ("dynamic",), REWRITTEN, False),
+    # fused QKV interleaved PER HEAD ([B,S,H,3d] then chunk after the head split): the value rows of each head are
+    # gathered from the fused weight; MHA (GPT-NeoX has no kv-head count: BASE's is dropped)
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.25, num_key_value_heads=None), "sdpa",
+                 ("dynamic", "static"), REWRITTEN, True),
     # -- left alone, with the reason --------------------------------------------------------------------------
-    # fused QKV interleaved PER HEAD ([B,S,H,3d] then chunk): the value rows are not one block of the weight
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.25), "sdpa", ("dynamic",),
-                 "interleaved", None),
     # learned positions, Conv1D projections (addmm with a [in, out] weight): no F.linear to fold into
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                                     **IDS),
@@ -238,3 +239,38 @@ def test_architecture(arch, kind, impl):
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     print(f"{arch}/{kind}/{impl}: {time.time() - t0:.1f}s")
+
+
+# Rewritten architectures whose value rows are gathered from a fused or transposed projection (issue #22 item 7):
+# quantized through a SpectralCache, the compiled model (value basis folded into the gathered rows, decode kernels
+# on the packed codes) equals the eager model over its own SpectralCache, step by step, as
+# tests/test_spectral_cache.py checks for Llama and Qwen2.
+GATHERED_ROWS = ("gpt_neox",)
+
+
+@pytest.mark.parametrize("arch", GATHERED_ROWS)
+def test_quantized_equals_eager_spectral_cache(arch):
+    from sqcompile.backend import spectralquant
+    from sqcompile.cache import SpectralCache
+    from test_spectral_cache import _lockstep
+
+    torch._dynamo.reset()
+    model = build(arch)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    sink: list = []
+    token = backend._REPORT_SINK.set(sink)
+    try:
+        step = torch.compile(model.forward, backend=lambda gm, ex: spectralquant(gm, ex, options={"lower": "eager"}))
+        eager_cache = SpectralCache(model, bits=3.25, max_cache_len=40)
+        compiled_cache = SpectralCache(model, bits=3.25, max_cache_len=40)
+        with torch.no_grad():
+            _lockstep(model, step, eager_cache, compiled_cache, ids, 8, tag=(arch,))
+    finally:
+        backend._REPORT_SINK.reset(token)
+    report = Report(sites=sink)
+    layers = model_fingerprint(model.config)["num_layers"]
+    for g in report.graphs:
+        att = report.by_kind("attention", g)
+        assert len(att) == layers and all(s.rewritten and s.o_proj_folded and s.kv_write == "spectral" for s in att), \
+            f"{arch}\n{report}"
+    print(report)

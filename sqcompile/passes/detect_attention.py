@@ -15,6 +15,7 @@ import logging
 import operator
 from typing import Optional
 
+import torch
 import torch.fx as fx
 
 from .fx_utils import (
@@ -29,8 +30,10 @@ from .fx_utils import (
     meta_tensor,
     node_source_name,
     only_user,
+    same_size,
     static_shape,
 )
+from .projections import RowsUnproven, projection_of, value_rows
 from .sites import Site
 
 log = logging.getLogger("sqcompile")
@@ -169,7 +172,7 @@ def _trace_key(new_k: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, bool]:
             continue
         seen.add(n)
         rope = rope or _rope_at(n)
-        if is_linear(n, gm):
+        if is_linear(n, gm) or projection_of(n, gm) is not None:
             return n, rope
         if n.op in ("call_function", "call_method"):
             for a in n.all_input_nodes:
@@ -286,6 +289,22 @@ def _trace_value(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int, head_dim: in
     return n, offset
 
 
+def _trace_value_rows(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int,
+                      head_dim: int) -> tuple[fx.Node, Optional[int], Optional[torch.Tensor]]:
+    """(v projection, row offset, None) when the value rows are one block of a linear (`_trace_value`), else
+    (projection, None, rows[kv_head, head_dim]) where the graph proves which rows of the projection (a fused
+    QKV split per head, a Conv1D or `x @ W.T`) each value feature is (`projections.value_rows`)."""
+    try:
+        lin, offset = _trace_value(new_v, gm, kv_heads, head_dim)
+        return lin, offset, None
+    except _Unproven as block:
+        try:
+            proj, rows = value_rows(new_v, gm, kv_heads, head_dim)
+        except RowsUnproven as e:
+            raise _Unproven(f"{block}; and the value rows cannot be mapped: {e}") from None
+        return proj.out, None, rows
+
+
 def _last_dim_slice(n: fx.Node) -> Optional[tuple]:
     """(start, stop), normalized to 0 <= start <= stop <= width, of a getitem that slices only the last dim of a
     tensor with a static last dim, with constant bounds and step 1; None otherwise."""
@@ -319,6 +338,10 @@ def _find_o_proj(out: fx.Node, gm: fx.GraphModule, q_heads: int, head_dim: int) 
         u = users[0]
         if is_linear(u, gm) and u.args[0] is n:
             break
+        proj = projection_of(u, gm)
+        if proj is not None and proj.x is n:  # Conv1D addmm, `x @ W.T` [+ b]
+            u = proj.out
+            break
         if not is_op(u, *_OUT_OPS) or u.args[0] is not n:
             raise _Unproven(f"attention output reaches '{u.target}' before any projection")
         if is_op(u, "transpose"):
@@ -340,7 +363,8 @@ def _find_o_proj(out: fx.Node, gm: fx.GraphModule, q_heads: int, head_dim: int) 
 
 
 def _weight_node(lin: fx.Node) -> Optional[fx.Node]:
-    w = arg(lin, 1, "weight")
+    proj = projection_of(lin)
+    w = proj.weight if proj is not None else arg(lin, 1, "weight")
     return w if isinstance(w, fx.Node) else None
 
 
@@ -516,7 +540,7 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
         if write not in ("direct", "copy"):
             _check_cache_readers(base, chain[0] if chain else consumer, name)
     k_lin, site.rope = _trace_key(new_k, gm)
-    v_lin, v_offset = _trace_value(new_v, gm, site.kv_heads, site.head_dim)
+    v_lin, v_offset, v_rows = _trace_value_rows(new_v, gm, site.kv_heads, site.head_dim)
     o_lin = _find_o_proj(out, gm, site.q_heads, site.head_dim)
     # Nothing outside the site may see the rotated key/value: every consumer must be the cache write or
     # the attention read.
@@ -542,19 +566,8 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
     site.layer = _site_layer(v_lin, o_lin, _weight_node(v_lin), _weight_node(o_lin), k_base, v_base)
     site.layer = -1 if site.layer is None else site.layer
     site.nodes.update(q=q, attn=attn, out=out, new_k=new_k, new_v=new_v, k_linear=k_lin, v_linear=v_lin,
-                      v_offset=v_offset, o_linear=o_lin, centering_ok=m["centering_ok"],
+                      v_offset=v_offset, v_rows=v_rows, o_linear=o_lin, centering_ok=m["centering_ok"],
                       k_base=k_base, v_base=v_base, k_read=k, v_read=v, k_consumer=m.get("kt", attn), v_consumer=out)
-
-
-def _same_size(a, b) -> bool:
-    """Sizes equal without specializing: ints compare, SymInts compare by their symbolic expression (no guard)."""
-    ca, cb = concrete_int(a), concrete_int(b)
-    if ca is not None or cb is not None:
-        return ca == cb
-    try:
-        return a.node.expr == b.node.expr
-    except AttributeError:
-        return False
 
 
 def _check_head_map(read: fx.Node, base: fx.Node, kv_heads: int, q_heads: int, gqa: bool, what: str) -> list:
@@ -620,13 +633,13 @@ def _check_head_map(read: fx.Node, base: fx.Node, kv_heads: int, q_heads: int, g
                     refuse(node, f"broadcasts the '{labels[i]}' dim")
         elif name in ("reshape", "view"):
             a, b = list(src.shape), list(t.shape)
-            if len(a) == len(b) and all(_same_size(x, y) for x, y in zip(a, b)):
+            if len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b)):
                 continue
             merged = None
             if len(b) == len(a) - 1:
                 for i in range(len(labels) - 1):
-                    if labels[i:i + 2] == ["H", "R"] and all(_same_size(x, y) for x, y in zip(a[:i], b[:i])) \
-                            and all(_same_size(x, y) for x, y in zip(a[i + 2:], b[i + 1:])):
+                    if labels[i:i + 2] == ["H", "R"] and all(same_size(x, y) for x, y in zip(a[:i], b[:i])) \
+                            and all(same_size(x, y) for x, y in zip(a[i + 2:], b[i + 1:])):
                         h, r, hr = concrete_int(a[i]), concrete_int(a[i + 1]), concrete_int(b[i])
                         if None not in (h, r, hr) and h * r == hr:
                             merged = i
