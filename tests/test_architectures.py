@@ -87,23 +87,24 @@ EXPECT = {
     # gathered from the fused weight; MHA (GPT-NeoX has no kv-head count: BASE's is dropped)
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.25, num_key_value_heads=None), "sdpa",
                  ("dynamic", "static"), REWRITTEN, True),
-    # -- left alone, with the reason --------------------------------------------------------------------------
-    # learned positions, Conv1D projections (addmm with a [in, out] weight): no F.linear to fold into
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256,
-                                                    **IDS),
-             "sdpa", ("dynamic",), "Conv1D", None),
-    # ALiBi through baddbmm on 3-D [B*H, S, d] tensors, per-head interleaved fused QKV
-    "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, **IDS),
-              "eager", ("dynamic",), "baddbmm", None),
-    # FalconLinear computes `x @ W.T` (no F.linear), fused QKV grouped per kv head
+    # multi-query attention: [q | k | v] split on the last dim after an unsqueeze of a head dim (one kv head)
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
+                    dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, multi_query=True, **IDS),
+                    "sdpa", ("dynamic",), REWRITTEN, False),
+    # FalconLinear computes `x @ W.T` (no F.linear: rewritten as one with the folded copy), fused QKV grouped per kv
+    # head [q.. | k | v], the value picked by an integer index
     "falcon": ("FalconConfig", "FalconForCausalLM",
                dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     new_decoder_architecture=True, num_kv_heads=2, **IDS),
-               "sdpa", ("dynamic",), "not come from a linear", None),
-    # multi-query attention with the key and value split out of one [B, S, 2d] tensor after the head split
-    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
-                    dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, multi_query=True, **IDS),
-                    "sdpa", ("dynamic",), "interleaved", None),
+               "sdpa", ("dynamic", "static"), REWRITTEN, True),
+    # learned positions, Conv1D projections (addmm with a [in, out] weight: the value rows are columns of it)
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                                    **IDS),
+             "sdpa", ("dynamic", "static"), REWRITTEN, False),
+    # -- left alone, with the reason --------------------------------------------------------------------------
+    # ALiBi through baddbmm on 3-D [B*H, S, d] tensors, per-head interleaved fused QKV
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, **IDS),
+              "eager", ("dynamic",), "baddbmm", None),
     # multi-head latent attention: k_nope and v split per head out of kv_b_proj (v_head_dim 8 != qk head dim 16)
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                     dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
@@ -245,7 +246,7 @@ def test_architecture(arch, kind, impl):
 # quantized through a SpectralCache, the compiled model (value basis folded into the gathered rows, decode kernels
 # on the packed codes) equals the eager model over its own SpectralCache, step by step, as
 # tests/test_spectral_cache.py checks for Llama and Qwen2.
-GATHERED_ROWS = ("gpt_neox",)
+GATHERED_ROWS = ("gpt_neox", "gpt_bigcode", "falcon", "gpt2")
 
 
 @pytest.mark.parametrize("arch", GATHERED_ROWS)
