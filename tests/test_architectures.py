@@ -101,10 +101,11 @@ EXPECT = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                                     **IDS),
              "sdpa", ("dynamic", "static"), REWRITTEN, False),
-    # -- left alone, with the reason --------------------------------------------------------------------------
-    # ALiBi through baddbmm on 3-D [B*H, S, d] tensors, per-head interleaved fused QKV
+    # ALiBi inside baddbmm on [B*H, S, d] (q, k, v merged from their 4-D cache form), fused QKV viewed
+    # [B, S, H, 3, d] and the value picked by an integer index; HF supports eager only
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, **IDS),
-              "eager", ("dynamic",), "baddbmm", None),
+              "eager", ("dynamic", "static"), REWRITTEN, False),
+    # -- left alone, with the reason --------------------------------------------------------------------------
     # multi-head latent attention: k_nope and v split per head out of kv_b_proj (v_head_dim 8 != qk head dim 16)
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                     dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,

@@ -7,7 +7,11 @@ QKV linear), and the `o_proj` linear that is the only consumer of the attention 
 reported with the reason it was left alone. Two forms are recognised:
 
 - ``sdpa``:  ``F.scaled_dot_product_attention(q, k, v, ...)`` (GQA by ``enable_gqa`` or ``repeat_kv``);
-- ``eager``: ``matmul(q, k^T) -> (*scale) -> (tanh soft-cap) -> (+mask) -> softmax -> matmul(., v)``.
+- ``eager``: ``matmul(q, k^T) -> (*scale) -> (tanh soft-cap) -> (+mask) -> softmax -> matmul(., v)``, or the
+  same on [B*H, S, d] with an additive bias inside ``baddbmm`` (BLOOM's ALiBi, `_baddbmm_attention`).
+
+The value projection may be a fused QKV split per head, a Conv1D ``addmm`` or a hand-written ``x @ W.T``:
+`projections.value_rows` derives from the graph which rows of it are the values of each kv head.
 """
 from __future__ import annotations
 
@@ -426,6 +430,67 @@ def _eager_attention(softmax: fx.Node) -> Optional[dict]:
             "centering_ok": centering_ok}
 
 
+def _merged_heads(n, four) -> bool:
+    """n is `four` ([B, H, T, d]) reshaped to [B*H, T, d]: batch and heads merged row-major (b*H + h)."""
+    if not is_op(n, "reshape", "view") or n.args[0] is not four:
+        return False
+    a, b = meta_tensor(four), meta_tensor(n)
+    return a is not None and b is not None and a.dim() == 4 and b.dim() == 3 \
+        and all(same_size(x, y) for x, y in zip(a.shape[2:], b.shape[1:]))
+
+
+def _baddbmm_attention(softmax: fx.Node) -> Optional[dict]:
+    """Attention on [B*H, S, d] with an additive bias inside `baddbmm` (BLOOM's ALiBi):
+
+        view(baddbmm(bias, q.reshape(B*H, S, d), k.reshape(B*H, T, d).transpose(-1, -2), beta, alpha), [B, H, S, T])
+        -> (+mask) -> softmax -> (casts, dropout) -> view [B*H, S, T] -> bmm(., v.reshape(B*H, T, d)) -> view [B, H, S, d]
+
+    The bias adds the same term whatever the key values are, and alpha scales every key alike, so rotating q and k
+    (and centering k) keeps the softmax; q, k and v are the 4-D tensors before the merge. None when not this form."""
+    if not _softmax_dim_is_last(softmax):
+        return None
+    n, centering_ok = softmax.args[0], True
+    while isinstance(n, fx.Node) and is_op(n, *_SCORE_OPS):
+        if is_op(n, "tanh"):
+            centering_ok = False
+        if is_op(n, *_SCALE_OPS) and not all(_uniform_over_keys(a) for a in n.args[1:2]):
+            centering_ok = False
+        n = n.args[0]
+    if not is_op(n, "view", "reshape") or not is_op(n.args[0], "baddbmm"):
+        return None
+    scores = n.args[0]
+    q3, kt3 = arg(scores, 1, "batch1"), arg(scores, 2, "batch2")
+    if not all(isinstance(scores.kwargs.get(c, 1), (int, float)) for c in ("beta", "alpha")):
+        return None
+    if not is_op(kt3, "transpose") or {d % 3 for d in kt3.args[1:3]} != {1, 2} or not isinstance(q3, fx.Node):
+        return None
+    k3 = kt3.args[0]
+    q, k = q3.args[0] if q3.args else None, k3.args[0] if isinstance(k3, fx.Node) and k3.args else None
+    if not (_merged_heads(q3, q) and _merged_heads(k3, k)):
+        return None
+    p, users = softmax, list(softmax.users)
+    while len(users) == 1 and is_op(users[0], *_PROB_OPS):
+        p = users[0]
+        users = list(p.users)
+    if len(users) != 1 or not is_op(users[0], "view", "reshape"):
+        return None
+    p3 = users[0]
+    bmm_users = list(p3.users)
+    if len(bmm_users) != 1 or not is_op(bmm_users[0], "bmm", "matmul") or bmm_users[0].args[0] is not p3:
+        return None
+    out3 = bmm_users[0]
+    v3 = out3.args[1]
+    v = v3.args[0] if is_op(v3, "reshape", "view") else None
+    outs = list(out3.users)
+    if not _merged_heads(v3, v) or len(outs) != 1 or not is_op(outs[0], "view", "reshape"):
+        return None
+    out, qt = outs[0], meta_tensor(q)
+    ot = meta_tensor(out)
+    if ot is None or ot.dim() != 4 or not all(same_size(x, y) for x, y in zip(ot.shape[:3], qt.shape[:3])):
+        return None
+    return {"attn": q3, "out": out, "q": q, "k": k, "v": v, "kt": k3, "v_consumer": v3, "centering_ok": centering_ok}
+
+
 _NEAR_SCORE_OPS = _SCORE_OPS + ("view", "reshape", "cat", "where", "sub", "contiguous", "clamp", "dropout")
 _NEAR_PROB_OPS = _PROB_OPS + ("view", "reshape", "getitem", "contiguous", "mul", "masked_fill", "where")
 
@@ -483,7 +548,7 @@ def detect_attention(gm: fx.GraphModule, graph_index: int = 0) -> list[Site]:
             found.append(("sdpa", {"attn": n, "out": n, "q": arg(n, 0, "query"), "k": arg(n, 1, "key"),
                                    "v": arg(n, 2, "value"), "centering_ok": True}))
         elif is_op(n, *_SOFTMAX):
-            m = _eager_attention(n)
+            m = _eager_attention(n) or _baddbmm_attention(n)
             if m is not None:
                 found.append(("eager", m))
             else:
@@ -535,7 +600,7 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
         raise _Unproven(f"{site.q_heads} query heads are not a multiple of {site.kv_heads} kv heads")
     gqa = bool(site.form == "sdpa" and attn.kwargs.get("enable_gqa", False))
     for name, read, base, write, consumer in (("key", k, k_base, k_write, m.get("kt", attn)),
-                                              ("value", v, v_base, v_write, out)):
+                                              ("value", v, v_base, v_write, m.get("v_consumer", out))):
         chain = _check_head_map(read, base, site.kv_heads, site.q_heads, gqa, name)
         if write not in ("direct", "copy"):
             _check_cache_readers(base, chain[0] if chain else consumer, name)
@@ -544,11 +609,12 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
     o_lin = _find_o_proj(out, gm, site.q_heads, site.head_dim)
     # Nothing outside the site may see the rotated key/value: every consumer must be the cache write or
     # the attention read.
+    sinks = (attn, out) + tuple(x for x in (m.get("kt"), m.get("v_consumer")) if x is not None)
     for name, node, base, write in (("key", new_k, k_base, k_write), ("value", new_v, v_base, v_write)):
         if write == "roll":
             extra = [u for u in node.users if u is not _roll_write(base)]
         elif write == "copy":
-            extra = [u for u in node.users if not _reads_into(u, (attn, out)) and not _only_to_cache_state(u)]
+            extra = [u for u in node.users if not _reads_into(u, sinks) and not _only_to_cache_state(u)]
         if write in ("roll", "copy"):
             if extra:
                 raise _Unproven(f"the new {name} has a consumer outside the cache write: '{extra[0].name}'")
@@ -560,14 +626,15 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
                 raise _Unproven(f"the new {name} has a consumer outside the cache write: '{extra[0].name}'")
         else:
             # read into attention, or cropped and copied into a cache input (sliding window becoming full)
-            extra = [u for u in node.users if not _reads_into(u, (attn, out)) and not _only_to_cache_state(u)]
+            extra = [u for u in node.users if not _reads_into(u, sinks) and not _only_to_cache_state(u)]
             if extra:
                 raise _Unproven(f"the {name} has a consumer outside attention: '{extra[0].name}'")
     site.layer = _site_layer(v_lin, o_lin, _weight_node(v_lin), _weight_node(o_lin), k_base, v_base)
     site.layer = -1 if site.layer is None else site.layer
     site.nodes.update(q=q, attn=attn, out=out, new_k=new_k, new_v=new_v, k_linear=k_lin, v_linear=v_lin,
                       v_offset=v_offset, v_rows=v_rows, o_linear=o_lin, centering_ok=m["centering_ok"],
-                      k_base=k_base, v_base=v_base, k_read=k, v_read=v, k_consumer=m.get("kt", attn), v_consumer=out)
+                      k_base=k_base, v_base=v_base, k_read=k, v_read=v, k_consumer=m.get("kt", attn),
+                      v_consumer=m.get("v_consumer", out))
 
 
 def _check_head_map(read: fx.Node, base: fx.Node, kv_heads: int, q_heads: int, gqa: bool, what: str) -> list:
