@@ -106,13 +106,14 @@ EXPECT = {
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, **IDS),
               "eager", ("dynamic", "static"), REWRITTEN, False),
     # -- left alone, with the reason --------------------------------------------------------------------------
-    # multi-head latent attention: k_nope and v split per head out of kv_b_proj (v_head_dim 8 != qk head dim 16)
+    # multi-head latent attention: k_nope and v split per head out of kv_b_proj; the value rows are mapped, but
+    # v_head_dim 8 != the qk head dim 16
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                     dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
                          qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
                          moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
                          n_shared_experts=1),
-                    "sdpa", ("dynamic",), "interleaved", None),
+                    "sdpa", ("dynamic",), "value head_dim other than the key's", None),
     # attention sinks: softmax over [scores, sink] then the sink column is dropped, so the weights do not sum to
     # one and the value-mean fold would be wrong
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",

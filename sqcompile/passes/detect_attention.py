@@ -185,12 +185,14 @@ def _trace_key(new_k: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, bool]:
 
 
 def _not_linear_hint(nodes) -> str:
-    """Name a projection that is there but is not F.linear (GPT-2's Conv1D addmm, Falcon's `x @ W.T`)."""
+    """Name a projection-like product whose weight is not a parameter the folds can rewrite (F.linear, Conv1D
+    addmm and `x @ W.T` over a parameter are projections)."""
     for n in nodes:
         if is_op(n, "addmm", "mm", "matmul", "baddbmm") and any(a.op == "placeholder" or is_op(a, "T", "t")
                                                                 for a in n.all_input_nodes):
-            return (f" (it comes from '{n.target if isinstance(n.target, str) else op_name(n)}' with a weight: a "
-                    f"Conv1D / hand-written projection, which the weight folding does not handle)")
+            return (f" (it comes from '{n.target if isinstance(n.target, str) else op_name(n)}' over a weight that is "
+                    f"not a parameter in F.linear, Conv1D addmm or x @ W.T form: the weight folding cannot rewrite "
+                    f"it)")
     return ""
 
 
@@ -301,11 +303,11 @@ def _trace_value_rows(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int,
     try:
         lin, offset = _trace_value(new_v, gm, kv_heads, head_dim)
         return lin, offset, None
-    except _Unproven as block:
+    except _Unproven:  # the general mapping covers the block forms too: its reason is the one to report
         try:
             proj, rows = value_rows(new_v, gm, kv_heads, head_dim)
         except RowsUnproven as e:
-            raise _Unproven(f"{block}; and the value rows cannot be mapped: {e}") from None
+            raise _Unproven(f"the value's rows in its projection cannot be mapped: {e}") from None
         return proj.out, None, rows
 
 
@@ -443,7 +445,8 @@ def _baddbmm_attention(softmax: fx.Node) -> Optional[dict]:
     """Attention on [B*H, S, d] with an additive bias inside `baddbmm` (BLOOM's ALiBi):
 
         view(baddbmm(bias, q.reshape(B*H, S, d), k.reshape(B*H, T, d).transpose(-1, -2), beta, alpha), [B, H, S, T])
-        -> (+mask) -> softmax -> (casts, dropout) -> view [B*H, S, T] -> bmm(., v.reshape(B*H, T, d)) -> view [B, H, S, d]
+        -> (+mask) -> softmax -> (casts, dropout) -> view [B*H, S, T] -> bmm(., v.reshape(B*H, T, d))
+        -> view [B, H, S, d]
 
     The bias adds the same term whatever the key values are, and alpha scales every key alike, so rotating q and k
     (and centering k) keeps the softmax; q, k and v are the 4-D tensors before the merge. None when not this form."""

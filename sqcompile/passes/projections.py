@@ -7,7 +7,8 @@ and the layout of each, and `as_linear` turns any of them into `F.linear` with n
 copies, never the user's parameters).
 
 `value_rows` follows the data-movement ops between a projection and the value written to the cache (view /
-reshape / flatten, transpose / permute, split / chunk and their getitems, slicing and integer indexing, unsqueeze)
+reshape / flatten, transpose / permute, split / chunk / unbind and their getitems, slicing and integer indexing,
+unsqueeze)
 and derives, for each kv head h and feature e of the value, the output row of the projection that holds it: one
 block for a plain v_proj or Phi-3's `qkv_proj` slice, a per-head gather for a fused QKV split after the head split
 (GPT-NeoX, Falcon's grouped `[q.. | k | v]` per kv head, GPTBigCode's `[q | k | v]` with one kv head). Every
@@ -130,9 +131,11 @@ def as_linear(gm: fx.GraphModule, proj: Projection, weight: fx.Node, bias: fx.No
 
 # --- rows of a fused projection --------------------------------------------------------------------------------
 
-_SPLITS = ("split", "chunk", "split_with_sizes")
+_SPLITS = ("split", "chunk", "split_with_sizes", "unbind")
 _SAME = ("contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "type", "detach")
 _RESHAPES = ("view", "reshape", "flatten", "unflatten", "_unsafe_view")
+# readers that see only the shape (DeepSeek's `k_pe.new_empty(...)`): they read no rows
+_SHAPE_ONLY = ("size", "sym_size", "dim", "numel", "stride", "new_empty", "new_zeros", "new_ones", "empty_like")
 _FOLLOWED = _SAME + _RESHAPES + ("transpose", "permute", "getitem", "unsqueeze", "squeeze", "select", "narrow")
 
 
@@ -311,12 +314,16 @@ def _step(node: fx.Node, src: _State, src_node: fx.Node) -> _State:
 
 
 def _split_part(item: fx.Node, split: fx.Node, src: _State, a: list) -> _State:
-    """Part `i` of `split(x, size, dim)` / `chunk(x, n, dim)`: a slice of x along dim."""
+    """Part `i` of `split(x, size, dim)` / `chunk(x, n, dim)` (a slice along dim) or `unbind(x, dim)` (an index)."""
     i = item.args[1]
-    dim = arg(split, 2, "dim", 0)
+    dim = arg(split, 1 if is_op(split, "unbind") else 2, "dim", 0)
     if not isinstance(i, int) or not isinstance(dim, int):
         raise RowsUnproven(f"'{split.name}' has a symbolic dim or part")
     dim %= len(a)
+    if src.dims[dim] == "t":
+        raise RowsUnproven(f"'{split.name}' splits a token dim")
+    if is_op(split, "unbind"):  # part i: x.select(dim, i)
+        return _index(src, (slice(None),) * dim + (i,), item, a)
     length = concrete_int(a[dim])
     size = arg(split, 1, "split_size_or_sections", arg(split, 1, "chunks", arg(split, 1, "split_sizes")))
     if length is None:
@@ -331,8 +338,6 @@ def _split_part(item: fx.Node, split: fx.Node, src: _State, a: list) -> _State:
         bounds = list(zip(starts, [s + w for s, w in zip(starts, size)]))
     else:
         raise RowsUnproven(f"'{split.name}' has sizes that are not constants")
-    if src.dims[dim] == "t":
-        raise RowsUnproven(f"'{split.name}' splits a token dim")
     lo, hi = bounds[i]
     return _index(src, (slice(None),) * dim + (slice(lo, hi),), item, a)
 
@@ -386,13 +391,13 @@ def value_rows(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int, head_dim: int)
                         raise RowsUnproven(f"the split '{u.name}' is read by '{part.name}', not by its parts")
                     read |= set(_split_part(part, u, states[parent], _sizes(parent)).labels.flatten().tolist())
                 continue
-            if is_op(u, "size", "sym_size", "dim", "numel", "stride"):
+            if is_op(u, *_SHAPE_ONLY):
                 continue
             try:
                 read |= set(_step(u, states[parent], parent).labels.flatten().tolist())
-            except RowsUnproven as e:
-                raise RowsUnproven(f"the fused projection output is also read by '{u.name}' ({op_name(u)}), whose "
-                                   f"rows cannot be told apart from the value's: {e}") from None
+            except RowsUnproven:
+                raise RowsUnproven(f"the projection output is also read by '{u.name}' ({op_name(u)}), which the row "
+                                   f"mapping does not follow: it may read the value's rows") from None
     sizes = _sizes(new_v)
     if len(sizes) != 4 or (value.dims[1] != "f" and concrete_int(sizes[1]) != 1) or value.dims[3] != "f" \
             or any(value.dims[i] == "f" and concrete_int(sizes[i]) != 1 for i in (0, 2)):
@@ -400,9 +405,11 @@ def value_rows(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int, head_dim: int)
     full = value.labels.reshape([concrete_int(s) if k == "f" else 1 for k, s in zip(value.dims, sizes)])
     rows = full[0, :, 0, :]
     if tuple(rows.shape) != (kv_heads, head_dim):
-        raise RowsUnproven(f"the value rows have shape {tuple(rows.shape)}, not ({kv_heads}, {head_dim})")
+        raise RowsUnproven(f"the value has {rows.shape[0]} heads of head_dim {rows.shape[1]}, the key {kv_heads} of "
+                           f"{head_dim}: a value head_dim other than the key's (as in multi-head latent attention) is "
+                           f"not supported")
     if rows.unique().numel() != rows.numel():
         raise RowsUnproven("the value repeats projection rows (a broadcast of one row to several features)")
     if read & set(rows.flatten().tolist()):
-        raise RowsUnproven("another reader of the fused projection output reads value rows")
+        raise RowsUnproven("another reader of the projection output (the query's or key's part) reads value rows")
     return proj, rows

@@ -206,7 +206,8 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite) -> None:
     site.kv_write = "spectral"
     site.rope = site.rope or False
     site.nodes.update(spectral=True, attn=attn, out=attn, q=q, qwrite=qw, v_store=v_store, new_v=new_v,
-                      v_linear=v_lin, v_offset=v_offset, v_rows=v_rows, o_linear=o_lin, v_basis=v_basis, v_mean=v_mean, decode=decode,
+                      v_linear=v_lin, v_offset=v_offset, v_rows=v_rows, o_linear=o_lin, v_basis=v_basis, v_mean=v_mean,
+                      decode=decode,
                       k_packed=k_packed, v_packed=v_packed, k_sink=k_sink, v_sink=v_sink, exact_new=k_fresh is not None,
                       k_window=k_window, v_window=v_window,
                       # what SDPA reads of V in the storage basis once o_proj absorbs the basis
