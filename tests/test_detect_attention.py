@@ -411,3 +411,32 @@ def test_fused_value_rows_not_mapped_left_alone(form, reason):
         torch._dynamo.reset()
         out = torch.compile(m, backend="spectralquant", options={"quantize": False, "lower": "eager"})(x)
         assert torch.allclose(out, m(x), atol=1e-6)
+
+
+class DropoutAttention(Attention):
+    """Eager attention whose weights go through dropout (GPT-2 / BERT style): the identity in eval mode."""
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.project(x)
+        q = rope(q.view(b, s, HQ, HD).transpose(1, 2), torch.arange(s))
+        k = rope(k.view(b, s, HKV, HD).transpose(1, 2), torch.arange(s))
+        v = v.view(b, s, HKV, HD).transpose(1, 2)
+        k, v = k.repeat_interleave(HQ // HKV, dim=1), v.repeat_interleave(HQ // HKV, dim=1)
+        p = torch.softmax(torch.matmul(q, k.transpose(2, 3)) / math.sqrt(HD), dim=-1)
+        o = torch.matmul(F.dropout(p, 0.1, self.training), v)
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, HQ * HD))
+
+
+def test_dropout_on_the_weights_is_attention_in_eval_mode_only():
+    torch.manual_seed(0)
+    m = DropoutAttention(bias=True).eval()
+    x = torch.randn(B, S, D_MODEL)
+    with torch.no_grad():
+        sites = _capture(m, x)
+        assert len(sites) == 1 and sites[0].reason is None, sites[0].reason
+        _check_exact(m, x)
+        m.train()
+        report = sqcompile.explain(m, x, options={"quantize": False})
+        att = report.by_kind("attention")
+        assert len(att) == 1 and not att[0].rewritten and "training mode" in att[0].reason, str(report)

@@ -423,7 +423,7 @@ def _eager_attention(softmax: fx.Node) -> Optional[dict]:
     if not is_op(kt, "transpose") or {d % 4 for d in kt.args[1:3]} != {2, 3}:
         return None
     p, users = softmax, list(softmax.users)
-    while len(users) == 1 and is_op(users[0], *_PROB_OPS):
+    while len(users) == 1 and is_op(users[0], *_PROB_OPS) and not _training_dropout(users[0]):
         p = users[0]
         users = list(p.users)
     if len(users) != 1 or not is_op(users[0], "matmul", "bmm") or users[0].args[0] is not p:
@@ -472,7 +472,7 @@ def _baddbmm_attention(softmax: fx.Node) -> Optional[dict]:
     if not (_merged_heads(q3, q) and _merged_heads(k3, k)):
         return None
     p, users = softmax, list(softmax.users)
-    while len(users) == 1 and is_op(users[0], *_PROB_OPS):
+    while len(users) == 1 and is_op(users[0], *_PROB_OPS) and not _training_dropout(users[0]):
         p = users[0]
         users = list(p.users)
     if len(users) != 1 or not is_op(users[0], "view", "reshape"):
@@ -492,6 +492,15 @@ def _baddbmm_attention(softmax: fx.Node) -> Optional[dict]:
     if ot is None or ot.dim() != 4 or not all(same_size(x, y) for x, y in zip(ot.shape[:3], qt.shape[:3])):
         return None
     return {"attn": q3, "out": out, "q": q, "k": k, "v": v, "kt": k3, "v_consumer": v3, "centering_ok": centering_ok}
+
+
+def _training_dropout(n: fx.Node) -> bool:
+    """A dropout that is not the identity: training on (or not a constant) and p not 0. In eval mode (GPT-2's,
+    BLOOM's attention dropout) it passes the weights through and the attention is still attention."""
+    if not is_op(n, "dropout"):
+        return False
+    p, training = arg(n, 1, "p", 0.5), arg(n, 2, "training", n.kwargs.get("train", True))
+    return not (training is False or p == 0)
 
 
 _NEAR_SCORE_OPS = _SCORE_OPS + ("view", "reshape", "cat", "where", "sub", "contiguous", "clamp", "dropout")
@@ -531,6 +540,9 @@ def _near_miss(softmax: fx.Node) -> Optional[str]:
             return None
         if first_odd is None and not is_op(u, *_PROB_OPS):
             first_odd = f"the attention weights pass through '{op_name(u)}' before the value product"
+        if first_odd is None and _training_dropout(u):
+            first_odd = ("the attention weights go through dropout in training mode: the weights on the values do "
+                         "not sum to one (compile the model in eval mode)")
         p = u
     else:
         return None
