@@ -105,6 +105,42 @@ def _reads_spectral_cache(gm: fx.GraphModule) -> bool:
                for n in gm.graph.nodes)
 
 
+def spectral_cache_window(gm: fx.GraphModule) -> Optional[int]:
+    """The recent window W of the `SpectralCache` `gm` reads (the ring's length in its `put_window` reads; 0 where
+    it reads the cache without one), None where `gm` reads no SpectralCache or W is not a known int."""
+    if not _reads_spectral_cache(gm):
+        return None
+    from .kernels import sink as _sink  # noqa: F401  (registers sqcompile::put_window)
+    from .passes.fx_utils import meta_tensor
+
+    put = (torch.ops.sqcompile.put_window, torch.ops.sqcompile.put_window.default)
+    sizes = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in put:
+            ring = meta_tensor(n.args[1])
+            sizes.add(ring.shape[2] if ring is not None and ring.dim() == 4 else None)
+    if not sizes:
+        return 0
+    w = sizes.pop()
+    return w if not sizes and isinstance(w, int) else None
+
+
+def check_window_option(gm: fx.GraphModule, opts: Options) -> None:
+    """options["recent_window"] W > 0 with a `SpectralCache` that holds another window is an error: the option asks
+    for exact tokens the cache does not keep (its window is fixed when it is built). With the option at 0 the
+    cache's own window is read as it is."""
+    want = opts.recent_window
+    if not want:
+        return
+    held = spectral_cache_window(gm)
+    if held is not None and held != want:
+        raise ValueError(f"sqcompile: options['recent_window'] = {want}, but the SpectralCache passed to the compiled "
+                         f"model keeps {'no recent window' if held == 0 else f'a recent window of {held}'}; build it "
+                         f"with SpectralCache(..., recent_window={want}), or compile without the option (a "
+                         "SpectralCache carries its own window; the option sets the plain-cache simulation's and "
+                         "sqcompile.optimize's)")
+
+
 def kernel_plan(opts: Options, example_inputs: list) -> KernelPlan:
     """The implementation of every op this compile inserts (one decision per compiled graph, logged once)."""
     plan = resolve_kernels(opts.kernels, _device_type(example_inputs))
@@ -122,6 +158,7 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
     tensor_parallel = has_dtensor_inputs(example_inputs)  # a sharded model (sqcompile.parallel)
     if tensor_parallel:
         localize_tensor_parallel(gm, example_inputs)
+    check_window_option(gm, opts)
     sites = detect_attention(gm, graph_index)
     if any(s.reason is not None for s in sites) and _reads_spectral_cache(gm):
         upgrade_spectral_sites(gm, sites)
@@ -152,7 +189,8 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
             insert_sink_value(gm, site, rot.value_basis, rot.value_mean)
         if opts.quantize:
             insert_kv_quantization(gm, site, transform.codec(site.kv_heads, site.head_dim) if heads is None
-                                   else transform.sliced_codec(site.head_dim, heads), opts.outlier_tokens)
+                                   else transform.sliced_codec(site.head_dim, heads), opts.outlier_tokens,
+                                   opts.recent_window)
         site.rewritten = True
     if moe_sites and tensor_parallel:
         for s in moe_sites:

@@ -57,17 +57,19 @@ def optimize(model: Any, profile: Any = None, *, bits: float = DEFAULT_BITS, max
              max_batch_size: Optional[int] = None, recent_window: int = 0, **options: Any) -> Optimized:
     """Compile `model.forward` with backend="spectralquant" (the module's weights are not touched; its
     `forward` attribute is replaced by the compiled one) and return an `Optimized` handle whose `generate`
-    uses a `SpectralCache` (`recent_window` W: its last W tokens kept exact beside the codes); its `report` fills
+    uses a `SpectralCache` (`recent_window` W: its last W tokens kept exact beside the codes; also passed to the
+    backend as its `recent_window` option); its `report` fills
     with what each compile did (as `sqcompile.explain` prints it).
     `options` are the backend's (kernels, moe, lower, ...). On a tensor-parallel model
     (`sqcompile.parallel`) every rank calls it; each rank's cache holds its own kv-heads."""
     from .backend import recording_backend
-    from .cache import _check_window, _refuse_hybrid
+    from .cache import _refuse_hybrid
     from .report import Report
 
-    opts = dict(options, profile=profile, bits=bits)
+    # the window is a backend option too: the compiled graphs then read what the cache holds, and a plain HF cache
+    # passed to the compiled model reads the same window (the simulation)
+    opts = dict(options, profile=profile, bits=bits, recent_window=recent_window)
     Options.from_dict(opts)  # validate now, not at the first call
-    _check_window(recent_window)
     config = getattr(model, "config", None)
     if config is not None:  # generate's SpectralCache has no layer for a hybrid model's state-space layers: say so now
         _refuse_hybrid(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config)

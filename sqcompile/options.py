@@ -38,6 +38,12 @@ class Options:
               decode; the caches' tensors are marked static (SpectralCache does it). No effect on CPU.
     outlier_tokens: exact outlier tokens per row besides the sink, as `SpectralCache(outlier_tokens=...)`: what the
               plain-cache simulation keeps exact and what `sqcompile.optimize`'s cache holds (default 4).
+    recent_window: the last W tokens kept exact beside the codes, as `SpectralCache(recent_window=W)` (default 0:
+              none): what the plain-cache simulation reads exact (the fp16 ring's rows) and what
+              `sqcompile.optimize(..., recent_window=W)`'s cache holds (optimize sets this option). A `SpectralCache`
+              passed by the user carries its own window: with the option at 0 the cache's window is read as it is;
+              a window > 0 that the cache does not hold is an error at compile time (the option asks for exact
+              tokens the cache cannot give).
     """
 
     profile: Any = None
@@ -51,6 +57,7 @@ class Options:
     layout: str = "planes"
     cudagraphs: bool = False
     outlier_tokens: int = 4  # sqcompile.kernels.sink.OUTLIER_TOKENS (a test keeps the two equal)
+    recent_window: int = 0
 
     @classmethod
     def from_dict(cls, options: Union[None, dict, "Options"]) -> "Options":
@@ -96,6 +103,10 @@ class Options:
         if isinstance(o, bool) or not isinstance(o, int) or not 0 <= o <= MAX_SLOTS - 1:
             raise ValueError(f"option 'outlier_tokens' must be an int in 0..{MAX_SLOTS - 1} (the decode kernels skip at "
                              f"most {MAX_SLOTS} exact tokens per row, the sink included), got {o!r}")
+        w = self.recent_window
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ValueError(f"option 'recent_window' must be an int >= 0 (the last tokens kept exact beside the "
+                             f"codes, as SpectralCache(recent_window=...); 0 = none), got {w!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"option 'seed' must be an int, got {self.seed!r}")
         if isinstance(self.profile, (str, Path)) and not Path(self.profile).exists():

@@ -83,33 +83,28 @@ EXPECT = {
     "mpt": ("MptConfig", "MptForCausalLM", dict(vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=256,
                                                 **IDS),
             "eager", ("dynamic",), REWRITTEN, False),
-    # -- left alone, with the reason --------------------------------------------------------------------------
-    # fused QKV interleaved PER HEAD ([B,S,H,3d] then chunk): the value rows are not one block of the weight
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.25), "sdpa", ("dynamic",),
-                 "interleaved", None),
-    # learned positions, Conv1D projections (addmm with a [in, out] weight): no F.linear to fold into
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256,
-                                                    **IDS),
-             "sdpa", ("dynamic",), "Conv1D", None),
-    # ALiBi through baddbmm on 3-D [B*H, S, d] tensors, per-head interleaved fused QKV
-    "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, **IDS),
-              "eager", ("dynamic",), "baddbmm", None),
-    # FalconLinear computes `x @ W.T` (no F.linear), fused QKV grouped per kv head
+    # fused QKV interleaved PER HEAD ([B,S,H,3d] then chunk after the head split): the value rows of each head are
+    # gathered from the fused weight; MHA (GPT-NeoX has no kv-head count: BASE's is dropped)
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.25, num_key_value_heads=None), "sdpa",
+                 ("dynamic", "static"), REWRITTEN, True),
+    # multi-query attention: [q | k | v] split on the last dim after an unsqueeze of a head dim (one kv head)
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
+                    dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, multi_query=True, **IDS),
+                    "sdpa", ("dynamic",), REWRITTEN, False),
+    # FalconLinear computes `x @ W.T` (no F.linear: rewritten as one with the folded copy), fused QKV grouped per kv
+    # head [q.. | k | v], the value picked by an integer index
     "falcon": ("FalconConfig", "FalconForCausalLM",
                dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     new_decoder_architecture=True, num_kv_heads=2, **IDS),
-               "sdpa", ("dynamic",), "not come from a linear", None),
-    # multi-query attention with the key and value split out of one [B, S, 2d] tensor after the head split
-    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
-                    dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, multi_query=True, **IDS),
-                    "sdpa", ("dynamic",), "interleaved", None),
-    # multi-head latent attention: k_nope and v split per head out of kv_b_proj (v_head_dim 8 != qk head dim 16)
-    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
-                    dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
-                         qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
-                         moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
-                         n_shared_experts=1),
-                    "sdpa", ("dynamic",), "interleaved", None),
+               "sdpa", ("dynamic", "static"), REWRITTEN, True),
+    # learned positions, Conv1D projections (addmm with a [in, out] weight: the value rows are columns of it)
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                                    **IDS),
+             "sdpa", ("dynamic", "static"), REWRITTEN, False),
+    # ALiBi inside baddbmm on [B*H, S, d] (q, k, v merged from their 4-D cache form), fused QKV viewed
+    # [B, S, H, 3, d] and the value picked by an integer index; HF supports eager only
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, **IDS),
+              "eager", ("dynamic", "static"), REWRITTEN, False),
     # attention sinks: softmax over [scores, sink] then the sink column is dropped (the weights on the values sum
     # to 1 - p_sink): the key mean is kept, the sink column gets the storage-basis value of a zero model-basis
     # value (-B_v mu_v), so the value-mean fold stays exact; sliding + full layers; its MoE is left alone. Its RoPE
@@ -119,6 +114,15 @@ EXPECT = {
                 dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8,
                      layer_types=["sliding_attention", "full_attention"]),
                 "eager", ("dynamic",), REWRITTEN, False),
+    # -- left alone, with the reason --------------------------------------------------------------------------
+    # multi-head latent attention: k_nope and v split per head out of kv_b_proj; the value rows are mapped, but
+    # v_head_dim 8 != the qk head dim 16
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                         qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
+                         n_shared_experts=1),
+                    "sdpa", ("dynamic",), "value head_dim other than the key's", None),
 }
 
 
@@ -241,3 +245,78 @@ def test_architecture(arch, kind, impl):
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     print(f"{arch}/{kind}/{impl}: {time.time() - t0:.1f}s")
+
+
+# Rewritten architectures whose value rows are gathered from a fused or transposed projection (issue #22 item 7):
+# quantized through a SpectralCache, the compiled model (value basis folded into the gathered rows, decode kernels
+# on the packed codes) equals the eager model over its own SpectralCache, step by step, as
+# tests/test_spectral_cache.py checks for Llama and Qwen2.
+GATHERED_ROWS = ("gpt_neox", "gpt_bigcode", "falcon", "gpt2")
+
+
+@pytest.mark.parametrize("arch", GATHERED_ROWS)
+def test_quantized_equals_eager_spectral_cache(arch):
+    from sqcompile.backend import spectralquant
+    from sqcompile.cache import SpectralCache
+    from test_spectral_cache import _lockstep
+
+    torch._dynamo.reset()
+    model = build(arch)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    sink: list = []
+    token = backend._REPORT_SINK.set(sink)
+    try:
+        step = torch.compile(model.forward, backend=lambda gm, ex: spectralquant(gm, ex, options={"lower": "eager"}))
+        eager_cache = SpectralCache(model, bits=3.25, max_cache_len=40)
+        compiled_cache = SpectralCache(model, bits=3.25, max_cache_len=40)
+        with torch.no_grad():
+            _lockstep(model, step, eager_cache, compiled_cache, ids, 8, tag=(arch,))
+    finally:
+        backend._REPORT_SINK.reset(token)
+    report = Report(sites=sink)
+    layers = model_fingerprint(model.config)["num_layers"]
+    for g in report.graphs:
+        att = report.by_kind("attention", g)
+        assert len(att) == layers and all(s.rewritten and s.o_proj_folded and s.kv_write == "spectral" for s in att), \
+            f"{arch}\n{report}"
+    print(report)
+
+
+# Quantized inside the compiled graph over a plain StaticCache (the path eager-only architectures such as BLOOM take:
+# the SpectralCache read is substituted for SDPA sites only): the compiled model equals the eager model over the
+# Cache-API simulation with the same codec and slots, as tests/test_backend_quantization.py checks for Llama.
+@pytest.mark.parametrize("arch", GATHERED_ROWS + ("bloom",))
+def test_in_graph_quantization_equals_cache_simulation(arch):
+    from transformers import StaticCache
+
+    from sqcompile.evaluate import EvalState, simulated_cache
+    from sqcompile.kernels.sink import OUTLIER_TOKENS
+    from sqcompile.quant import build_codec
+
+    torch._dynamo.reset()
+    model = build(arch)
+    cfg = model.config
+    profile = random_profile(cfg, seed=5)
+    bits = 4.25
+    codec = build_codec(profile, bits=bits)
+    ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(0))
+    step = torch.compile(model.forward, backend="spectralquant", options={"profile": profile, "bits": bits,
+                                                                         "lower": "eager"})
+    static = StaticCache(config=cfg, max_cache_len=64)
+    sim = simulated_cache(EvalState(codec, (), keep_sink=True, exact_fresh=True, outlier_tokens=OUTLIER_TOKENS), cfg)
+    sink: list = []
+    token = backend._REPORT_SINK.set(sink)
+    try:
+        with torch.no_grad():
+            for i in range(0, 48, 16):  # chunks attend to the quantized cache of earlier chunks
+                x = ids[:, i:i + 16]
+                a = step(input_ids=x, past_key_values=static, use_cache=True).logits
+                b = model(input_ids=x, past_key_values=sim, use_cache=True).logits
+                assert rel(a, b) < 2e-3, (arch, i, rel(a, b))
+                if i == 16:  # and quantization did change something (BLOOM's tiny attention moves the logits least)
+                    fp = model(input_ids=ids[:, :32], use_cache=False).logits[:, 16:]
+                    assert rel(a, fp) > 5 * rel(a, b), (arch, rel(a, fp), rel(a, b))
+    finally:
+        backend._REPORT_SINK.reset(token)
+    att = Report(sites=sink).by_kind("attention")
+    assert att and all(s.rewritten and s.quantized for s in att), str(Report(sites=sink))

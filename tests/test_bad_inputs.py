@@ -197,6 +197,9 @@ def test_nonfinite_token_does_not_spread_through_the_quantized_cache(tiny_llama,
     ({"seed": 1.5}, TypeError, "'seed'"),
     ({"outlier_tokens": 8}, ValueError, "'outlier_tokens'"),
     ({"outlier_tokens": True}, ValueError, "'outlier_tokens'"),
+    ({"recent_window": -1}, ValueError, "'recent_window'"),
+    ({"recent_window": 2.0}, ValueError, "'recent_window'"),
+    ({"recent_window": True}, ValueError, "'recent_window'"),
     ({"Quantize": False}, ValueError, "unknown spectralquant option"),
 ])
 def test_options_of_the_wrong_type(options, exc, needle):

@@ -277,7 +277,7 @@ def test_fused_write_stores_what_the_write_op_stores(d, kg, vg, dtype, monkeypat
         kf, vf, kr, vr = kp.clone(), vp.clone(), kp.clone(), vp.clone()
         out = dc.decode_attention_fast_cuda(q, kf, vf, lengths, **attn, poison=True,
                                             write=(key, val, pos, basis, mean, ks, vs))
-        quantize_write_fast(key, val, kr, vr, pos, basis, mean, ks, vs, kernel="torch")
+        quantize_write_fast(key, val, kr, vr, pos, basis, mean, ks, vs, impl="torch")
         others = torch.ones(T, dtype=torch.bool)
         others[p] = False
         assert torch.equal(kf[:, :, others], kp[:, :, others]) and torch.equal(vf[:, :, others], vp[:, :, others])

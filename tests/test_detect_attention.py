@@ -333,3 +333,110 @@ def test_a_layer_treated_differently_by_two_graphs_is_an_error():
     _check_consistent({"quantize": False}, [Site(layer=0, kind="attention", reason="other compile")])  # other scope
     with pytest.raises(RuntimeError, match="layer 0 was rewritten in an earlier graph"):
         _check_consistent(scope, [Site(layer=0, kind="attention", reason="cannot prove")])
+
+
+# ---- value rows gathered from a fused or transposed projection (GPT-NeoX, Falcon, GPT-2 forms) -------------
+
+class FusedPerHead(nn.Module):
+    """A fused QKV projection whose value rows the graph has to map. `form`:
+    per_head: [B, S, H, 3d] chunked after the head split (GPT-NeoX, MHA);
+    grouped: per kv head [q.. | k | v], the value picked by an integer index (Falcon's new decoder);
+    conv1d: Conv1D `addmm(b, x, W)` with W [in, out], split on the last dim (GPT-2);
+    matmul_t: `x @ W.T + b` written by hand, split per head (FalconLinear with a bias);
+    rolled: per_head with the value's features rolled (a permutation the row mapping does not follow);
+    gathered: the value taken by a tensor index (a gather);
+    overlap: per_head, but the key is also read from the value's rows."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.hkv = HKV if form == "grouped" else HQ
+        out = (HQ + 2 * self.hkv) * HD
+        w = torch.randn(out, D_MODEL) / D_MODEL ** 0.5
+        self.w = nn.Parameter(w.t().contiguous() if form == "conv1d" else w)  # Conv1D stores [in, out]
+        self.b = nn.Parameter(torch.randn(out) * 0.1)
+        self.o_proj = nn.Linear(HQ * HD, D_MODEL)
+        self.register_buffer("idx", torch.arange(2 * HD, 3 * HD))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        if self.form == "conv1d":
+            y = torch.addmm(self.b, x.view(-1, D_MODEL), self.w).view(b, s, -1)
+        elif self.form == "matmul_t":
+            y = x @ self.w.T + self.b
+        else:
+            y = F.linear(x, self.w, self.b)
+        if self.form == "grouped":
+            g = y.view(b, s, self.hkv, HQ // self.hkv + 2, HD)
+            q = g[..., :-2, :].flatten(-3, -2).transpose(1, 2)
+            k, v = g[..., -2, :].transpose(1, 2), g[..., -1, :].transpose(1, 2)
+        elif self.form == "conv1d":
+            q, k, v = (t.view(b, s, HQ, HD).transpose(1, 2) for t in y.split(HQ * HD, dim=2))
+        elif self.form == "gathered":
+            h = y.view(b, s, HQ, 3 * HD)
+            q, k, v = h[..., :HD].transpose(1, 2), h[..., HD:2 * HD].transpose(1, 2), h[..., self.idx].transpose(1, 2)
+        else:
+            q, k, v = y.view(b, s, HQ, 3 * HD).transpose(1, 2).chunk(3, dim=-1)
+            if self.form == "rolled":
+                v = v.roll(1, dims=-1)
+            elif self.form == "overlap":
+                k = y.view(b, s, HQ, 3 * HD).transpose(1, 2)[..., 2 * HD - 4:3 * HD - 4]
+        q, k = rope(q, torch.arange(s)), rope(k, torch.arange(s))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.hkv != HQ)
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, HQ * HD))
+
+
+@pytest.mark.parametrize("form", ["per_head", "grouped", "conv1d", "matmul_t"])
+def test_fused_value_rows_gathered_and_exact(form):
+    torch.manual_seed(0)
+    m = FusedPerHead(form).eval()
+    x = torch.randn(B, S, D_MODEL)
+    with torch.no_grad():
+        sites = _capture(m, x)
+        assert len(sites) == 1 and sites[0].reason is None, sites[0].reason
+        rows = sites[0].nodes["v_rows"]
+        assert rows is not None and tuple(rows.shape) == (m.hkv, HD)
+        _check_exact(m, x)
+
+
+@pytest.mark.parametrize("form,reason", [("rolled", "roll"), ("gathered", "gather"), ("overlap", "value rows")])
+def test_fused_value_rows_not_mapped_left_alone(form, reason):
+    torch.manual_seed(0)
+    m = FusedPerHead(form).eval()
+    x = torch.randn(B, S, D_MODEL)
+    with torch.no_grad():
+        report = sqcompile.explain(m, x, options={"quantize": False})
+        att = report.by_kind("attention")
+        assert len(att) == 1 and not att[0].rewritten and reason in att[0].reason, str(report)
+        torch._dynamo.reset()
+        out = torch.compile(m, backend="spectralquant", options={"quantize": False, "lower": "eager"})(x)
+        assert torch.allclose(out, m(x), atol=1e-6)
+
+
+class DropoutAttention(Attention):
+    """Eager attention whose weights go through dropout (GPT-2 / BERT style): the identity in eval mode."""
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.project(x)
+        q = rope(q.view(b, s, HQ, HD).transpose(1, 2), torch.arange(s))
+        k = rope(k.view(b, s, HKV, HD).transpose(1, 2), torch.arange(s))
+        v = v.view(b, s, HKV, HD).transpose(1, 2)
+        k, v = k.repeat_interleave(HQ // HKV, dim=1), v.repeat_interleave(HQ // HKV, dim=1)
+        p = torch.softmax(torch.matmul(q, k.transpose(2, 3)) / math.sqrt(HD), dim=-1)
+        o = torch.matmul(F.dropout(p, 0.1, self.training), v)
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, HQ * HD))
+
+
+def test_dropout_on_the_weights_is_attention_in_eval_mode_only():
+    torch.manual_seed(0)
+    m = DropoutAttention(bias=True).eval()
+    x = torch.randn(B, S, D_MODEL)
+    with torch.no_grad():
+        sites = _capture(m, x)
+        assert len(sites) == 1 and sites[0].reason is None, sites[0].reason
+        _check_exact(m, x)
+        m.train()
+        report = sqcompile.explain(m, x, options={"quantize": False})
+        att = report.by_kind("attention")
+        assert len(att) == 1 and not att[0].rewritten and "training mode" in att[0].reason, str(report)

@@ -5,7 +5,8 @@ key/value means are nonzero (so a wrong rewrite shows up in the output):
 
 1. the output equals eager (1e-4 relative) -- always, whether a site was rewritten or not;
 2. a site is rewritten only when the module is attention that the rewrite is exact for: no extra consumer of
-   the key, the value or the attention output, a value projection whose rows are one block, an o_proj that reads
+   the key, the value or the attention output, a value projection whose rows the graph maps (one block, or a
+   per-head gather from a fused QKV), an o_proj that reads
    the heads in order, kv heads shared as h // (q_heads / kv_heads);
 3. the clean attention forms are rewritten (the detector is not vacuous).
 
@@ -58,7 +59,8 @@ class Spec:
     def expect_rewrite(self) -> bool:
         # a tiled repeat (h % kv_heads) is not the h // rep sharing the rotation assumes (with rep 1 there is none)
         attention = self.form != "eager_softmax_dim2" and not (self.form == "sdpa_tile" and self.rep > 1)
-        provable_v = self.qkv in ("separate", "fused_slice", "fused_split")
+        # a fused QKV split per head (GPT-NeoX, grouped per kv head): the value rows are gathered from the weight
+        provable_v = self.qkv in ("separate", "fused_slice", "fused_split", "fused_per_head")
         extra_ok = self.extra in ("none", "q") or (self.extra == "probs" and self.form.startswith("sdpa"))
         return attention and provable_v and self.out_layout != "bad_permute" and extra_ok
 

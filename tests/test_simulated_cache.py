@@ -149,17 +149,96 @@ def test_backend_with_a_sliding_window_dynamic_cache_equals_spectral_cache_until
 
 
 @pytest.mark.slow
-def test_backend_with_a_plain_cache_under_inductor_equals_spectral_cache():
-    """The same under Inductor (sqcompile::simulate_read is one fallback node in the generated code)."""
+@pytest.mark.parametrize("window", [0, 4])
+def test_backend_with_a_plain_cache_under_inductor_equals_spectral_cache(window):
+    """The same under Inductor (sqcompile::simulate_read is one fallback node in the generated code), without and
+    with a recent window (the ring wraps in the decode steps)."""
     torch._dynamo.reset()
     model = _llama()
     profile = _profile(model)
     ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(7))
-    step = torch.compile(model.forward, backend="spectralquant", options={"profile": profile, "bits": 2.69})
+    step = torch.compile(model.forward, backend="spectralquant",
+                         options={"profile": profile, "bits": 2.69, "recent_window": window})
     plain = transformers.DynamicCache(config=model.config)
-    real = SpectralCache(model, profile, bits=2.69, max_cache_len=32)
+    real = SpectralCache(model, profile, bits=2.69, max_cache_len=32, recent_window=window)
     with torch.no_grad():
         for a, b in ((0, 12), *((i, i + 1) for i in range(12, 20))):
             got = step(input_ids=ids[:, a:b], past_key_values=plain, use_cache=True).logits
             want = model(input_ids=ids[:, a:b], past_key_values=real, use_cache=True).logits
             assert _rel(got, want) < 1e-4, (a, _rel(got, want))
+
+
+# a prompt, a chunk shorter than the window (the ring still holds earlier tokens), one longer (the ring then holds
+# only the chunk's own last tokens: the previous chunk reads from the codes), decode steps (the ring wraps)
+WINDOW_SCHEDULE = ((0, 12), (12, 15), (15, 27), *((i, i + 1) for i in range(27, 40)))
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_backend_with_a_plain_cache_and_a_recent_window_equals_spectral_cache(kind):
+    """options["recent_window"] = W: the backend over a DynamicCache/StaticCache gives, step by step, the logits of
+    the same model over `SpectralCache(recent_window=W)` (fast layout, 2.75 bits, the window's fp16 rounding
+    included); without the option it stays `SpectralCache()`'s (recent_window=0), and the window is read: the two
+    differ."""
+    model = _llama()
+    profile = _profile(model)
+    W = 8
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(8))
+    opts = {"profile": profile, "bits": 2.75, "layout": "fast", "lower": "eager"}
+
+    def run(window):  # (the backend over a plain cache, the model over SpectralCache) logits of every step
+        torch._dynamo.reset()  # one frame: each option set gets its own recompile budget
+        step = torch.compile(model.forward, backend="spectralquant", options=dict(opts, recent_window=window))
+        plain = transformers.DynamicCache(config=model.config) if kind == "dynamic" else \
+            transformers.StaticCache(config=model.config, max_cache_len=48)
+        real = SpectralCache(model, profile, bits=2.75, max_cache_len=48, layout="fast", recent_window=window)
+        out = []
+        with torch.no_grad():
+            for a, b in WINDOW_SCHEDULE:
+                x = ids[:, a:b]
+                out.append((step(input_ids=x, past_key_values=plain, use_cache=True).logits,
+                            model(input_ids=x, past_key_values=real, use_cache=True).logits))
+        return out
+
+    win, bare = run(W), run(0)
+    worst_win = max(_rel(got, want) for got, want in win)
+    worst_bare = max(_rel(got, want) for got, want in bare)
+    apart = max(_rel(g, g0) for (g, _), (g0, _) in zip(win, bare))
+    assert worst_win < 1e-5, worst_win  # 3.4e-6 measured; 3.9e-5 without the ring's fp16 rounding simulated
+    assert worst_bare < 1e-4, worst_bare
+    assert apart > 1e-2, apart  # the window changes what attention reads
+
+
+def test_recent_window_option_and_a_spectral_cache_that_disagree():
+    """A SpectralCache carries its own window: with the option at 0 the cache's window is read (the compiled step
+    equals the eager cache); an option W > 0 the cache does not hold is a clear error at compile time."""
+    import sqcompile
+    from test_bad_inputs import _error_text
+
+    torch._dynamo.reset()
+    model = _llama()
+    profile = _profile(model)
+    ids = torch.randint(3, 128, (1, 14), generator=torch.Generator().manual_seed(9))
+    kw = dict(bits=2.75, max_cache_len=32, layout="fast")
+    opts = {"profile": profile, "bits": 2.75, "layout": "fast", "lower": "eager"}
+    step = torch.compile(model.forward, backend="spectralquant", options=opts)
+    compiled, eager = (SpectralCache(model, profile, recent_window=4, **kw) for _ in range(2))
+    with torch.no_grad():
+        for a, b in ((0, 10), (10, 11), (11, 12)):
+            got = step(input_ids=ids[:, a:b], past_key_values=compiled, use_cache=True).logits
+            want = model(input_ids=ids[:, a:b], past_key_values=eager, use_cache=True).logits
+            assert _rel(got, want) < 1e-4, (a, _rel(got, want))
+    for held in (0, 4):
+        torch._dynamo.reset()
+        step = torch.compile(model.forward, backend="spectralquant", options=dict(opts, recent_window=8))
+        cache = SpectralCache(model, profile, recent_window=held, **kw)
+        with pytest.raises(Exception) as e, torch.no_grad():
+            step(input_ids=ids[:, :10], past_key_values=cache, use_cache=True)
+        text = _error_text(e)
+        assert "options['recent_window'] = 8" in text and "SpectralCache(..., recent_window=8)" in text, text
+    # optimize sets the option to its cache's window: the two agree
+    opt = sqcompile.optimize(model, profile, recent_window=4, lower="eager", **kw)
+    assert opt.options["recent_window"] == 4 and opt.cache().layers[0].recent_window == 4
+    with torch.no_grad():
+        out = opt.generate(ids[:, :10], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 14)
+

@@ -571,7 +571,7 @@ def decode_attention(
     v_codebooks: torch.Tensor, v_channel_scale: torch.Tensor, k_qjl_proj: Optional[torch.Tensor],
     k_groups: list[int], v_groups: list[int], qjl_dims: int, qjl_bits: int, scale: float,
     num_splits: int = 0, kv_mask: Optional[torch.Tensor] = None, sink_score: Optional[torch.Tensor] = None,
-    sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None, kernel: str = "auto",
+    sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None, impl: str = "auto",
 ) -> torch.Tensor:
     """Decode attention for q [B, Hq, d] over the packed cache; returns [B, Hq, d] in the value
     storage basis. k_basis [Hkv, d, d] (rows = storage basis vectors), codebooks [groups, 256],
@@ -579,10 +579,10 @@ def decode_attention(
     (start, stop, bits, token_scale) quadruples, scale = the softmax scale, kv_mask [B|1, T] (nonzero = attend),
     sink_score [B, Hq] / sink_value [B, Hkv or Hq, d] / sink_pos [B]: an exact token in place of the packed one at
     sink_pos (`sqcompile.kernels.sink`: score in log2 units, without q . k_mean like the kernels' own; value in
-    the storage basis; sink_pos -1: no packed copy to skip, a -inf score: no exact token). kernel (the backend's
+    the storage basis; sink_pos -1: no packed copy to skip, a -inf score: no exact token). impl (the backend's
     `KernelPlan.decode`): "triton" the Triton kernels (CPU tensors: under TRITON_INTERPRET=1; "cuda" is the same:
     this layout has no CUDA kernel), "torch" `decode_attention_reference`, "auto" Triton on CUDA, else torch."""
-    if not uses_triton(kernel, q):
+    if not uses_triton(impl, q):
         return decode_attention_reference(q, k_packed, v_packed, lengths, k_basis, k_codebooks, k_channel_scale,
                                           v_codebooks, v_channel_scale, k_qjl_proj, k_groups, v_groups,
                                           qjl_dims, qjl_bits, scale, kv_mask=kv_mask, sink_score=sink_score,

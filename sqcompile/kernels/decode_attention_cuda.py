@@ -712,7 +712,7 @@ def decode_attention_fast_cuda_op(q, k_packed, v_packed, lengths, k_basis, k_fac
         return torch.ops.sqcompile.decode_attention_fast(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor,
                                                          k_groups, v_groups, scale, kv_mask=kv_mask,
                                                          sink_score=sink_score, sink_value=sink_value,
-                                                         sink_pos=sink_pos, kernel="triton")
+                                                         sink_pos=sink_pos, impl="triton")
 
 
 _LIB.impl("decode_attention_fast_cuda", decode_attention_fast_cuda_op, "CUDA")

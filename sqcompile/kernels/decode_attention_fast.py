@@ -572,18 +572,18 @@ def decode_attention_fast(
     k_basis: torch.Tensor, k_factor: torch.Tensor, v_factor: torch.Tensor,
     k_groups: list[int], v_groups: list[int], scale: float, num_splits: int = 0,
     kv_mask: Optional[torch.Tensor] = None, sink_score: Optional[torch.Tensor] = None,
-    sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None, kernel: str = "auto",
+    sink_value: Optional[torch.Tensor] = None, sink_pos: Optional[torch.Tensor] = None, impl: str = "auto",
 ) -> torch.Tensor:
     """Decode attention for q [B, Hq, d] over the fast packed cache; [B, Hq, d] in the value storage
     basis. k_groups / v_groups: (start, stop, bits, token) quadruples flattened
     (`FastLayout.flat_groups`); k_factor / v_factor [Hkv, d] float32 = `FastLayout.column_factor`
     (step x channel scale); scale = the softmax scale; kv_mask [B, T] or [1, T] or None (nonzero = attend)
     further masks tokens below the length; sink_score [B, Hq] / sink_value [B, Hkv, d] / sink_pos [B]: an exact
-    token in place of the packed one at sink_pos (as in `sqcompile::decode_attention`). kernel (the backend's
+    token in place of the packed one at sink_pos (as in `sqcompile::decode_attention`). impl (the backend's
     `KernelPlan.decode`): "cuda" the hand-written CUDA kernel (`sqcompile.kernels.decode_attention_cuda`, 3-4x
     faster) where it supports the layout, else the Triton kernels; "triton" the Triton kernels (CPU tensors: under
     TRITON_INTERPRET=1); "torch" `decode_attention_fast_reference`; "auto" = "cuda" on CUDA, else "torch"."""
-    impl = op_kernel(kernel, q)
+    impl = op_kernel(impl, q)
     if impl == "torch":
         return decode_attention_fast_reference(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor,
                                                k_groups, v_groups, scale, kv_mask=kv_mask,
@@ -607,31 +607,31 @@ _LIB.define(
     "decode_attention_fast_write(Tensor q, Tensor(a!) k_packed, Tensor(b!) v_packed, Tensor lengths, "
     "Tensor k_basis, Tensor k_factor, Tensor v_factor, int[] k_groups, int[] v_groups, float scale, Tensor key, "
     "Tensor v_store, Tensor positions, Tensor k_mean, str k_layout, str v_layout, Tensor? kv_mask=None, "
-    "Tensor? sink_score=None, Tensor? sink_value=None, Tensor? sink_pos=None, str kernel=\"auto\", "
-    "str write_kernel=\"auto\") -> Tensor")
+    "Tensor? sink_score=None, Tensor? sink_value=None, Tensor? sink_pos=None, str impl=\"auto\", "
+    "str write_impl=\"auto\") -> Tensor")
 
 
 def decode_attention_fast_write(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups,
                                 scale, key, v_store, positions, k_mean, k_layout, v_layout, kv_mask=None, sink_score=None,
-                                sink_value=None, sink_pos=None, kernel="auto", write_kernel="auto"):
+                                sink_value=None, sink_pos=None, impl="auto", write_impl="auto"):
     """`sqcompile::quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout,
     v_layout)` and then `sqcompile::decode_attention_fast(q, k_packed, v_packed, lengths, ...)`: what the
     substitution pass puts in a decode step's graph when nothing else reads the packed cache in between. On
     CUDA, where the CUDA decode kernel runs and the write is one token per sequence, the write happens inside
     the kernel's first launch (the query transform, which reads the same key basis), so a decode step pays no
-    launch of its own for it; elsewhere the two ops run one after the other. kernel: the attention's (as
-    `decode_attention_fast`'s), write_kernel: the separate write's (as `quantize_write_fast`'s)."""
-    if q.is_cuda and op_kernel(kernel, q) == "cuda" and _cuda.available(q, k_packed, k_groups, v_groups) is None:
+    launch of its own for it; elsewhere the two ops run one after the other. impl: the attention's (as
+    `decode_attention_fast`'s), write_impl: the separate write's (as `quantize_write_fast`'s)."""
+    if q.is_cuda and op_kernel(impl, q) == "cuda" and _cuda.available(q, k_packed, k_groups, v_groups) is None:
         if _write_fusable(q.shape[-1], k_layout, v_layout, tuple(key.shape)):
             return torch.ops.sqcompile.decode_attention_fast_cuda_write(
                 q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale, key,
                 v_store, positions, k_mean, k_layout, v_layout, kv_mask, sink_score, sink_value, sink_pos)
     torch.ops.sqcompile.quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout,
-                                            v_layout, kernel=write_kernel)
+                                            v_layout, impl=write_impl)
     return torch.ops.sqcompile.decode_attention_fast(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor,
                                                      k_groups, v_groups, scale, kv_mask=kv_mask,
                                                      sink_score=sink_score, sink_value=sink_value, sink_pos=sink_pos,
-                                                     kernel=kernel)
+                                                     impl=impl)
 
 
 @functools.lru_cache(maxsize=256)
@@ -647,5 +647,5 @@ _LIB.impl("decode_attention_fast_write", decode_attention_fast_write, "Composite
 @torch.library.register_fake("sqcompile::decode_attention_fast_write")
 def _(q, k_packed, v_packed, lengths, k_basis, k_factor, v_factor, k_groups, v_groups, scale, key, v_store,
       positions, k_mean, k_layout, v_layout, kv_mask=None, sink_score=None, sink_value=None, sink_pos=None,
-      kernel="auto", write_kernel="auto"):
+      impl="auto", write_impl="auto"):
     return torch.empty_like(q)

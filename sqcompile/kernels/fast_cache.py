@@ -24,7 +24,7 @@ from . import uses_triton
 
 _LIB = torch.library.Library("sqcompile", "FRAGMENT")  # noqa: TOR901  (defines into the shared namespace)
 _LIB.define("quantize_write_fast(Tensor key, Tensor v_store, Tensor(a!) k_packed, Tensor(b!) v_packed, "
-            "Tensor positions, Tensor k_basis, Tensor k_mean, str k_layout, str v_layout, str kernel=\"auto\") -> ()")
+            "Tensor positions, Tensor k_basis, Tensor k_mean, str k_layout, str v_layout, str impl=\"auto\") -> ()")
 _LIB.define("dequantize_fast(Tensor packed, str layout, int head_dim) -> Tensor")
 
 
@@ -36,14 +36,14 @@ def layout_spec(layout: FastLayout) -> str:
 
 
 def quantize_write_fast(key, v_store, k_packed, v_packed, positions, k_basis, k_mean, k_layout: str,
-                        v_layout: str, kernel: str = "auto") -> None:
+                        v_layout: str, impl: str = "auto") -> None:
     d = key.shape[-1]
     if key.dim() != 4 or v_store.shape != key.shape:
         raise ValueError(f"key/v_store must be [B, Hkv, T_new, d] of one shape, got {tuple(key.shape)} / "
                          f"{tuple(v_store.shape)}")
     if positions.dim() != 1 or positions.shape[0] != key.shape[2]:
         raise ValueError(f"positions must be [T_new={key.shape[2]}] (shared by the batch), got {tuple(positions.shape)}")
-    if uses_triton(kernel, key):
+    if uses_triton(impl, key):
         if one_launch.supports(d, k_layout, v_layout) is None:  # else (e.g. head_dim 80) the torch form below
             torch.ops.sqcompile.quantize_write_fast_triton(key, v_store, k_packed, v_packed, positions, k_basis,
                                                            k_mean, k_layout, v_layout)

@@ -363,16 +363,16 @@ def quantize_write(
     positions: torch.Tensor, k_basis: torch.Tensor, k_mean: torch.Tensor, k_codebooks: torch.Tensor,
     k_channel_scale: torch.Tensor, v_codebooks: torch.Tensor, v_channel_scale: torch.Tensor,
     k_qjl_proj: Optional[torch.Tensor], k_groups: list[int], v_groups: list[int], qjl_dims: int, qjl_bits: int,
-    kernel: str = "auto",
+    impl: str = "auto",
 ) -> None:
     """Quantize k_new (post-RoPE, unrotated) and v_new (value storage basis) [B, Hkv, T_new, d] and
     store their packed rows at `positions` of k_packed/v_packed. k_basis [Hkv, d, d], k_mean [Hkv, d],
     codebooks [groups, 256], channel scales [Hkv, d], k_qjl_proj [Hkv, m, qjl_dims] or [m, qjl_dims] or None; groups
     flattened (start, stop, bits, token_scale). Positions outside [0, max_tokens) raise IndexError
-    (checked on the host when not tracing; the kernel never writes outside the cache). kernel: "torch" |
+    (checked on the host when not tracing; the kernel never writes outside the cache). impl: "torch" |
     "triton" (CPU tensors: under TRITON_INTERPRET=1) | "auto" (Triton on CUDA, else torch), the backend's
     `KernelPlan.write`."""
-    if not uses_triton(kernel, k_new):
+    if not uses_triton(impl, k_new):
         quantize_write_reference(k_new, v_new, k_packed, v_packed, positions, k_basis, k_mean, k_codebooks,
                                  k_channel_scale, v_codebooks, v_channel_scale, k_qjl_proj, k_groups, v_groups,
                                  qjl_dims, qjl_bits)

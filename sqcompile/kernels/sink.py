@@ -247,13 +247,13 @@ def exact_split(q: torch.Tensor, k_mean: torch.Tensor, kv_mask: Optional[torch.T
                 new_k: Optional[torch.Tensor], new_v: Optional[torch.Tensor],
                 new_pos: Optional[torch.Tensor], window_k: Optional[torch.Tensor] = None,
                 window_v: Optional[torch.Tensor] = None, window_pos: Optional[torch.Tensor] = None,
-                kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`extra_inputs` as one op (what the substitution pass puts in a decode graph: Inductor sees one node, not the
     few dozen of the merge, which cost it more compile time than the rest of a layer; on CUDA one Triton launch,
     `sink_triton.exact_split_triton`). Returns (sink_score [B, Hq], sink_value [B, Hq, d] per query head,
     sink_pos int32 [B, S]; S = 1 and -1 without exact slots). window_k / window_v [B, Hkv, W, d] (fp16, model /
     storage basis) and window_pos [B, W]: the recent window's ring, one more set of exact tokens in the split.
-    kernel: "torch" | "triton" ("cuda" = "triton") | "auto" (Triton on CUDA, else torch): the backend's choice
+    impl: "torch" | "triton" ("cuda" = "triton") | "auto" (Triton on CUDA, else torch): the backend's choice
     (`sqcompile.kernels.KernelPlan.decode`)."""
     B, Hq, D = q.shape
     if sink_k is None and new_k is None and window_k is None:
@@ -266,7 +266,7 @@ def exact_split(q: torch.Tensor, k_mean: torch.Tensor, kv_mask: Optional[torch.T
     if sink_k is not None:
         sink_k, sink_pos = as_slots(sink_k, sink_pos)
         sink_v = as_slots(sink_v, sink_pos)[0]
-    if uses_triton(kernel, q):  # one launch, the int32 positions included (no conversion and copy of their own)
+    if uses_triton(impl, q):  # one launch, the int32 positions included (no conversion and copy of their own)
         from .sink_triton import exact_split_triton
 
         return exact_split_triton(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos,
@@ -280,7 +280,7 @@ def exact_split(q: torch.Tensor, k_mean: torch.Tensor, kv_mask: Optional[torch.T
 
 @exact_split.register_fake
 def _(q, k_mean, kv_mask, scale, sink_k, sink_v, sink_pos, new_k, new_v, new_pos, window_k=None, window_v=None,
-      window_pos=None, kernel="auto"):
+      window_pos=None, impl="auto"):
     B, Hq, D = q.shape
     S = 1 if sink_pos is None or sink_pos.dim() == 1 else sink_pos.shape[1]
     return (q.new_empty(B, Hq, dtype=torch.float32), q.new_empty(B, Hq, D, dtype=torch.float32),
@@ -325,13 +325,13 @@ def store_exact_torch(sink_k, sink_v, sink_pos, sink_crit, key_states, v_store, 
 def store_exact(sink_k: torch.Tensor, sink_v: torch.Tensor, sink_pos: torch.Tensor, sink_crit: torch.Tensor,
                 key_states: torch.Tensor, v_store: torch.Tensor, positions: torch.Tensor,
                 position_ids: Optional[torch.Tensor], k_mean: torch.Tensor, keep_sink: bool, outliers: int,
-                kernel: str = "auto") -> None:
+                impl: str = "auto") -> None:
     """Copy the new tokens (key_states [B, H, n, d] model basis, v_store storage basis, cache positions [n]) that
     become exact slots into sink_k / sink_v [B, H, S, d], sink_pos / sink_crit [B, S] (`SpectralLayer._store_exact`
     says which). One op, so that Inductor compiles one node per layer, not the selection's few dozen; a decode step
-    on CUDA is one Triton launch (`sink_triton.store_exact_step_triton`). kernel as `exact_split`'s (the
+    on CUDA is one Triton launch (`sink_triton.store_exact_step_triton`). impl as `exact_split`'s (the
     backend's `KernelPlan.write`)."""
-    if uses_triton(kernel, key_states) and key_states.shape[-2] == 1:
+    if uses_triton(impl, key_states) and key_states.shape[-2] == 1:
         from .sink_triton import store_exact_step_triton
 
         store_exact_step_triton(sink_k, sink_v, sink_pos, sink_crit, key_states, v_store, positions, position_ids,
@@ -343,7 +343,7 @@ def store_exact(sink_k: torch.Tensor, sink_v: torch.Tensor, sink_pos: torch.Tens
 
 @store_exact.register_fake
 def _(sink_k, sink_v, sink_pos, sink_crit, key_states, v_store, positions, position_ids, k_mean, keep_sink, outliers,
-      kernel="auto"):
+      impl="auto"):
     return None
 
 

@@ -104,15 +104,15 @@ def _exact_split_kernel(Q, KM, MASK, SK, SV, SP, NK, NV, NP, WK, WV, WP, SCORE, 
             wp, wok = _exact_positions(WP + b * NW + ws, wm, MASK + b * T, npos, HAS_MASK, HAS_NEW)
             if HAS_SLOTS:  # held by a slot (p = -1 for none; wp >= 0 here)
                 wok = wok & (tl.max((wp[:, None] == p[None, :]).to(tl.int32), 1) == 0)
-            rows = ((b * Hkv + h) * NW + ws) * D
-            tile = wm[:, None] & dm[None, :]
-            kw = tl.load(WK + rows[:, None] + d[None, :], mask=tile, other=0.0).to(tl.float32)
+            wrows = ((b * Hkv + h) * NW + ws) * D
+            wtile = wm[:, None] & dm[None, :]
+            kw = tl.load(WK + wrows[:, None] + d[None, :], mask=wtile, other=0.0).to(tl.float32)
             scw = tl.where(wok, tl.sum(q[None, :] * (kw - km[None, :]), 1) * c, -float("inf"))
             m_new = tl.maximum(m, tl.max(scw, 0))
             mn = tl.where(m_new == -float("inf"), 0.0, m_new)
             alpha = tl.where(m == -float("inf"), 0.0, tl.exp2(ms - mn))  # nothing before: l = 0, acc = 0
             pw = tl.exp2(scw - mn)
-            vw = tl.load(WV + rows[:, None] + d[None, :], mask=tile, other=0.0).to(tl.float32)
+            vw = tl.load(WV + wrows[:, None] + d[None, :], mask=wtile, other=0.0).to(tl.float32)
             l = l * alpha + tl.sum(pw, 0)
             acc = acc * alpha + tl.sum(pw[:, None] * vw, 0)
             m = m_new

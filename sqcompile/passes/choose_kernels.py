@@ -1,7 +1,8 @@
-"""Hand every sqcompile op in the graph its implementation from the compile's `KernelPlan` (`kernel` argument).
+"""Hand every sqcompile op in the graph its implementation from the compile's `KernelPlan` (each op's `impl` argument).
 
-The ops the backend puts in a graph, or finds there from a `SpectralCache`'s update, take a `kernel` argument
-("torch" | "triton" | "cuda"; "auto" only where nothing chose, e.g. an eager cache). This pass sets it on each of
+The ops the backend puts in a graph, or finds there from a `SpectralCache`'s update, take an `impl` argument
+("torch" | "triton" | "cuda"; "auto" only where nothing chose, e.g. an eager cache; not `kernel`, which
+torch 2.11's Inductor fallback takes as its own first argument). This pass sets it on each of
 them from the one plan `sqcompile.kernels.resolve_kernels` made for this compile, so two compiles with different
 options in one process never read each other's choice. The fused MoE ops are chosen by their target instead
 (`substitute_moe`). A decode site on the "cuda" plan whose layout the CUDA kernel does not support is handed the
@@ -18,7 +19,7 @@ from ..kernels import DECODE_ENV, KernelPlan
 from .fx_utils import concrete_int, meta_tensor
 from .sites import Site
 
-# op name -> (the plan's field, kernel argument name); ops without a CUDA kernel read "cuda" as "triton"
+# op name -> the implementation it takes on the "cuda" plan; ops without a CUDA kernel read "cuda" as "triton"
 _DECODE_OPS = {"decode_attention": "triton", "decode_attention_fast": "cuda", "decode_attention_fast_write": "cuda",
                "exact_split": "triton"}
 _WRITE_OPS = ("quantize_write", "quantize_write_fast", "store_exact")
@@ -49,7 +50,7 @@ def _cuda_decode_reason(site: Site, node: fx.Node) -> Optional[str]:
 
 
 def choose_kernels(gm: fx.GraphModule, sites: list[Site], plan: KernelPlan) -> None:
-    """Set `kernel` (and the fused decode op's `write_kernel`) on every sqcompile op of gm from `plan`; the decode
+    """Set `impl` (and the fused decode op's `write_impl`) on every sqcompile op of gm from `plan`; the decode
     sites' `kernel` column gets the implementation chosen."""
     decode_site = {s.nodes["decode_op"]: s for s in sites if isinstance(s.nodes.get("decode_op"), fx.Node)}
     for node in gm.graph.nodes:
@@ -63,9 +64,9 @@ def choose_kernels(gm: fx.GraphModule, sites: list[Site], plan: KernelPlan) -> N
                     raise ValueError(f"{DECODE_ENV}=cuda but the CUDA decode kernel cannot run at layer {site.layer}: "
                                      f"{why}")
                 impl = "triton" if why is not None else impl
-            extra = {"write_kernel": plan.write} if name == "decode_attention_fast_write" else {}
-            node.kwargs = {**node.kwargs, "kernel": impl, **extra}
+            extra = {"write_impl": plan.write} if name == "decode_attention_fast_write" else {}
+            node.kwargs = {**node.kwargs, "impl": impl, **extra}
             if site is not None:
                 site.kernel = f"{site.kernel} ({impl}{'; CUDA kernel: ' + why if why else ''})"
         elif name in _WRITE_OPS:
-            node.kwargs = {**node.kwargs, "kernel": plan.write}
+            node.kwargs = {**node.kwargs, "impl": plan.write}

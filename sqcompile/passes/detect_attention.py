@@ -7,10 +7,14 @@ QKV linear), and the `o_proj` linear that is the only consumer of the attention 
 reported with the reason it was left alone. Two forms are recognised:
 
 - ``sdpa``:  ``F.scaled_dot_product_attention(q, k, v, ...)`` (GQA by ``enable_gqa`` or ``repeat_kv``);
-- ``eager``: ``matmul(q, k^T) -> (*scale) -> (tanh soft-cap) -> (+mask) -> softmax -> matmul(., v)``;
+- ``eager``: ``matmul(q, k^T) -> (*scale) -> (tanh soft-cap) -> (+mask) -> softmax -> matmul(., v)``, or the
+  same on [B*H, S, d] with an additive bias inside ``baddbmm`` (BLOOM's ALiBi, `_baddbmm_attention`);
 - ``eager+sinks`` (GPT-OSS): the same scores concatenated with one learned logit per query head before softmax,
   whose column is dropped after it: ``cat([scores, sinks], -1) -> (- row max) -> softmax -> [..., :-1] ->
   matmul(., v)`` (`_sink_attention`). The weights on the values sum to one minus the sink's share.
+
+The value projection may be a fused QKV split per head, a Conv1D ``addmm`` or a hand-written ``x @ W.T``:
+`projections.value_rows` derives from the graph which rows of it are the values of each kv head.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import logging
 import operator
 from typing import Optional
 
+import torch
 import torch.fx as fx
 
 from .fx_utils import (
@@ -32,8 +37,10 @@ from .fx_utils import (
     meta_tensor,
     node_source_name,
     only_user,
+    same_size,
     static_shape,
 )
+from .projections import RowsUnproven, projection_of, value_rows
 from .sites import Site
 
 log = logging.getLogger("sqcompile")
@@ -175,7 +182,7 @@ def _trace_key(new_k: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, bool]:
             continue
         seen.add(n)
         rope = rope or _rope_at(n)
-        if is_linear(n, gm):
+        if is_linear(n, gm) or projection_of(n, gm) is not None:
             return n, rope
         if n.op in ("call_function", "call_method"):
             for a in n.all_input_nodes:
@@ -184,12 +191,14 @@ def _trace_key(new_k: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, bool]:
 
 
 def _not_linear_hint(nodes) -> str:
-    """Name a projection that is there but is not F.linear (GPT-2's Conv1D addmm, Falcon's `x @ W.T`)."""
+    """Name a projection-like product whose weight is not a parameter the folds can rewrite (F.linear, Conv1D
+    addmm and `x @ W.T` over a parameter are projections)."""
     for n in nodes:
         if is_op(n, "addmm", "mm", "matmul", "baddbmm") and any(a.op == "placeholder" or is_op(a, "T", "t")
                                                                 for a in n.all_input_nodes):
-            return (f" (it comes from '{n.target if isinstance(n.target, str) else op_name(n)}' with a weight: a "
-                    f"Conv1D / hand-written projection, which the weight folding does not handle)")
+            return (f" (it comes from '{n.target if isinstance(n.target, str) else op_name(n)}' over a weight that is "
+                    f"not a parameter in F.linear, Conv1D addmm or x @ W.T form: the weight folding cannot rewrite "
+                    f"it)")
     return ""
 
 
@@ -292,6 +301,22 @@ def _trace_value(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int, head_dim: in
     return n, offset
 
 
+def _trace_value_rows(new_v: fx.Node, gm: fx.GraphModule, kv_heads: int,
+                      head_dim: int) -> tuple[fx.Node, Optional[int], Optional[torch.Tensor]]:
+    """(v projection, row offset, None) when the value rows are one block of a linear (`_trace_value`), else
+    (projection, None, rows[kv_head, head_dim]) where the graph proves which rows of the projection (a fused
+    QKV split per head, a Conv1D or `x @ W.T`) each value feature is (`projections.value_rows`)."""
+    try:
+        lin, offset = _trace_value(new_v, gm, kv_heads, head_dim)
+        return lin, offset, None
+    except _Unproven:  # the general mapping covers the block forms too: its reason is the one to report
+        try:
+            proj, rows = value_rows(new_v, gm, kv_heads, head_dim)
+        except RowsUnproven as e:
+            raise _Unproven(f"the value's rows in its projection cannot be mapped: {e}") from None
+        return proj.out, None, rows
+
+
 def _last_dim_slice(n: fx.Node) -> Optional[tuple]:
     """(start, stop), normalized to 0 <= start <= stop <= width, of a getitem that slices only the last dim of a
     tensor with a static last dim, with constant bounds and step 1; None otherwise."""
@@ -325,6 +350,10 @@ def _find_o_proj(out: fx.Node, gm: fx.GraphModule, q_heads: int, head_dim: int) 
         u = users[0]
         if is_linear(u, gm) and u.args[0] is n:
             break
+        proj = projection_of(u, gm)
+        if proj is not None and proj.x is n:  # Conv1D addmm, `x @ W.T` [+ b]
+            u = proj.out
+            break
         if not is_op(u, *_OUT_OPS) or u.args[0] is not n:
             raise _Unproven(f"attention output reaches '{u.target}' before any projection")
         if is_op(u, "transpose"):
@@ -346,7 +375,8 @@ def _find_o_proj(out: fx.Node, gm: fx.GraphModule, q_heads: int, head_dim: int) 
 
 
 def _weight_node(lin: fx.Node) -> Optional[fx.Node]:
-    w = arg(lin, 1, "weight")
+    proj = projection_of(lin)
+    w = proj.weight if proj is not None else arg(lin, 1, "weight")
     return w if isinstance(w, fx.Node) else None
 
 
@@ -399,7 +429,7 @@ def _eager_attention(softmax: fx.Node) -> Optional[dict]:
     if not is_op(kt, "transpose") or {d % 4 for d in kt.args[1:3]} != {2, 3}:
         return None
     p, users = softmax, list(softmax.users)
-    while len(users) == 1 and is_op(users[0], *_PROB_OPS):
+    while len(users) == 1 and is_op(users[0], *_PROB_OPS) and not _training_dropout(users[0]):
         p = users[0]
         users = list(p.users)
     if len(users) != 1 or not is_op(users[0], "matmul", "bmm") or users[0].args[0] is not p:
@@ -507,12 +537,83 @@ def _scores_to_values(scores: fx.Node, p: fx.Node) -> Optional[dict]:
     if not is_op(kt, "transpose") or {d % 4 for d in kt.args[1:3]} != {2, 3}:
         return None
     users = list(p.users)
-    while len(users) == 1 and is_op(users[0], *_PROB_OPS):
+    while len(users) == 1 and is_op(users[0], *_PROB_OPS) and not _training_dropout(users[0]):
         p = users[0]
         users = list(p.users)
     if len(users) != 1 or not is_op(users[0], "matmul", "bmm") or users[0].args[0] is not p:
         return None
     return {"attn": n, "out": users[0], "q": q, "k": kt.args[0], "v": users[0].args[1], "kt": kt}
+
+
+def _merged_heads(n, four) -> bool:
+    """n is `four` ([B, H, T, d]) reshaped to [B*H, T, d]: batch and heads merged row-major (b*H + h)."""
+    if not is_op(n, "reshape", "view") or n.args[0] is not four:
+        return False
+    a, b = meta_tensor(four), meta_tensor(n)
+    return a is not None and b is not None and a.dim() == 4 and b.dim() == 3 \
+        and all(same_size(x, y) for x, y in zip(a.shape[2:], b.shape[1:]))
+
+
+def _baddbmm_attention(softmax: fx.Node) -> Optional[dict]:
+    """Attention on [B*H, S, d] with an additive bias inside `baddbmm` (BLOOM's ALiBi):
+
+        view(baddbmm(bias, q.reshape(B*H, S, d), k.reshape(B*H, T, d).transpose(-1, -2), beta, alpha), [B, H, S, T])
+        -> (+mask) -> softmax -> (casts, dropout) -> view [B*H, S, T] -> bmm(., v.reshape(B*H, T, d))
+        -> view [B, H, S, d]
+
+    The bias adds the same term whatever the key values are, and alpha scales every key alike, so rotating q and k
+    (and centering k) keeps the softmax; q, k and v are the 4-D tensors before the merge. None when not this form."""
+    if not _softmax_dim_is_last(softmax):
+        return None
+    n, centering_ok = softmax.args[0], True
+    while isinstance(n, fx.Node) and is_op(n, *_SCORE_OPS):
+        if is_op(n, "tanh"):
+            centering_ok = False
+        if is_op(n, *_SCALE_OPS) and not all(_uniform_over_keys(a) for a in n.args[1:2]):
+            centering_ok = False
+        n = n.args[0]
+    if not is_op(n, "view", "reshape") or not is_op(n.args[0], "baddbmm"):
+        return None
+    scores = n.args[0]
+    q3, kt3 = arg(scores, 1, "batch1"), arg(scores, 2, "batch2")
+    if not all(isinstance(scores.kwargs.get(c, 1), (int, float)) for c in ("beta", "alpha")):
+        return None
+    if not is_op(kt3, "transpose") or {d % 3 for d in kt3.args[1:3]} != {1, 2} or not isinstance(q3, fx.Node):
+        return None
+    k3 = kt3.args[0]
+    q, k = q3.args[0] if q3.args else None, k3.args[0] if isinstance(k3, fx.Node) and k3.args else None
+    if not (_merged_heads(q3, q) and _merged_heads(k3, k)):
+        return None
+    p, users = softmax, list(softmax.users)
+    while len(users) == 1 and is_op(users[0], *_PROB_OPS) and not _training_dropout(users[0]):
+        p = users[0]
+        users = list(p.users)
+    if len(users) != 1 or not is_op(users[0], "view", "reshape"):
+        return None
+    p3 = users[0]
+    bmm_users = list(p3.users)
+    if len(bmm_users) != 1 or not is_op(bmm_users[0], "bmm", "matmul") or bmm_users[0].args[0] is not p3:
+        return None
+    out3 = bmm_users[0]
+    v3 = out3.args[1]
+    v = v3.args[0] if is_op(v3, "reshape", "view") else None
+    outs = list(out3.users)
+    if not _merged_heads(v3, v) or len(outs) != 1 or not is_op(outs[0], "view", "reshape"):
+        return None
+    out, qt = outs[0], meta_tensor(q)
+    ot = meta_tensor(out)
+    if ot is None or ot.dim() != 4 or not all(same_size(x, y) for x, y in zip(ot.shape[:3], qt.shape[:3])):
+        return None
+    return {"attn": q3, "out": out, "q": q, "k": k, "v": v, "kt": k3, "v_consumer": v3, "centering_ok": centering_ok}
+
+
+def _training_dropout(n: fx.Node) -> bool:
+    """A dropout that is not the identity: training on (or not a constant) and p not 0. In eval mode (GPT-2's,
+    BLOOM's attention dropout) it passes the weights through and the attention is still attention."""
+    if not is_op(n, "dropout"):
+        return False
+    p, training = arg(n, 1, "p", 0.5), arg(n, 2, "training", n.kwargs.get("train", True))
+    return not (training is False or p == 0)
 
 
 _NEAR_SCORE_OPS = _SCORE_OPS + ("view", "reshape", "cat", "where", "sub", "contiguous", "clamp", "dropout")
@@ -552,6 +653,9 @@ def _near_miss(softmax: fx.Node) -> Optional[str]:
             return None
         if first_odd is None and not is_op(u, *_PROB_OPS):
             first_odd = f"the attention weights pass through '{op_name(u)}' before the value product"
+        if first_odd is None and _training_dropout(u):
+            first_odd = ("the attention weights go through dropout in training mode: the weights on the values do "
+                         "not sum to one (compile the model in eval mode)")
         p = u
     else:
         return None
@@ -572,7 +676,7 @@ def detect_attention(gm: fx.GraphModule, graph_index: int = 0) -> list[Site]:
             found.append(("sdpa", {"attn": n, "out": n, "q": arg(n, 0, "query"), "k": arg(n, 1, "key"),
                                    "v": arg(n, 2, "value"), "centering_ok": True}))
         elif is_op(n, *_SOFTMAX):
-            m = _eager_attention(n)
+            m = _eager_attention(n) or _baddbmm_attention(n)
             sink = _sink_attention(n) if m is None else None
             if m is not None:
                 found.append(("eager", m))
@@ -631,20 +735,21 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
         raise _Unproven(f"{site.q_heads} query heads are not a multiple of {site.kv_heads} kv heads")
     gqa = bool(site.form == "sdpa" and attn.kwargs.get("enable_gqa", False))
     for name, read, base, write, consumer in (("key", k, k_base, k_write, m.get("kt", attn)),
-                                              ("value", v, v_base, v_write, out)):
+                                              ("value", v, v_base, v_write, m.get("v_consumer", out))):
         chain = _check_head_map(read, base, site.kv_heads, site.q_heads, gqa, name)
         if write not in ("direct", "copy"):
             _check_cache_readers(base, chain[0] if chain else consumer, name)
     k_lin, site.rope = _trace_key(new_k, gm)
-    v_lin, v_offset = _trace_value(new_v, gm, site.kv_heads, site.head_dim)
+    v_lin, v_offset, v_rows = _trace_value_rows(new_v, gm, site.kv_heads, site.head_dim)
     o_lin = _find_o_proj(out, gm, site.q_heads, site.head_dim)
     # Nothing outside the site may see the rotated key/value: every consumer must be the cache write or
     # the attention read.
+    sinks = (attn, out) + tuple(x for x in (m.get("kt"), m.get("v_consumer")) if x is not None)
     for name, node, base, write in (("key", new_k, k_base, k_write), ("value", new_v, v_base, v_write)):
         if write == "roll":
             extra = [u for u in node.users if u is not _roll_write(base)]
         elif write == "copy":
-            extra = [u for u in node.users if not _reads_into(u, (attn, out)) and not _only_to_cache_state(u)]
+            extra = [u for u in node.users if not _reads_into(u, sinks) and not _only_to_cache_state(u)]
         if write in ("roll", "copy"):
             if extra:
                 raise _Unproven(f"the new {name} has a consumer outside the cache write: '{extra[0].name}'")
@@ -656,26 +761,16 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
                 raise _Unproven(f"the new {name} has a consumer outside the cache write: '{extra[0].name}'")
         else:
             # read into attention, or cropped and copied into a cache input (sliding window becoming full)
-            extra = [u for u in node.users if not _reads_into(u, (attn, out)) and not _only_to_cache_state(u)]
+            extra = [u for u in node.users if not _reads_into(u, sinks) and not _only_to_cache_state(u)]
             if extra:
                 raise _Unproven(f"the {name} has a consumer outside attention: '{extra[0].name}'")
     site.layer = _site_layer(v_lin, o_lin, _weight_node(v_lin), _weight_node(o_lin), k_base, v_base)
     site.layer = -1 if site.layer is None else site.layer
     site.nodes.update(q=q, attn=attn, out=out, new_k=new_k, new_v=new_v, k_linear=k_lin, v_linear=v_lin,
-                      v_offset=v_offset, o_linear=o_lin, centering_ok=m["centering_ok"],
-                      k_base=k_base, v_base=v_base, k_read=k, v_read=v, k_consumer=m.get("kt", attn), v_consumer=out)
+                      v_offset=v_offset, v_rows=v_rows, o_linear=o_lin, centering_ok=m["centering_ok"],
+                      k_base=k_base, v_base=v_base, k_read=k, v_read=v, k_consumer=m.get("kt", attn),
+                      v_consumer=m.get("v_consumer", out))
     site.nodes.update({key: m[key] for key in SINK_NODES if key in m})
-
-
-def _same_size(a, b) -> bool:
-    """Sizes equal without specializing: ints compare, SymInts compare by their symbolic expression (no guard)."""
-    ca, cb = concrete_int(a), concrete_int(b)
-    if ca is not None or cb is not None:
-        return ca == cb
-    try:
-        return a.node.expr == b.node.expr
-    except AttributeError:
-        return False
 
 
 def _check_head_map(read: fx.Node, base: fx.Node, kv_heads: int, q_heads: int, gqa: bool, what: str) -> list:
@@ -741,13 +836,13 @@ def _check_head_map(read: fx.Node, base: fx.Node, kv_heads: int, q_heads: int, g
                     refuse(node, f"broadcasts the '{labels[i]}' dim")
         elif name in ("reshape", "view"):
             a, b = list(src.shape), list(t.shape)
-            if len(a) == len(b) and all(_same_size(x, y) for x, y in zip(a, b)):
+            if len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b)):
                 continue
             merged = None
             if len(b) == len(a) - 1:
                 for i in range(len(labels) - 1):
-                    if labels[i:i + 2] == ["H", "R"] and all(_same_size(x, y) for x, y in zip(a[:i], b[:i])) \
-                            and all(_same_size(x, y) for x, y in zip(a[i + 2:], b[i + 1:])):
+                    if labels[i:i + 2] == ["H", "R"] and all(same_size(x, y) for x, y in zip(a[:i], b[:i])) \
+                            and all(same_size(x, y) for x, y in zip(a[i + 2:], b[i + 1:])):
                         h, r, hr = concrete_int(a[i]), concrete_int(a[i + 1]), concrete_int(b[i])
                         if None not in (h, r, hr) and h * r == hr:
                             merged = i

@@ -1,6 +1,7 @@
 """Fold the value rotation into v_proj and its inverse into o_proj: zero cost at run time.
 
-With v' = B_v (v - mu_v) per kv head, v_proj becomes W_v' = B_v W_v, b_v' = B_v (b_v - mu_v). Attention
+With v' = B_v (v - mu_v) per kv head, the value rows of v_proj (one block, or rows gathered per kv head from a
+fused QKV weight: `site.nodes["v_rows"]`) become W_v' = B_v W_v, b_v' = B_v (b_v - mu_v). Attention
 mixes values with weights that sum to one, so its output is o' = B_v (o - mu_v) per head, and o_proj absorbs
 the inverse: W_o' = W_o blockdiag(B_v^T over query heads, each with its kv head), b_o' = b_o + W_o concat(mu_v).
 The new weights are copies held by the compiled graph; the user's module is not touched.
@@ -12,15 +13,28 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .fx_utils import add_constant, arg, tensor_value
+from .fx_utils import add_constant, tensor_value
+from .projections import Projection, as_linear, projection_of
 from .sites import Site
 
 
-def _set_linear_params(gm: fx.GraphModule, lin: fx.Node, weight: torch.Tensor, bias: torch.Tensor, tag: str) -> None:
-    w_node = add_constant(gm, f"sq_{tag}_weight", weight, lin)
-    b_node = add_constant(gm, f"sq_{tag}_bias", bias, lin)
-    lin.args = (lin.args[0], w_node, b_node)
-    lin.kwargs = {}
+def _params(gm: fx.GraphModule, lin: fx.Node, example_inputs: Optional[list]):
+    """(projection, weight as [out, in], bias) of a projection node (F.linear, Conv1D addmm, `x @ W.T` [+ b])."""
+    proj = projection_of(lin, gm)
+    if proj is None:
+        raise ValueError(f"'{lin.name}' is not a projection the fold can rewrite")
+    w = tensor_value(gm, proj.weight, example_inputs)
+    if w is not None and proj.weight_in_out:
+        w = w.t()
+    return proj, w, tensor_value(gm, proj.bias, example_inputs)
+
+
+def _set_linear_params(gm: fx.GraphModule, proj: Projection, weight: torch.Tensor, bias: torch.Tensor,
+                       tag: str) -> None:
+    """The projection becomes F.linear over copies: `weight` [out, in] and `bias`."""
+    w_node = add_constant(gm, f"sq_{tag}_weight", weight, proj.out)
+    b_node = add_constant(gm, f"sq_{tag}_bias", bias, proj.out)
+    as_linear(gm, proj, w_node, b_node)
 
 
 def fold_value_rotation(gm: fx.GraphModule, site: Site, value_basis: torch.Tensor, value_mean: Optional[torch.Tensor],
@@ -31,10 +45,12 @@ def fold_value_rotation(gm: fx.GraphModule, site: Site, value_basis: torch.Tenso
     fold_v_proj=False rewrites o_proj only (the caller keeps rotating values online at the write)."""
     v_lin, o_lin, off = site.nodes["v_linear"], site.nodes["o_linear"], site.nodes["v_offset"]
     hkv, d, hq = site.kv_heads, site.head_dim, site.q_heads
-    w_v = tensor_value(gm, arg(v_lin, 1, "weight"), example_inputs)
-    b_v = tensor_value(gm, arg(v_lin, 2, "bias"), example_inputs)
-    w_o = tensor_value(gm, arg(o_lin, 1, "weight"), example_inputs)
-    b_o = tensor_value(gm, arg(o_lin, 2, "bias"), example_inputs)
+    # rows[h, e]: the v_proj output row of feature e of kv head h (one block, or gathered from a fused weight)
+    rows = site.nodes.get("v_rows")
+    if rows is None:
+        rows = off + torch.arange(hkv * d).reshape(hkv, d)
+    v_proj, w_v, b_v = _params(gm, v_lin, example_inputs)
+    o_proj, w_o, b_o = _params(gm, o_lin, example_inputs)
     if w_v is None or w_o is None:
         raise ValueError(f"layer {site.layer}: v_proj/o_proj weights are not graph inputs or constants")
     # The fold runs once, in float64 on the weights' device (a GPU's float64 einsum takes milliseconds where
@@ -45,22 +61,22 @@ def fold_value_rotation(gm: fx.GraphModule, site: Site, value_basis: torch.Tenso
             else value_mean.detach().to(dev, torch.float64))
 
     if fold_v_proj:
-        _fold_v_proj(gm, v_lin, off, hkv, d, w_v, b_v, basis, mean)
-    _fold_o_proj(gm, o_lin, hq, hkv, d, w_o, b_o, basis, mean)
+        _fold_v_proj(gm, v_proj, rows, hkv, d, w_v, b_v, basis, mean)
+    _fold_o_proj(gm, o_proj, hq, hkv, d, w_o, b_o, basis, mean)
     site.o_proj_folded = True
 
 
-def _fold_v_proj(gm, v_lin, off, hkv, d, w_v, b_v, basis, mean) -> None:
+def _fold_v_proj(gm, v_proj, rows, hkv, d, w_v, b_v, basis, mean) -> None:
     wv = w_v.detach().to(basis.device, torch.float64).clone()
-    rows = wv[off:off + hkv * d].reshape(hkv, d, -1)
-    wv[off:off + hkv * d] = torch.einsum("hed,hdi->hei", basis, rows).reshape(hkv * d, -1)
+    idx = rows.reshape(-1).to(wv.device)
+    wv[idx] = torch.einsum("hed,hdi->hei", basis, wv[idx].reshape(hkv, d, -1)).reshape(hkv * d, -1)
     bv = (torch.zeros(wv.shape[0], dtype=torch.float64, device=wv.device) if b_v is None
           else b_v.detach().to(wv.device, torch.float64).clone())
-    bv[off:off + hkv * d] = torch.einsum("hed,hd->he", basis, bv[off:off + hkv * d].reshape(hkv, d) - mean).reshape(-1)
-    _set_linear_params(gm, v_lin, wv.to(w_v.device, w_v.dtype), bv.to(w_v.device, w_v.dtype), "v_proj")
+    bv[idx] = torch.einsum("hed,hd->he", basis, bv[idx].reshape(hkv, d) - mean).reshape(-1)
+    _set_linear_params(gm, v_proj, wv.to(w_v.device, w_v.dtype), bv.to(w_v.device, w_v.dtype), "v_proj")
 
 
-def _fold_o_proj(gm, o_lin, hq, hkv, d, w_o, b_o, basis, mean) -> None:
+def _fold_o_proj(gm, o_proj, hq, hkv, d, w_o, b_o, basis, mean) -> None:
     rep = hq // hkv
     q_basis, q_mean = basis.repeat_interleave(rep, dim=0), mean.repeat_interleave(rep, dim=0)  # [Hq, d, d], [Hq, d]
     wo = w_o.detach().to(basis.device, torch.float64).reshape(w_o.shape[0], hq, d)
@@ -68,4 +84,4 @@ def _fold_o_proj(gm, o_lin, hq, hkv, d, w_o, b_o, basis, mean) -> None:
           else b_o.detach().to(wo.device, torch.float64))
     bo = bo + torch.einsum("ohd,hd->o", wo, q_mean)
     wo = torch.einsum("ohd,hed->ohe", wo, q_basis).reshape(w_o.shape[0], hq * d)
-    _set_linear_params(gm, o_lin, wo.to(w_o.device, w_o.dtype), bo.to(w_o.device, w_o.dtype), "o_proj")
+    _set_linear_params(gm, o_proj, wo.to(w_o.device, w_o.dtype), bo.to(w_o.device, w_o.dtype), "o_proj")

@@ -87,6 +87,17 @@ def concrete_int(s: Any) -> Optional[int]:
     return int(s) if is_concrete_int(s) else None
 
 
+def same_size(a: Any, b: Any) -> bool:
+    """Sizes equal without specializing: ints compare, SymInts compare by their symbolic expression (no guard)."""
+    ca, cb = concrete_int(a), concrete_int(b)
+    if ca is not None or cb is not None:
+        return ca == cb
+    try:
+        return a.node.expr == b.node.expr
+    except AttributeError:
+        return False
+
+
 def only_user(n: fx.Node) -> Optional[fx.Node]:
     users = list(n.users)
     return users[0] if len(users) == 1 else None

@@ -10,11 +10,18 @@ Attention reads, per layer, `SpectralCache`'s view of the sequence so far (`simu
   `sink.OUTLIER_TOKENS`, and `exact_new`, as in `SpectralCache`'s defaults): the sink (cache position 0), the `outlier_tokens` tokens whose keys lie farthest
   from the calibrated key mean (over the whole sequence so far, the sink not counted: the slots `SpectralCache`
   holds after the same updates, since the top-k of a union is the top-k of the earlier top-k and the new tokens),
-  and the update's own new tokens, read exact.
+  and the update's own new tokens, read exact;
+- with the backend option `recent_window` W (`SpectralCache(recent_window=W)`, what `sqcompile.optimize(...,
+  recent_window=W)` builds), the last W positions up to the last one written read the ring's copy: the key rounded to
+  fp16 in the model basis, the value in the storage basis (under the exact slots and the new tokens, as
+  `SpectralCache` reads them). In a chunk longer than W that is the chunk's own last W tokens, so its first tokens
+  read the previous chunk from the codes, as `SpectralCache`'s ring (overwritten by the chunk before it attends)
+  gives them.
 
 The outlier slots need the exact K/V of earlier tokens, so the plain cache stores the rotated K/V exact and the
 quantization happens at the read (`sqcompile::simulate_read`, inserted between the cache write and attention's read
-of the cache; stateless: recomputed from the cache each step, O(tokens) quantization per step and layer).
+of the cache; stateless: recomputed from the cache each step, O(tokens) quantization per step and layer, and with a
+window two d x d products per token: a cost of the simulation, not of `SpectralCache`).
 
 Where it differs from `SpectralCache` (the last two cases log a line per layer):
 - left-padded batches: the sink is the token at cache position 0, not each row's first real token (RoPE position 0,
@@ -25,7 +32,11 @@ Where it differs from `SpectralCache` (the last two cases log a line per layer):
   only the new tokens exact (`SpectralCache` also keeps exact those of its 4 outlier slots, chosen over the whole
   sequence, that lie inside the window);
 - a cache write this pass cannot map rows to positions in (a sliding-window StaticCache's roll or copy) falls back
-  to quantizing at the write (`sqcompile::fake_quant`): the codec's format without the exact slots;
+  to quantizing at the write (`sqcompile::fake_quant`): the codec's format without the exact slots and the window;
+- after a `crop` (assisted decoding) `SpectralCache`'s ring holds only the positions it kept, fewer than W until W
+  more tokens are written (the dropped tail's earlier positions read from the codes); the simulation, stateless,
+  reads the last W positions exact at once. The ring's key is rounded to fp16 after the round trip through the
+  storage basis (k_store B + mu), which can differ from the fp16 of the model's key by one unit in the last place;
 - QJL codecs: the sketch's score correction is not simulated;
 - half-precision models: the graph rotates and stores K/V in the model's dtype before quantizing them in float32;
   `SpectralCache` rotates in float32 (a rounding of the input, not of the format).
@@ -59,7 +70,8 @@ def simulate_read_reference(k_cache: torch.Tensor, v_cache: torch.Tensor, new_po
                             new_tokens: int, k_codebooks: torch.Tensor, k_channel_scale: torch.Tensor,
                             k_groups: list[int], v_codebooks: torch.Tensor, v_channel_scale: torch.Tensor,
                             v_groups: list[int], fast: bool, key_basis: torch.Tensor, key_shift: torch.Tensor,
-                            keep_sink: bool, outliers: int, window: int = 0):
+                            keep_sink: bool, outliers: int, window: int = 0, recent_window: int = 0,
+                            key_mean: Optional[torch.Tensor] = None):
     """`SpectralCache`'s view of a plain cache holding exact storage-coordinate K/V [B, Hkv, T, d] (row = cache
     position): every row quantized (keys as k_store - key_shift, the shift added back: key_shift [Hkv, d] is the key
     mean in storage coordinates where the graph did not subtract it, else 0), then rows kept exact: row 0 (the sink,
@@ -69,8 +81,10 @@ def simulate_read_reference(k_cache: torch.Tensor, v_cache: torch.Tensor, new_po
     quantized zeros (unwritten; the mask hides them). `window` > 0: the rows are the last tokens of a sliding
     window that may have dropped earlier ones (a DynamicSlidingWindowLayer's append: more than `window` - 2 rows
     before the new ones); once it may have, row 0 is no longer known to be the sink nor the rows to be every token
-    since the outlier slots were chosen, and only the new tokens are kept exact. Returns (keys, values) in
-    k_cache's dtype."""
+    since the outlier slots were chosen, and only the new tokens are kept exact.
+    `recent_window` W > 0: the rows of the last W positions up to the last written one that are not exact above read
+    `SpectralCache(recent_window=W)`'s fp16 ring: keys rounded to fp16 in the model basis (key_mean [Hkv, d], the
+    model-basis key mean, needed then), values in the storage basis. Returns (keys, values) in k_cache's dtype."""
     B, H, T, D = k_cache.shape
     if window and new_positions is None and T - new_tokens >= window - 1:
         keep_sink, outliers = False, 0
@@ -88,13 +102,24 @@ def simulate_read_reference(k_cache: torch.Tensor, v_cache: torch.Tensor, new_po
     exact = new[None, :].expand(B, T)
     if keep_sink:
         exact = exact | (rows == 0)[None, :]
-    if outliers:
+    centered = None  # the keys in the model basis, minus the key mean [B, H, T, d]
+    if outliers or recent_window:
         centered = torch.matmul(k.transpose(0, 1), key_basis.to(torch.float32)[:, None]).transpose(0, 1)
+    if outliers:
         crit = centered.square().sum((1, 3))  # [B, T]
         crit = torch.where((rows >= 1) & (rows <= last), crit, float("-inf"))
         best, idx = crit.topk(min(outliers, T), dim=1)
         held = torch.zeros(B, T, dtype=torch.bool, device=k.device).scatter(1, idx, best > float("-inf"))
         exact = exact | held
+    if recent_window:
+        if key_mean is None:
+            raise ValueError("simulate_read: recent_window > 0 needs key_mean (the model-basis key mean [Hkv, d])")
+        ring = ((rows > last - recent_window) & (rows <= last))[None, None, :, None]
+        mu = key_mean.to(torch.float32)[None, :, None, :]
+        k16 = (centered + mu).to(torch.float16).to(torch.float32) - mu  # the ring's fp16 key, model basis
+        k16 = torch.matmul(k16.transpose(0, 1), key_basis.to(torch.float32).transpose(-1, -2)[:, None]).transpose(0, 1)
+        k_hat = torch.where(ring, k16, k_hat)
+        v_hat = torch.where(ring, v.to(torch.float16).to(torch.float32), v_hat)
     at = exact[:, None, :, None]
     keys = torch.where(at, k, k_hat) + key_shift.to(torch.float32)[None, :, None, :]
     values = torch.where(at, v, v_hat)
@@ -106,17 +131,19 @@ def simulate_read(k_cache: torch.Tensor, v_cache: torch.Tensor, new_positions: O
                   new_tokens: int, k_codebooks: torch.Tensor, k_channel_scale: torch.Tensor, k_groups: list[int],
                   v_codebooks: torch.Tensor, v_channel_scale: torch.Tensor, v_groups: list[int], fast: bool,
                   key_basis: torch.Tensor, key_shift: torch.Tensor, keep_sink: bool,
-                  outliers: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  outliers: int, window: int, recent_window: int = 0,
+                  key_mean: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`simulate_read_reference` as one op (one node for Inductor; its outputs are fresh tensors)."""
     k, v = simulate_read_reference(k_cache, v_cache, new_positions, new_tokens, k_codebooks, k_channel_scale,
                                    k_groups, v_codebooks, v_channel_scale, v_groups, fast, key_basis, key_shift,
-                                   keep_sink, outliers, window)
+                                   keep_sink, outliers, window, recent_window, key_mean)
     return k.contiguous(), v.contiguous()
 
 
 @simulate_read.register_fake
 def _(k_cache, v_cache, new_positions, new_tokens, k_codebooks, k_channel_scale, k_groups, v_codebooks,
-      v_channel_scale, v_groups, fast, key_basis, key_shift, keep_sink, outliers, window):
+      v_channel_scale, v_groups, fast, key_basis, key_shift, keep_sink, outliers, window, recent_window=0,
+      key_mean=None):
     return (torch.empty_like(k_cache, memory_format=torch.contiguous_format),
             torch.empty_like(v_cache, memory_format=torch.contiguous_format))
 
@@ -167,14 +194,16 @@ def _row_positions(site: Site) -> Optional[tuple]:
     return "index_copy", (pos, writers)
 
 
-def insert_kv_quantization(gm: fx.GraphModule, site: Site, codec, outlier_tokens: int = OUTLIER_TOKENS) -> None:
-    """Make attention at `site` read `SpectralCache`'s view of the plain cache (`simulate_read`); where the rows of
-    the cache cannot be mapped to positions, quantize at the write instead (`fake_quant`, no exact slots)."""
+def insert_kv_quantization(gm: fx.GraphModule, site: Site, codec, outlier_tokens: int = OUTLIER_TOKENS,
+                           recent_window: int = 0) -> None:
+    """Make attention at `site` read `SpectralCache`'s view of the plain cache (`simulate_read`: with
+    `recent_window` W, `SpectralCache(recent_window=W)`'s); where the rows of the cache cannot be mapped to positions,
+    quantize at the write instead (`fake_quant`, no exact slots, no window)."""
     how = _row_positions(site)
     if how is None:
         log.info("sqcompile: layer %d (graph %d): the %s cache write does not map rows to positions; quantizing at "
-                 "the write without SpectralCache's exact slots (sink, outliers, new tokens)", site.layer,
-                 site.graph, site.kv_write)
+                 "the write without SpectralCache's exact slots (sink, outliers, new tokens%s)", site.layer,
+                 site.graph, site.kv_write, ", recent window" if recent_window else "")
         _quantize_at_write(gm, site, codec)
         return
     if how[0] == "cat" and how[1]:
@@ -199,6 +228,8 @@ def insert_kv_quantization(gm: fx.GraphModule, site: Site, codec, outlier_tokens
     consts = [add_constant(gm, f"sq_{name}", value.to(device), anchor) for name, value in (
         ("key_codebooks", k_cb), ("key_channel_scale", k_cs), ("value_codebooks", v_cb),
         ("value_channel_scale", v_cs), ("key_basis", basis), ("key_shift", shift))]
+    key_mean = add_constant(gm, "sq_key_mean", lc.key_mean.to(torch.float32).to(device), anchor) \
+        if recent_window else None
     if how[0] == "cat":
         new_positions, new_tokens, window = None, site.nodes["key_store"], how[1]
     else:
@@ -209,7 +240,7 @@ def insert_kv_quantization(gm: fx.GraphModule, site: Site, codec, outlier_tokens
         view = gm.graph.call_function(torch.ops.sqcompile.simulate_read.default, (
             k_base, v_base, new_positions, new_tokens if new_tokens is not None else 0, consts[0], consts[1],
             list(k_groups), consts[2], consts[3], list(v_groups), kf.packing == "fast", consts[4], consts[5], True,
-            outlier_tokens, window))
+            outlier_tokens, window, recent_window, key_mean))
         k_view = gm.graph.call_function(operator.getitem, (view, 0))
         v_view = gm.graph.call_function(operator.getitem, (view, 1))
     for base, first, new_view, consumer in ((k_base, k_first, k_view, site.nodes["k_consumer"]),

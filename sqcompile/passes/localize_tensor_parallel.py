@@ -192,7 +192,7 @@ def site_kv_heads(gm: fx.GraphModule, site: Any, example_inputs: Optional[list])
     if any(s is None for s in shards.values()):
         raise ValueError("tensor parallel: k_proj/v_proj/o_proj are not all sharded ("
                          + ", ".join(f"{k}_proj {'sharded' if s else 'whole'}" for k, s in shards.items()) + ")")
-    if site.nodes.get("v_offset", 0) or shards["k"] != shards["v"]:
+    if site.nodes.get("v_offset", 0) or site.nodes.get("v_rows") is not None or shards["k"] != shards["v"]:
         raise ValueError("tensor parallel: keys and values do not come from separate colwise k_proj/v_proj "
                          f"with one shard (k {shards['k']}, v {shards['v']}; a sharded fused QKV is not supported)")
     dim, offset, size, total = shards["v"]

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .detect_attention import _find_o_proj, _strip_kv_read, _trace_value, _Unproven
+from .detect_attention import _find_o_proj, _strip_kv_read, _trace_value_rows, _Unproven
 from .fold_value_rotation import fold_value_rotation
 from .insert_sink_value import insert_sink_value, sink_value
 from .fx_utils import add_constant, arg, concrete_int, is_op, layer_from_name, meta_tensor, node_source_name, tensor_value
@@ -188,7 +188,7 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite, sink: Optional[dict]
     site.kv_heads = concrete_int(nv.shape[1])
     if None in (site.q_heads, site.head_dim, site.kv_heads) or site.q_heads % site.kv_heads:
         raise _Unproven("head counts are symbolic or not a GQA ratio")
-    v_lin, v_offset = _trace_value(new_v, gm, site.kv_heads, site.head_dim)
+    v_lin, v_offset, v_rows = _trace_value_rows(new_v, gm, site.kv_heads, site.head_dim)
     out = attn if sink is None else sink["out"]
     o_lin = _find_o_proj(out, gm, site.q_heads, site.head_dim)
     for u in new_v.users:
@@ -221,7 +221,8 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite, sink: Optional[dict]
 
         site.nodes.update({key: sink[key] for key in SINK_NODES}, sink_scale=scale, sink_mask=mask)
     site.nodes.update(spectral=True, attn=attn, out=out, q=q, qwrite=qw, v_store=v_store, new_v=new_v,
-                      v_linear=v_lin, v_offset=v_offset, o_linear=o_lin, v_basis=v_basis, v_mean=v_mean, decode=decode,
+                      v_linear=v_lin, v_offset=v_offset, v_rows=v_rows, o_linear=o_lin, v_basis=v_basis, v_mean=v_mean,
+                      decode=decode,
                       k_packed=k_packed, v_packed=v_packed, k_sink=k_sink, v_sink=v_sink, exact_new=k_fresh is not None,
                       k_window=k_window, v_window=v_window,
                       # what SDPA reads of V in the storage basis once o_proj absorbs the basis
