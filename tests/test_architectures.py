@@ -105,6 +105,13 @@ EXPECT = {
     # [B, S, H, 3, d] and the value picked by an integer index; HF supports eager only
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, **IDS),
               "eager", ("dynamic", "static"), REWRITTEN, False),
+    # Llama-4 text: layer 0 RoPE (complex multiply) + L2 q/k norm with chunked attention (chunk 8 < the 16-token
+    # prefill), layer 1 NoPE with temperature tuning (the query scaled per position) and full attention; MoE with a
+    # shared expert on every layer
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM",
+                    dict(head_dim=16, intermediate_size=32, intermediate_size_mlp=128, num_local_experts=4,
+                         num_experts_per_tok=1, no_rope_layers=[1, 0], attention_chunk_size=8, floor_scale=4),
+                    "sdpa", ("dynamic", "static"), REWRITTEN, (True, False)),
     # -- left alone, with the reason --------------------------------------------------------------------------
     # multi-head latent attention: k_nope and v split per head out of kv_b_proj; the value rows are mapped, but
     # v_head_dim 8 != the qk head dim 16
@@ -222,7 +229,8 @@ def test_architecture(arch, kind, impl):
             assert sorted(s.layer for s in att) == list(range(layers)), str(report)
             bad = [s for s in att if not (s.rewritten and s.rotation and s.o_proj_folded)]
             assert not bad, f"{arch}/{kind}: expected every site rewritten\n{report}"
-            assert all(s.rope == rope for s in att), str(report)
+            # one RoPE flag for every layer, or one per layer (Llama-4: RoPE and NoPE layers)
+            assert all(s.rope == (rope[s.layer] if isinstance(rope, tuple) else rope) for s in att), str(report)
             # StaticCache: index_copy_, or on a sliding window the copy of the last window / roll when full
             writes = {"index_copy", "copy", "roll", "cat"} if kind == "static" else {"cat"}
             assert all(s.kv_write in writes for s in att), str(report)
