@@ -257,9 +257,12 @@ def test_architecture(arch, kind, impl):
 # on the packed codes) equals the eager model over its own SpectralCache, step by step, as
 # tests/test_spectral_cache.py checks for Llama and Qwen2.
 GATHERED_ROWS = ("gpt_neox", "gpt_bigcode", "falcon", "gpt2")
+# ... and the rewritten architectures with a mask or position form of their own: Llama-4's chunked attention (the
+# chunk-8 mask cuts the 16-token prefill and the decode steps) and NoPE layers with temperature tuning.
+QUANTIZED_ROWS = GATHERED_ROWS + ("llama4_text",)
 
 
-@pytest.mark.parametrize("arch", GATHERED_ROWS)
+@pytest.mark.parametrize("arch", QUANTIZED_ROWS)
 def test_quantized_equals_eager_spectral_cache(arch):
     from sqcompile.backend import spectralquant
     from sqcompile.cache import SpectralCache
