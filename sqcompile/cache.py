@@ -42,6 +42,22 @@ def _is_compiling() -> bool:
         return False
 
 
+def _claim_positions(layer: StaticLayer, n_new: int) -> torch.Tensor:
+    """The cache positions of `n_new` new tokens of `layer` (advancing its `cumulative_length`); writing past
+    `max_cache_len` is an error naming the capacity (on the host in eager mode, an async assert when compiled)."""
+    if not _is_compiling():
+        end = int(layer.cumulative_length) + n_new
+        if end > layer.max_cache_len:
+            raise IndexError(f"SpectralCache is full: writing {n_new} token(s) at position {int(layer.cumulative_length)} "
+                             f"would exceed its capacity max_cache_len={layer.max_cache_len}")
+    positions = torch.arange(n_new, device=layer.device) + layer.cumulative_length
+    if _is_compiling():
+        torch._assert_async(positions[-1] < layer.max_cache_len,
+                            f"SpectralCache capacity max_cache_len={layer.max_cache_len} exceeded")
+    layer.cumulative_length.add_(n_new)
+    return positions
+
+
 class SpectralLayer(StaticLayer):
     """One layer's packed K/V. Mask and length semantics are StaticLayer's (full capacity, causal mask)."""
 
@@ -219,17 +235,7 @@ class SpectralLayer(StaticLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n_new = key_states.shape[-2]
-        if not _is_compiling():
-            end = int(self.cumulative_length) + n_new
-            if end > self.max_cache_len:
-                raise IndexError(f"SpectralCache is full: writing {n_new} token(s) at position {int(self.cumulative_length)} "
-                                 f"would exceed its capacity max_cache_len={self.max_cache_len}")
-        positions = torch.arange(n_new, device=self.device) + self.cumulative_length
-        if _is_compiling():
-            torch._assert_async(positions[-1] < self.max_cache_len,
-                                f"SpectralCache capacity max_cache_len={self.max_cache_len} exceeded")
-        self.cumulative_length.add_(n_new)
+        positions = _claim_positions(self, key_states.shape[-2])
         # Values enter in the storage basis; keys are rotated inside quantize_write.
         v_store = rotate_values(value_states, self.v_mean, self.v_basis)
         if self.slots:
@@ -344,17 +350,7 @@ class ExactLayer(StaticLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n_new = key_states.shape[-2]
-        if not _is_compiling():
-            end = int(self.cumulative_length) + n_new
-            if end > self.max_cache_len:
-                raise IndexError(f"SpectralCache is full: writing {n_new} token(s) at position {int(self.cumulative_length)} "
-                                 f"would exceed its capacity max_cache_len={self.max_cache_len}")
-        positions = torch.arange(n_new, device=self.device) + self.cumulative_length
-        if _is_compiling():
-            torch._assert_async(positions[-1] < self.max_cache_len,
-                                f"SpectralCache capacity max_cache_len={self.max_cache_len} exceeded")
-        self.cumulative_length.add_(n_new)
+        positions = _claim_positions(self, key_states.shape[-2])
         self.keys.index_copy_(2, positions, key_states.to(self.keys.dtype))
         self.values.index_copy_(2, positions, value_states.to(self.values.dtype))
         return self.keys, self.values
