@@ -42,6 +42,22 @@ def _is_compiling() -> bool:
         return False
 
 
+def _claim_positions(layer: StaticLayer, n_new: int) -> torch.Tensor:
+    """The cache positions of `n_new` new tokens of `layer` (advancing its `cumulative_length`); writing past
+    `max_cache_len` is an error naming the capacity (on the host in eager mode, an async assert when compiled)."""
+    if not _is_compiling():
+        end = int(layer.cumulative_length) + n_new
+        if end > layer.max_cache_len:
+            raise IndexError(f"SpectralCache is full: writing {n_new} token(s) at position {int(layer.cumulative_length)} "
+                             f"would exceed its capacity max_cache_len={layer.max_cache_len}")
+    positions = torch.arange(n_new, device=layer.device) + layer.cumulative_length
+    if _is_compiling():
+        torch._assert_async(positions[-1] < layer.max_cache_len,
+                            f"SpectralCache capacity max_cache_len={layer.max_cache_len} exceeded")
+    layer.cumulative_length.add_(n_new)
+    return positions
+
+
 class SpectralLayer(StaticLayer):
     """One layer's packed K/V. Mask and length semantics are StaticLayer's (full capacity, causal mask)."""
 
@@ -96,6 +112,10 @@ class SpectralLayer(StaticLayer):
         if key_states.shape[-1] != self.head_dim or self.num_heads != self.k_basis.shape[0]:
             raise ValueError(f"SpectralCache layer {self.layer_idx} expects [B, {self.k_basis.shape[0]}, T, {self.head_dim}] "
                              f"keys, got {tuple(key_states.shape)}")
+        if value_states.shape[:2] != key_states.shape[:2] or value_states.shape[-1] != self.head_dim:
+            raise ValueError(f"SpectralCache layer {self.layer_idx} expects values shaped as its keys, "
+                             f"[B, {self.k_basis.shape[0]}, T, {self.head_dim}], got {tuple(value_states.shape)} (keys "
+                             f"{tuple(key_states.shape)}): a value head_dim other than the key's is not supported")
         shape = (self.batch_size, self.num_heads, self.max_cache_len)
         self.keys = torch.zeros(*shape, self.k_row_bytes, dtype=torch.uint8, device=self.device)
         self.values = torch.zeros(*shape, self.v_row_bytes, dtype=torch.uint8, device=self.device)
@@ -215,17 +235,7 @@ class SpectralLayer(StaticLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n_new = key_states.shape[-2]
-        if not _is_compiling():
-            end = int(self.cumulative_length) + n_new
-            if end > self.max_cache_len:
-                raise IndexError(f"SpectralCache is full: writing {n_new} token(s) at position {int(self.cumulative_length)} "
-                                 f"would exceed its capacity max_cache_len={self.max_cache_len}")
-        positions = torch.arange(n_new, device=self.device) + self.cumulative_length
-        if _is_compiling():
-            torch._assert_async(positions[-1] < self.max_cache_len,
-                                f"SpectralCache capacity max_cache_len={self.max_cache_len} exceeded")
-        self.cumulative_length.add_(n_new)
+        positions = _claim_positions(self, key_states.shape[-2])
         # Values enter in the storage basis; keys are rotated inside quantize_write.
         v_store = rotate_values(value_states, self.v_mean, self.v_basis)
         if self.slots:
@@ -304,6 +314,60 @@ class SpectralLayer(StaticLayer):
         if fresh is not None:
             k_hat = k_hat.index_copy(2, fresh[0], fresh[1].to(k_hat.dtype))
         return k_hat.to(self.dtype), v_hat.to(self.dtype)
+
+
+class ExactLayer(StaticLayer):
+    """A layer `SpectralCache` keeps exact (uncompressed, the model's dtype): for cache entries that are not per-head
+    K/V of one head_dim (`sqcompile.latent_cache`: the latent and the shared RoPE key of multi-head latent attention).
+    Keys and values may differ in width and head count; what `update` is given is stored and read back unchanged.
+    `reason` says why the layer is not compressed (`SpectralCache.exact_layers`)."""
+
+    is_compileable = True
+    SEQUENCE_TENSORS = ("keys", "values")
+
+    def __init__(self, max_cache_len: int, layer_idx: int, reason: str, max_batch_size: Optional[int] = None):
+        super().__init__(max_cache_len=max_cache_len)
+        self.layer_idx, self.reason, self.max_batch_size = layer_idx, reason, max_batch_size
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.batch_size = key_states.shape[0]
+        if self.max_batch_size is not None and self.batch_size > self.max_batch_size:
+            raise ValueError(f"SpectralCache was built for max_batch_size={self.max_batch_size}, got batch {self.batch_size}")
+        if value_states.shape[0] != self.batch_size:
+            raise ValueError(f"SpectralCache layer {self.layer_idx}: keys {tuple(key_states.shape)} and values "
+                             f"{tuple(value_states.shape)} differ in batch size")
+        self.keys = torch.zeros(self.batch_size, key_states.shape[1], self.max_cache_len, key_states.shape[-1],
+                                dtype=key_states.dtype, device=self.device)
+        self.values = torch.zeros(self.batch_size, value_states.shape[1], self.max_cache_len, value_states.shape[-1],
+                                  dtype=value_states.dtype, device=self.device)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not _is_compiling():
+            for t in (self.keys, self.values, self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        positions = _claim_positions(self, key_states.shape[-2])
+        self.keys.index_copy_(2, positions, key_states.to(self.keys.dtype))
+        self.values.index_copy_(2, positions, value_states.to(self.values.dtype))
+        return self.keys, self.values
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if not self.is_initialized else self.keys.nbytes + self.values.nbytes
+
+    sequence_nbytes = nbytes
+    constant_nbytes = 0
+    sink_nbytes = 0
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies in this layer (keys and values, every head); 0 before the first update."""
+        if not self.is_initialized:
+            return 0
+        return (self.keys.nbytes + self.values.nbytes) // (self.batch_size * self.max_cache_len)
 
 
 def _put_rows(x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> None:
@@ -401,6 +465,10 @@ class SpectralCache(Cache):
     `recent_window` W: the last W tokens also kept exact (fp16) in a ring beside the codes, 4 * W * head_dim bytes
     per layer, batch row and kv-head (counted in `sequence_nbytes`); compiled decode steps read it in their exact
     split (`sqcompile::exact_split`) and the codes only before it.
+    Layers whose cache entries are not per-head K/V of one head_dim (multi-head latent attention,
+    `sqcompile.latent_cache`) are kept exact and uncompressed (`ExactLayer`; listed with their reason in
+    `exact_layers`, their full-precision bytes counted in `nbytes` and `sequence_nbytes`); such a model takes no
+    profile.
     """
 
     def __init__(self, model_or_config: Any, profile: Any = None, bits: float = 4.25, max_cache_len: int = 4096,
@@ -408,6 +476,7 @@ class SpectralCache(Cache):
                  keep_sink: bool = True, exact_new: bool = True, outlier_tokens: int = _sink.OUTLIER_TOKENS,
                  kv_heads: Optional[tuple[int, int]] = None, read_copy: bool = False, recent_window: int = 0,
                  **codec_kwargs: Any):
+        from .latent_cache import exact_layers, latent_cache_error, latent_cache_reason
         from .profile import SpectralProfile, model_fingerprint
         from .quant import build_codec
 
@@ -418,6 +487,8 @@ class SpectralCache(Cache):
         if isinstance(profile, (str, bytes)) or hasattr(profile, "__fspath__"):
             profile = SpectralProfile.load(profile)
         if profile is not None:
+            if latent_cache_reason(config) is not None:
+                raise latent_cache_error(config, "SpectralCache with a profile")
             profile.check_matches(fp)
         if not isinstance(max_cache_len, int) or max_cache_len <= 0:
             raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
@@ -439,7 +510,10 @@ class SpectralCache(Cache):
             max_cache_len = -(-max_cache_len // 8) * 8
         _check_outliers(outlier_tokens, bool(keep_sink))
         _check_window(recent_window)
-        layers = [SpectralLayer(max_cache_len, self.codec, i, max_batch_size, keep_sink, exact_new, outlier_tokens,
+        # layers whose cache entries are not per-head K/V of one head_dim (multi-head latent attention) stay exact
+        exact = exact_layers(config, fp["num_layers"])
+        layers = [ExactLayer(max_cache_len, i, exact[i], max_batch_size) if i in exact else
+                  SpectralLayer(max_cache_len, self.codec, i, max_batch_size, keep_sink, exact_new, outlier_tokens,
                                 read_copy, recent_window) for i in range(fp["num_layers"])]
         super().__init__(layers=layers)
 
@@ -451,8 +525,8 @@ class SpectralCache(Cache):
         """
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        for layer in self.layers:
-            if not layer.is_initialized:
+        for layer in self.layers:  # an ExactLayer's entry widths are known at its first update only
+            if not layer.is_initialized and isinstance(layer, SpectralLayer):
                 empty = torch.zeros(batch_size, layer.k_basis.shape[0], 0, layer.head_dim, dtype=dtype, device=device)
                 layer.lazy_initialization(empty, empty)
         return self
@@ -484,6 +558,13 @@ class SpectralCache(Cache):
         return sum(layer.constant_nbytes for layer in self.layers)
 
     def packed_bytes_per_token(self) -> int:
-        """K+V bytes one token occupies across all layers and kv-heads (the bit accounting, exactly)."""
+        """K+V bytes one token occupies across all layers and kv-heads (the bit accounting, exactly); an exact
+        layer counts its full-precision bytes once its first update has told its widths (0 before)."""
         heads = self.codec.num_kv_heads
-        return sum((l.k_row_bytes + l.v_row_bytes) * heads for l in self.layers)
+        return sum(l.bytes_per_token() if isinstance(l, ExactLayer) else (l.k_row_bytes + l.v_row_bytes) * heads
+                   for l in self.layers)
+
+    @property
+    def exact_layers(self) -> dict[int, str]:
+        """{layer index: reason} of the layers kept exact and uncompressed (`ExactLayer`)."""
+        return {l.layer_idx: l.reason for l in self.layers if isinstance(l, ExactLayer)}

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .hf import cache_kwarg
+from .latent_cache import latent_cache_error, latent_cache_reason
 from .profile import SpectralProfile, model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ class MomentAccumulator:
         self.counts = [0] * num_layers
 
     def add(self, layer_idx: int, key_states: Tensor, value_states: Tensor) -> None:
+        if key_states.shape[:2] != value_states.shape[:2] or key_states.shape[-1] != value_states.shape[-1]:
+            raise ValueError(f"calibrate: layer {layer_idx} gave the cache keys {tuple(key_states.shape)} and values "
+                             f"{tuple(value_states.shape)}; a SpectralProfile needs per-kv-head keys and values of one "
+                             f"head_dim, [B, Hkv, T, head_dim] both")
         # [B, Hkv, S, d] -> per head [Hkv, B*S, d]
         for kind, x in (("key", key_states), ("value", value_states)):
             x = x.detach().to(torch.float64)
@@ -174,6 +179,8 @@ def calibrate(model, texts_or_batches: Union[str, Tensor, Iterable], seconds: fl
 
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     config = _model_config(model)
+    if latent_cache_reason(config) is not None:
+        raise latent_cache_error(config, "calibrate")
     fingerprint = model_fingerprint(config)
     needed = fingerprint["head_dim"] + 1
     sequences = _to_sequences(texts_or_batches, tokenizer)

@@ -46,6 +46,8 @@ class Optimized:
         rows = input_ids.shape[0] * (beams if beams > 1 else returns)  # the batch generate expands the prompt to
         param = next(self.model.parameters())
         cache = self.cache().allocate(rows, input_ids.device, param.dtype)
+        if self.report is not None:
+            self.report.note_exact_layers(cache.exact_layers)
         with torch.no_grad():
             return self.model.generate(input_ids, **{cache_kwarg(self.model): cache}, **kwargs)
 
@@ -68,6 +70,11 @@ def optimize(model: Any, profile: Any = None, *, bits: float = DEFAULT_BITS, max
 
     # the window is a backend option too: the compiled graphs then read what the cache holds, and a plain HF cache
     # passed to the compiled model reads the same window (the simulation)
+    if profile is not None:
+        from .latent_cache import latent_cache_error, latent_cache_reason
+
+        if latent_cache_reason(model) is not None:
+            raise latent_cache_error(model, "sqcompile.optimize with a profile")
     opts = dict(options, profile=profile, bits=bits, recent_window=recent_window)
     Options.from_dict(opts)  # validate now, not at the first call
     config = getattr(model, "config", None)

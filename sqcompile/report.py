@@ -31,6 +31,17 @@ class Report:
 
     sites: list[Site] = field(default_factory=list)
     plans: list[Any] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # about the cache, e.g. its layers kept exact (uncompressed)
+
+    def note_exact_layers(self, exact_layers: dict[int, str]) -> None:
+        """Record the layers a `SpectralCache` keeps exact and uncompressed ({layer: reason}), once per reason."""
+        by_reason: dict[str, list[int]] = {}
+        for layer, reason in sorted(exact_layers.items()):
+            by_reason.setdefault(reason, []).append(layer)
+        for reason, layers in by_reason.items():
+            note = f"SpectralCache keeps layers {layers} exact (uncompressed): {reason}"
+            if note not in self.notes:
+                self.notes.append(note)
 
     def add(self, sites: list[Site], plan: Any) -> None:
         """What the backend calls for each graph it compiles while `explain` runs."""
@@ -52,7 +63,7 @@ class Report:
         return sorted({s.graph for s in self.sites})
 
     def __str__(self) -> str:
-        head = "".join(f"sqcompile: {p}\n" for p in self.plans)
+        head = "".join(f"sqcompile: {p}\n" for p in self.plans) + "".join(f"sqcompile: {n}\n" for n in self.notes)
         if not self.sites:
             return head + "sqcompile: no attention or MoE sites found"
         cols = [(k, h) for k, h in _COLUMNS if any(getattr(s, k) not in (None, False) for s in self.sites)

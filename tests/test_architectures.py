@@ -114,6 +114,13 @@ EXPECT = {
                 dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8,
                      layer_types=["sliding_attention", "full_attention"]),
                 "eager", ("dynamic",), REWRITTEN, False),
+    # Llama-4 text: layer 0 RoPE (complex multiply) + L2 q/k norm with chunked attention (chunk 8 < the 16-token
+    # prefill), layer 1 NoPE with temperature tuning (the query scaled per position) and full attention; MoE with a
+    # shared expert on every layer
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM",
+                    dict(head_dim=16, intermediate_size=32, intermediate_size_mlp=128, num_local_experts=4,
+                         num_experts_per_tok=1, no_rope_layers=[1, 0], attention_chunk_size=8, floor_scale=4),
+                    "sdpa", ("dynamic", "static"), REWRITTEN, (True, False)),
     # -- left alone, with the reason --------------------------------------------------------------------------
     # multi-head latent attention: k_nope and v split per head out of kv_b_proj; the value rows are mapped, but
     # v_head_dim 8 != the qk head dim 16
@@ -225,7 +232,8 @@ def test_architecture(arch, kind, impl):
             assert sorted(s.layer for s in att) == list(range(layers)), str(report)
             bad = [s for s in att if not (s.rewritten and s.rotation and s.o_proj_folded)]
             assert not bad, f"{arch}/{kind}: expected every site rewritten\n{report}"
-            assert all(s.rope == rope for s in att), str(report)
+            # one RoPE flag for every layer, or one per layer (Llama-4: RoPE and NoPE layers)
+            assert all(s.rope == (rope[s.layer] if isinstance(rope, tuple) else rope) for s in att), str(report)
             # StaticCache: index_copy_, or on a sliding window the copy of the last window / roll when full
             writes = {"index_copy", "copy", "roll", "cat"} if kind == "static" else {"cat"}
             assert all(s.kv_write in writes for s in att), str(report)
@@ -252,9 +260,12 @@ def test_architecture(arch, kind, impl):
 # on the packed codes) equals the eager model over its own SpectralCache, step by step, as
 # tests/test_spectral_cache.py checks for Llama and Qwen2.
 GATHERED_ROWS = ("gpt_neox", "gpt_bigcode", "falcon", "gpt2")
+# ... and the rewritten architectures with a mask or position form of their own: Llama-4's chunked attention (the
+# chunk-8 mask cuts the 16-token prefill and the decode steps) and NoPE layers with temperature tuning.
+QUANTIZED_ROWS = GATHERED_ROWS + ("llama4_text",)
 
 
-@pytest.mark.parametrize("arch", GATHERED_ROWS)
+@pytest.mark.parametrize("arch", QUANTIZED_ROWS)
 def test_quantized_equals_eager_spectral_cache(arch):
     from sqcompile.backend import spectralquant
     from sqcompile.cache import SpectralCache

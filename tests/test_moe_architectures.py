@@ -51,7 +51,7 @@ EXPECT_LEFT = {
     "inkling2_loop_text": "tanh",
     "inkling2_text": "tanh",
     "jetmoe": "experts alone not substituted",  # per-token linears on gathered inputs
-    "llama4_text": "sigmoid of the k chosen",  # the router weight scales the experts' input
+    "llama4_text": "experts(w * x)",  # the router weight scales the experts' input
     "minimax_m3_vl_text": "clamped",
     "nemotron_h": "ReLU",  # squared-ReLU experts without a gate
 }

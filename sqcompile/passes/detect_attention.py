@@ -173,6 +173,13 @@ def _rope_at(n: fx.Node) -> bool:
     return False
 
 
+def _complex_rope_at(n: fx.Node) -> bool:
+    """`view_as_real(view_as_complex(x) * freqs)`: RoPE as a complex product (Llama-4, Meta's reference code)."""
+    if not (is_op(n, "view_as_real") and is_op(n.args[0], "mul")):
+        return False
+    return any(is_op(a, "view_as_complex") for a in n.args[0].args)
+
+
 def _trace_key(new_k: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, bool]:
     """Prove the fresh key is a projection of activations (through RoPE, norms, reshapes)."""
     seen, frontier, rope = set(), [(new_k, 0)], False
@@ -181,7 +188,7 @@ def _trace_key(new_k: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, bool]:
         if n in seen or depth > 48:
             continue
         seen.add(n)
-        rope = rope or _rope_at(n)
+        rope = rope or _rope_at(n) or _complex_rope_at(n)
         if is_linear(n, gm) or projection_of(n, gm) is not None:
             return n, rope
         if n.op in ("call_function", "call_method"):

@@ -401,6 +401,13 @@ def _experts_region(gm: fx.GraphModule, path: str):
     return (final, members, inputs), None
 
 
+# Llama-4's form: every expert runs on every token, the token scaled by its routing weight first (0 where not chosen).
+_UNROUTED_EXPERTS = ("the experts read no top-k ids or weights, only hidden rows and their two stacked weights: the "
+                     "routing is applied outside them (Llama-4 runs every expert on every token scaled by its routing "
+                     "weight, experts(w * x), which through the SiLU is not w * experts(x) as `fused_experts` "
+                     "computes); substituting them would need an experts op that scales its input")
+
+
 def _experts_inputs(inputs: list[fx.Node], final: fx.Node, experts: Optional[int]):
     """Sort the experts' inputs into x [T, H], topk_weights / topk_ids [T, k] and the two 3-D weights."""
     sizes = [i for i in inputs if _is_size(i)]
@@ -415,6 +422,8 @@ def _experts_inputs(inputs: list[fx.Node], final: fx.Node, experts: Optional[int
     routed = [i for i in pairs if i not in x]
     ids = [i for i in routed if not example_value(i).is_floating_point()]
     weights = [i for i in routed if example_value(i).is_floating_point()]
+    if len(w3) == 2 and len(x) == 1 and not routed and len(tensors) == 3:
+        return None, _UNROUTED_EXPERTS
     if len(w3) != 2 or len(x) != 1 or len(ids) != 1 or len(weights) != 1 or len(tensors) != 5:
         return None, (f"the experts read {sorted(t.name for t in tensors)}, not x [T, H], the top-k weights and "
                       "ids [T, k] and two stacked weights")
