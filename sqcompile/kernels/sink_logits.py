@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .sink import LOG2E
+from .sink import LOG2E, _merge_exact
 
 
 def sink_logit_split(q: torch.Tensor, sinks: torch.Tensor, k_mean: torch.Tensor, scale: float,
@@ -52,13 +52,9 @@ def merge_splits(score_a: torch.Tensor, value_a: torch.Tensor, score_b: torch.Te
     B, Hq = score_a.shape
     va = value_a.float().repeat_interleave(Hq // value_a.shape[1], dim=1)
     vb = value_b.float().repeat_interleave(Hq // value_b.shape[1], dim=1)
-    m = torch.maximum(score_a, score_b)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    wa, wb = torch.exp2(score_a - m), torch.exp2(score_b - m)
-    tot = wa + wb
-    value = (wa[..., None] * va + wb[..., None] * vb) / tot.clamp_min(1e-30)[..., None]
-    score = torch.where(tot > 0, m + torch.log2(tot.clamp_min(1e-30)), float("-inf"))
-    return score.contiguous(), value.contiguous()
+    # the two as the tokens of one split per query head: [B, Hq, G=1, N=2] scores, [B, Hq, 1, 2, d] values
+    score, value = _merge_exact(torch.stack([score_a, score_b], -1)[:, :, None], torch.stack([va, vb], 2)[:, :, None])
+    return score[:, :, 0].contiguous(), value[:, :, 0].contiguous()
 
 
 def no_exact_positions(q: torch.Tensor) -> torch.Tensor:
