@@ -476,19 +476,17 @@ class SpectralCache(Cache):
                  keep_sink: bool = True, exact_new: bool = True, outlier_tokens: int = _sink.OUTLIER_TOKENS,
                  kv_heads: Optional[tuple[int, int]] = None, read_copy: bool = False, recent_window: int = 0,
                  **codec_kwargs: Any):
-        from .latent_cache import exact_layers, latent_cache_error, latent_cache_reason
-        from .profile import SpectralProfile, model_fingerprint
+        from .latent_cache import exact_layers, refuse_latent_cache
+        from .profile import SpectralProfile, model_fingerprint, text_config
         from .quant import build_codec
 
-        config = getattr(model_or_config, "config", model_or_config)
-        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        config = text_config(model_or_config)
         _refuse_hybrid(config)
         fp = model_fingerprint(config)
         if isinstance(profile, (str, bytes)) or hasattr(profile, "__fspath__"):
             profile = SpectralProfile.load(profile)
         if profile is not None:
-            if latent_cache_reason(config) is not None:
-                raise latent_cache_error(config, "SpectralCache with a profile")
+            refuse_latent_cache(config, "SpectralCache with a profile")
             profile.check_matches(fp)
         if not isinstance(max_cache_len, int) or max_cache_len <= 0:
             raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")

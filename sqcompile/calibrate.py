@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .hf import cache_kwarg
-from .latent_cache import latent_cache_error, latent_cache_reason
+from .latent_cache import refuse_latent_cache
 from .profile import SpectralProfile, model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,7 @@ def calibrate(model, texts_or_batches: Union[str, Tensor, Iterable], seconds: fl
 
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     config = _model_config(model)
-    if latent_cache_reason(config) is not None:
-        raise latent_cache_error(config, "calibrate")
+    refuse_latent_cache(config, "calibrate")
     fingerprint = model_fingerprint(config)
     needed = fingerprint["head_dim"] + 1
     sequences = _to_sequences(texts_or_batches, tokenizer)

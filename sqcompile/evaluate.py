@@ -596,9 +596,9 @@ def fp16_cache(config):
 
 def fp16_kv_bytes(config, tokens: int) -> int:
     """Bytes an FP16 cache holds for `tokens` tokens of one sequence: K and V, every layer and kv-head."""
-    from .profile import model_fingerprint
+    from .profile import model_fingerprint, text_config
 
-    fp = model_fingerprint(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config)
+    fp = model_fingerprint(text_config(config))
     return 2 * fp["num_layers"] * fp["num_kv_heads"] * fp["head_dim"] * tokens * 2
 
 

@@ -7,7 +7,7 @@ RoPE key as the "values", [B, 1, T, qk_rope_head_dim]; the per-head keys and val
 values of width v_head_dim. Neither is what a SpectralProfile describes (per kv-head keys and values of one
 head_dim, post-RoPE), so:
 
-- `calibrate` refuses such a model with `latent_cache_error` (one ValueError naming the widths),
+- `calibrate` refuses such a model with `refuse_latent_cache` (one ValueError naming the widths),
 - `SpectralCache` keeps such a layer exact and uncompressed (`ExactLayer`, full precision, counted in
   `sequence_nbytes`), and `sqcompile.optimize(...).generate` says so in its report.
 
@@ -18,16 +18,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-
-def _text_config(config: Any) -> Any:
-    config = getattr(config, "config", config)
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+from .profile import text_config
 
 
 def latent_cache_reason(model_or_config: Any) -> Optional[str]:
     """Why this model's cache entries are not per-head K/V of one head_dim (multi-head latent attention: the
     config has a `kv_lora_rank`), else None."""
-    config = _text_config(model_or_config)
+    config = text_config(model_or_config)
     rank = getattr(config, "kv_lora_rank", None)
     if not rank:
         return None
@@ -40,10 +37,13 @@ def latent_cache_reason(model_or_config: Any) -> Optional[str]:
             f"values of one head_dim")
 
 
-def latent_cache_error(model_or_config: Any, what: str) -> ValueError:
-    """The one error `calibrate` and profile-based compression raise for an MLA model."""
-    return ValueError(
-        f"{what}: {latent_cache_reason(model_or_config)}. A SpectralProfile describes per-kv-head keys and values, "
+def refuse_latent_cache(model_or_config: Any, what: str) -> None:
+    """The one error `calibrate` and profile-based compression raise for an MLA model; nothing for any other."""
+    reason = latent_cache_reason(model_or_config)
+    if reason is None:
+        return
+    raise ValueError(
+        f"{what}: {reason}. A SpectralProfile describes per-kv-head keys and values, "
         f"so this model cannot be calibrated and its cache cannot be compressed (compressing the latent with its own "
         f"basis folded into kv_b_proj is not implemented). Use sqcompile.optimize(model, None, ...) or "
         f"SpectralCache(model) without a profile: these layers are then kept exact (uncompressed) and the rest of the "
@@ -56,4 +56,4 @@ def exact_layers(model_or_config: Any, num_layers: int) -> dict[int, str]:
     return {} if reason is None else {i: reason for i in range(num_layers)}
 
 
-__all__ = ["exact_layers", "latent_cache_error", "latent_cache_reason"]
+__all__ = ["exact_layers", "latent_cache_reason", "refuse_latent_cache"]

@@ -66,20 +66,20 @@ def optimize(model: Any, profile: Any = None, *, bits: float = DEFAULT_BITS, max
     (`sqcompile.parallel`) every rank calls it; each rank's cache holds its own kv-heads."""
     from .backend import recording_backend
     from .cache import _refuse_hybrid
+    from .profile import text_config
     from .report import Report
 
+    if profile is not None:
+        from .latent_cache import refuse_latent_cache
+
+        refuse_latent_cache(model, "sqcompile.optimize with a profile")
     # the window is a backend option too: the compiled graphs then read what the cache holds, and a plain HF cache
     # passed to the compiled model reads the same window (the simulation)
-    if profile is not None:
-        from .latent_cache import latent_cache_error, latent_cache_reason
-
-        if latent_cache_reason(model) is not None:
-            raise latent_cache_error(model, "sqcompile.optimize with a profile")
     opts = dict(options, profile=profile, bits=bits, recent_window=recent_window)
     Options.from_dict(opts)  # validate now, not at the first call
-    config = getattr(model, "config", None)
-    if config is not None:  # generate's SpectralCache has no layer for a hybrid model's state-space layers: say so now
-        _refuse_hybrid(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config)
+    # generate's SpectralCache has no layer for a hybrid model's state-space layers: say so now
+    if getattr(model, "config", None) is not None:
+        _refuse_hybrid(text_config(model))
     report = Report()
     model.forward = torch.compile(model.forward, backend=recording_backend(report), options=opts)
     return Optimized(model, profile, bits, max_cache_len, max_batch_size, opts, report, recent_window)

@@ -46,17 +46,12 @@ from typing import Any, Optional
 
 import torch
 
-from .profile import model_fingerprint
-
-
-def _text_config(model: Any) -> Any:
-    config = getattr(model, "config", model)
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+from .profile import model_fingerprint, text_config
 
 
 def check_divisible(config: Any, world_size: int) -> None:
     """Each rank must hold whole kv-heads (and whole query-head groups): a clear error otherwise."""
-    fp = model_fingerprint(_text_config(config))
+    fp = model_fingerprint(text_config(config))
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
     for name in ("num_kv_heads", "num_heads"):
@@ -114,7 +109,7 @@ def _k_proj_shard(model: Any) -> Optional[tuple[Any, int, int]]:
         w = getattr(getattr(mod, "k_proj", None), "weight", None)
         if not isinstance(w, DTensor):
             continue
-        head_dim = model_fingerprint(_text_config(model))["head_dim"]
+        head_dim = model_fingerprint(text_config(model))["head_dim"]
         if len(w.placements) != 1 or not isinstance(w.placements[0], Shard) or w.placements[0].dim % w.dim() != 0:
             raise ValueError(f"sqcompile tensor parallel: k_proj weight placed {w.placements}, expected (Shard(0),)")
         shape, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)

@@ -48,6 +48,13 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def text_config(model_or_config: Any) -> Any:
+    """The decoder's text config of a model or config (a multimodal config's `get_text_config(decoder=True)`), or
+    what was given where it has none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def model_fingerprint(config: Any) -> dict:
     """The shape facts a profile must match: layers, heads, kv-heads, head_dim and the RoPE settings.
 
