@@ -18,10 +18,9 @@ from typing import Optional
 
 import torch.fx as fx
 
-from .fx_utils import is_op
+from .fx_utils import MODULE_INDEX_RE, is_op
 from .sites import Site
 
-_INDEX = re.compile(r"(?<=\w)(?:\.(\d+)|\[(\d+)\])(?=\.|\[|$)")
 _STATE = re.compile(r"(conv_state|ssm_state|recurrent_state)", re.IGNORECASE)
 REASON = ("not softmax attention: a state-space / linear-attention / convolution block ({cls}); its state is not a "
           "KV cache (no keys to rotate, no values to fold), so it runs as it is")
@@ -31,7 +30,7 @@ def _mixer_of(n: fx.Node) -> Optional[tuple]:
     """(layer, module path, class name) of the module right under the decoder layer `n` was traced in, else None."""
     stack = list((n.meta.get("nn_module_stack") or {}).values())
     for i, (path, _) in enumerate(stack):
-        m = _INDEX.search(str(path))
+        m = MODULE_INDEX_RE.search(str(path))  # a layer index: the path of a decoder layer
         if m and i + 1 < len(stack):
             child, cls = stack[i + 1]
             name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))

@@ -116,7 +116,7 @@ def layer_from_name(name: str) -> Optional[int]:
 
 
 # `.3` or `[3]` after a module name in a module path (not the `[0]` of a dynamo source such as `L['args'][0]`)
-_INDEX_RE = re.compile(r"(?<=\w)(?:\.(\d+)|\[(\d+)\])(?=\.|\[|$)")
+MODULE_INDEX_RE = re.compile(r"(?<=\w)(?:\.(\d+)|\[(\d+)\])(?=\.|\[|$)")
 
 
 def layer_from_module_stack(n: Any) -> Optional[int]:
@@ -127,7 +127,7 @@ def layer_from_module_stack(n: Any) -> Optional[int]:
         return None
     stack = n.meta.get("nn_module_stack") or {}
     for path, _ in reversed(list(stack.values())):
-        m = _INDEX_RE.search(str(path))
+        m = MODULE_INDEX_RE.search(str(path))
         if m:
             return int(m.group(1) or m.group(2))
     return None
