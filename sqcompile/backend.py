@@ -8,6 +8,7 @@ The pipeline, in order (each step a function over the FX graph, testable alone):
 2. insert_kv_rotation             k' = B_k (k - mu_k) at the KV write, q' = B_k q at the attention input
 3. fold_value_rotation            B_v into v_proj, B_v^T into o_proj (weights rewritten once, on copies)
    insert_sink_value              attention sinks: the dropped sink column's value, -B_v mu_v (GPT-OSS)
+   insert_output_rotation         no o_proj to absorb B_v^T (a gated output): o = o' B_v + mu_v after attention
 4. insert_kv_quantization         quantize K and V at the write (when options["quantize"])
 5. substitute_moe                 the fused MoE op for each proven MoE site (when options["moe"])
 6. choose_kernels                 every sqcompile op gets its implementation from the compile's `KernelPlan`
@@ -36,6 +37,7 @@ from .passes.detect_sequence_mixers import detect_sequence_mixers
 from .passes.fold_value_rotation import fold_value_rotation
 from .passes.insert_kv_quantization import insert_kv_quantization
 from .passes.insert_kv_rotation import insert_kv_rotation
+from .passes.insert_output_rotation import insert_output_rotation
 from .passes.insert_sink_value import insert_sink_value
 from .passes.localize_tensor_parallel import (has_dtensor_inputs, localize_tensor_parallel, moe_left_alone_reason,
                                               site_kv_heads)
@@ -185,8 +187,12 @@ def run_passes(gm: fx.GraphModule, example_inputs: list, opts: Options, scope: A
         rot = transform.layer(site.layer, site.kv_heads, site.head_dim, heads)  # raises on a profile/model mismatch
         insert_kv_rotation(gm, site, rot.key_basis, rot.key_mean)
         fold_value_rotation(gm, site, rot.value_basis, rot.value_mean, example_inputs)
+        out = site.nodes["out"]
         if site.nodes.get("sink_slice") is not None:  # attention sinks: the sink column's value (see the pass)
-            insert_sink_value(gm, site, rot.value_basis, rot.value_mean)
+            out = insert_sink_value(gm, site, rot.value_basis, rot.value_mean)
+        if site.nodes.get("o_linear") is None:  # no o_proj to absorb the inverse (a gated output): undo it at the read
+            insert_output_rotation(gm, site, out, rot.value_basis, rot.value_mean)
+            site.output_rotation = f"at the read ({site.nodes['output_read']})"
         if opts.quantize:
             insert_kv_quantization(gm, site, transform.codec(site.kv_heads, site.head_dim) if heads is None
                                    else transform.sliced_codec(site.head_dim, heads), opts.outlier_tokens,

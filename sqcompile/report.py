@@ -11,7 +11,8 @@ from .passes.sites import Site
 _COLUMNS = [
     ("graph", "graph"), ("layer", "layer"), ("kind", "kind"), ("form", "form"), ("q_heads", "q-heads"),
     ("kv_heads", "kv-heads"), ("head_dim", "head_dim"), ("kv_write", "KV write"), ("rope", "RoPE"),
-    ("rotation", "rotation"), ("o_proj_folded", "o_proj folded"), ("quantized", "quantized"),
+    ("rotation", "rotation"), ("o_proj_folded", "o_proj folded"),
+    ("output_rotation", "output rotation"), ("quantized", "quantized"),
     ("experts", "experts"), ("top_k", "top-k"), ("kernel", "kernel"), ("rewritten", "rewritten"), ("reason", "reason"),
 ]
 

@@ -362,7 +362,7 @@ def _find_o_proj(out: fx.Node, gm: fx.GraphModule, q_heads: int, head_dim: int) 
             u = proj.out
             break
         if not is_op(u, *_OUT_OPS) or u.args[0] is not n:
-            raise _Unproven(f"attention output reaches '{u.target}' before any projection")
+            raise _Unproven(f"attention output reaches '{op_name(u)}' before any projection")
         if is_op(u, "transpose"):
             if {d % 4 for d in u.args[1:3]} != {1, 2}:
                 raise _Unproven("attention output transposed on dims other than (1, 2)")
@@ -381,7 +381,24 @@ def _find_o_proj(out: fx.Node, gm: fx.GraphModule, q_heads: int, head_dim: int) 
     return u
 
 
-def _weight_node(lin: fx.Node) -> Optional[fx.Node]:
+def o_proj_or_read(out: fx.Node, gm: fx.GraphModule, q_heads: int, head_dim: int) -> tuple[Optional[fx.Node],
+                                                                                             Optional[str]]:
+    """(o_proj, None) when o_proj can absorb the inverse value rotation (`_find_o_proj`); else (None, why not): the
+    inverse is applied to the attention output itself (`insert_output_rotation`: a gated output, a second reader),
+    which needs only that output to be [batch, q_heads, tokens, head_dim]."""
+    try:
+        return _find_o_proj(out, gm, q_heads, head_dim), None
+    except _Unproven as e:
+        t = meta_tensor(out)
+        if t is None or t.dim() != 4 or concrete_int(t.shape[1]) != q_heads or concrete_int(t.shape[-1]) != head_dim:
+            raise _Unproven(f"{e}, and the attention output is not [batch, {q_heads}, tokens, {head_dim}] for the "
+                            f"value rotation to be undone at the read") from None
+        return None, str(e)
+
+
+def _weight_node(lin: Optional[fx.Node]) -> Optional[fx.Node]:
+    if lin is None:
+        return None
     proj = projection_of(lin)
     w = proj.weight if proj is not None else arg(lin, 1, "weight")
     return w if isinstance(w, fx.Node) else None
@@ -748,7 +765,7 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
             _check_cache_readers(base, chain[0] if chain else consumer, name)
     k_lin, site.rope = _trace_key(new_k, gm)
     v_lin, v_offset, v_rows = _trace_value_rows(new_v, gm, site.kv_heads, site.head_dim)
-    o_lin = _find_o_proj(out, gm, site.q_heads, site.head_dim)
+    o_lin, output_read = o_proj_or_read(out, gm, site.q_heads, site.head_dim)
     # Nothing outside the site may see the rotated key/value: every consumer must be the cache write or
     # the attention read.
     sinks = (attn, out) + tuple(x for x in (m.get("kt"), m.get("v_consumer")) if x is not None)
@@ -774,7 +791,8 @@ def _prove(gm: fx.GraphModule, site: Site, m: dict) -> None:
     site.layer = _site_layer(v_lin, o_lin, _weight_node(v_lin), _weight_node(o_lin), k_base, v_base)
     site.layer = -1 if site.layer is None else site.layer
     site.nodes.update(q=q, attn=attn, out=out, new_k=new_k, new_v=new_v, k_linear=k_lin, v_linear=v_lin,
-                      v_offset=v_offset, v_rows=v_rows, o_linear=o_lin, centering_ok=m["centering_ok"],
+                      v_offset=v_offset, v_rows=v_rows, o_linear=o_lin, output_read=output_read,
+                      centering_ok=m["centering_ok"],
                       k_base=k_base, v_base=v_base, k_read=k, v_read=v, k_consumer=m.get("kt", attn),
                       v_consumer=m.get("v_consumer", out))
     site.nodes.update({key: m[key] for key in SINK_NODES if key in m})

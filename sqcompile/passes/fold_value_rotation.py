@@ -4,7 +4,10 @@ With v' = B_v (v - mu_v) per kv head, the value rows of v_proj (one block, or ro
 fused QKV weight: `site.nodes["v_rows"]`) become W_v' = B_v W_v, b_v' = B_v (b_v - mu_v). Attention
 mixes values with weights that sum to one, so its output is o' = B_v (o - mu_v) per head, and o_proj absorbs
 the inverse: W_o' = W_o blockdiag(B_v^T over query heads, each with its kv head), b_o' = b_o + W_o concat(mu_v).
-The new weights are copies held by the compiled graph; the user's module is not touched.
+The new weights are copies held by the compiled graph; the user's module is not touched. Where the attention output
+does not reach o_proj through data movement only (a gated output: `o_proj(attn * sigmoid(gate))`), the detector
+finds no o_proj (`site.nodes["o_linear"]` None): only v_proj is folded here, and `insert_output_rotation` undoes
+the rotation on the attention output itself.
 """
 from __future__ import annotations
 
@@ -42,28 +45,32 @@ def fold_value_rotation(gm: fx.GraphModule, site: Site, value_basis: torch.Tenso
     """Rewrite v_proj and o_proj of `site` with the value basis folded in (float64 math on the weights' device,
     original dtype).
 
-    fold_v_proj=False rewrites o_proj only (the caller keeps rotating values online at the write)."""
-    v_lin, o_lin, off = site.nodes["v_linear"], site.nodes["o_linear"], site.nodes["v_offset"]
+    fold_v_proj=False rewrites o_proj only (the caller keeps rotating values online at the write). A site without
+    an o_proj to absorb the inverse (`o_linear` None) gets v_proj only; the caller inserts the output rotation."""
+    v_lin, o_lin, off = site.nodes["v_linear"], site.nodes.get("o_linear"), site.nodes["v_offset"]
     hkv, d, hq = site.kv_heads, site.head_dim, site.q_heads
     # rows[h, e]: the v_proj output row of feature e of kv head h (one block, or gathered from a fused weight)
     rows = site.nodes.get("v_rows")
     if rows is None:
         rows = off + torch.arange(hkv * d).reshape(hkv, d)
-    v_proj, w_v, b_v = _params(gm, v_lin, example_inputs)
-    o_proj, w_o, b_o = _params(gm, o_lin, example_inputs)
-    if w_v is None or w_o is None:
+    if not fold_v_proj and o_lin is None:
+        return
+    v_proj, w_v, b_v = _params(gm, v_lin, example_inputs) if fold_v_proj else (None, None, None)
+    o_proj, w_o, b_o = _params(gm, o_lin, example_inputs) if o_lin is not None else (None, None, None)
+    if (fold_v_proj and w_v is None) or (o_lin is not None and w_o is None):
         raise ValueError(f"layer {site.layer}: v_proj/o_proj weights are not graph inputs or constants")
     # The fold runs once, in float64 on the weights' device (a GPU's float64 einsum takes milliseconds where
     # the CPU took 0.2-0.4 s per layer of a Llama-3-8B shape on 2 cores: compile time).
-    dev = w_o.device
+    dev = (w_o if w_o is not None else w_v).device
     basis = value_basis.detach().to(dev, torch.float64)
     mean = (torch.zeros(hkv, d, dtype=torch.float64, device=dev) if value_mean is None
             else value_mean.detach().to(dev, torch.float64))
 
     if fold_v_proj:
         _fold_v_proj(gm, v_proj, rows, hkv, d, w_v, b_v, basis, mean)
-    _fold_o_proj(gm, o_proj, hq, hkv, d, w_o, b_o, basis, mean)
-    site.o_proj_folded = True
+    if o_lin is not None:
+        _fold_o_proj(gm, o_proj, hq, hkv, d, w_o, b_o, basis, mean)
+        site.o_proj_folded = True
 
 
 def _fold_v_proj(gm, v_proj, rows, hkv, d, w_v, b_v, basis, mean) -> None:

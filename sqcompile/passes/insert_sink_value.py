@@ -35,12 +35,13 @@ def sink_value(value_basis: torch.Tensor, value_mean: Optional[torch.Tensor], q_
 
 
 def insert_sink_value(gm: fx.GraphModule, site: Site, value_basis: torch.Tensor,
-                      value_mean: Optional[torch.Tensor]) -> None:
-    """out -> out + probs[..., -1:] * sink_value at a site proven by `_sink_attention` (after the value fold)."""
+                      value_mean: Optional[torch.Tensor]) -> fx.Node:
+    """out -> out + probs[..., -1:] * sink_value at a site proven by `_sink_attention` (after the value fold).
+    Returns the attention output node the readers of `out` now read (out itself when there is nothing to add)."""
     value = sink_value(value_basis, value_mean, site.q_heads)
-    if value is None:
-        return
     probs, out = site.nodes["probs"], site.nodes["out"]
+    if value is None:
+        return out
     t = meta_tensor(out)
     dtype = t.dtype if t is not None else torch.float32
     device = t.device if t is not None else torch.device("cpu")
@@ -56,3 +57,4 @@ def insert_sink_value(gm: fx.GraphModule, site: Site, value_basis: torch.Tensor,
         new_out = gm.graph.call_function(torch.add, (out, term))
     for u in users:
         u.replace_input_with(out, new_out)
+    return new_out

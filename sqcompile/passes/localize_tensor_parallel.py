@@ -185,8 +185,9 @@ def site_kv_heads(gm: fx.GraphModule, site: Any, example_inputs: Optional[list])
         raise ValueError("tensor parallel: attention runs on DTensors (q/k/v_proj colwise with use_local_output=False"
                          "?); supported: local q/k/v (ColwiseParallel's default), so the graph shows the rank's heads")
     d, hkv, hq = site.head_dim, site.kv_heads, site.q_heads
-    shards = {name: weight_shard(gm, arg(site.nodes[f"{name}_linear"], 1, "weight"), example_inputs)
-              for name in ("k", "v", "o")}
+    # a site without o_proj (a gated output: the value rotation is undone at the read) has no o_proj shard to check
+    names = ("k", "v", "o") if site.nodes.get("o_linear") is not None else ("k", "v")
+    shards = {name: weight_shard(gm, arg(site.nodes[f"{name}_linear"], 1, "weight"), example_inputs) for name in names}
     if all(s is None for s in shards.values()):
         return None
     if any(s is None for s in shards.values()):
@@ -200,10 +201,11 @@ def site_kv_heads(gm: fx.GraphModule, site: Any, example_inputs: Optional[list])
         raise ValueError(f"tensor parallel: v_proj shard rows [{offset}, {offset + size}) of {total} are not this "
                          f"site's {hkv} whole kv-heads of head_dim {d}")
     first, n_total, rep = offset // d, total // d, hq // hkv
-    o_dim, o_offset, o_size, o_total = shards["o"]
-    if (o_dim, o_offset, o_size, o_total) != (1, first * rep * d, hq * d, n_total * rep * d):
-        raise ValueError(f"tensor parallel: o_proj shard (dim {o_dim}, columns [{o_offset}, {o_offset + o_size}) of "
-                         f"{o_total}) is not the query heads of kv-heads [{first}, {first + hkv})")
+    if "o" in shards:
+        o_dim, o_offset, o_size, o_total = shards["o"]
+        if (o_dim, o_offset, o_size, o_total) != (1, first * rep * d, hq * d, n_total * rep * d):
+            raise ValueError(f"tensor parallel: o_proj shard (dim {o_dim}, columns [{o_offset}, {o_offset + o_size}) "
+                             f"of {o_total}) is not the query heads of kv-heads [{first}, {first + hkv})")
     return first, first + hkv, n_total
 
 

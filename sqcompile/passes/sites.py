@@ -27,6 +27,9 @@ class Site:
     rope: bool = False
     rotation: bool = False
     o_proj_folded: bool = False
+    # where o_proj cannot absorb the inverse value rotation (a gated output): "at the read (<why not o_proj>)", the
+    # inverse applied to the attention output by `insert_output_rotation`
+    output_rotation: Optional[str] = None
     quantized: bool = False
     kernel: Optional[str] = None  # which kernel path serves the site, if substituted
     # moe fields

@@ -33,8 +33,9 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .detect_attention import _find_o_proj, _strip_kv_read, _trace_value_rows, _Unproven
+from .detect_attention import _strip_kv_read, _trace_value_rows, _Unproven, o_proj_or_read
 from .fold_value_rotation import fold_value_rotation
+from .insert_output_rotation import insert_output_rotation
 from .insert_sink_value import insert_sink_value, sink_value
 from .fx_utils import add_constant, arg, concrete_int, is_op, layer_from_name, meta_tensor, node_source_name, tensor_value
 from .sites import Site
@@ -190,7 +191,7 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite, sink: Optional[dict]
         raise _Unproven("head counts are symbolic or not a GQA ratio")
     v_lin, v_offset, v_rows = _trace_value_rows(new_v, gm, site.kv_heads, site.head_dim)
     out = attn if sink is None else sink["out"]
-    o_lin = _find_o_proj(out, gm, site.q_heads, site.head_dim)
+    o_lin, output_read = o_proj_or_read(out, gm, site.q_heads, site.head_dim)
     for u in new_v.users:
         if u is sub or (is_op(u, "to", "contiguous") and set(u.users) == {sub}):
             continue
@@ -221,7 +222,8 @@ def _prove_spectral(gm, site, attn, k_read, v_read, qwrite, sink: Optional[dict]
 
         site.nodes.update({key: sink[key] for key in SINK_NODES}, sink_scale=scale, sink_mask=mask)
     site.nodes.update(spectral=True, attn=attn, out=out, q=q, qwrite=qw, v_store=v_store, new_v=new_v,
-                      v_linear=v_lin, v_offset=v_offset, v_rows=v_rows, o_linear=o_lin, v_basis=v_basis, v_mean=v_mean,
+                      v_linear=v_lin, v_offset=v_offset, v_rows=v_rows, o_linear=o_lin, output_read=output_read,
+                      v_basis=v_basis, v_mean=v_mean,
                       decode=decode,
                       k_packed=k_packed, v_packed=v_packed, k_sink=k_sink, v_sink=v_sink, exact_new=k_fresh is not None,
                       k_window=k_window, v_window=v_window,
@@ -270,9 +272,10 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
     if basis_t is None or mean_t is None:
         raise _Unproven("the cache's value basis is not a graph input")
     # o_proj absorbs the value basis; the write keeps the cache's own (v - mu) @ B_v^T for the one new token,
-    # so the codes written are bit-identical to the eager cache's.
+    # so the codes written are bit-identical to the eager cache's. Without an o_proj to absorb it (a gated output),
+    # the attention output is mapped back after attention (`insert_output_rotation`, at the end).
     fold_value_rotation(gm, site, basis_t, mean_t, example_inputs, fold_v_proj=False)
-    # SDPA reads the storage-basis values; o_proj (folded) maps them back.
+    # SDPA reads the storage-basis values; o_proj (folded) or the output rotation maps them back.
     v_dq = nodes["v_dq"]
     v_hat = [u for u in v_dq.users if is_op(u, "matmul")]
     for mm in v_hat:
@@ -285,8 +288,10 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
     site.rotation = True
     site.quantized = True
     if not nodes["decode"]:
+        out = nodes["out"]
         if sinks:  # the eager softmax stays: its sink column gets the storage-basis value of zero (-B_v mu_v)
-            insert_sink_value(gm, site, basis_t, mean_t)
+            out = insert_sink_value(gm, site, basis_t, mean_t)
+        _undo_at_read(gm, site, out, basis_t, mean_t)
         site.kernel = ("eager attention" if sinks else "sdpa") + " over the dequantized cache" + (
             f" ({nodes['decode_reason']})" if nodes.get("decode_reason") else " (prefill)")
         return
@@ -358,10 +363,21 @@ def substitute_decode_attention(gm: fx.GraphModule, site: Site, example_inputs: 
     replaced.replace_all_uses_with(out4)
     gm.graph.erase_node(replaced)
     _erase_dead(old_inputs)
+    _undo_at_read(gm, site, out4, basis_t, mean_t, like=replaced)
     site.kernel = "decode_attention_fast" if _is_fast_write(qw) else "decode_attention"
     site.nodes["decode_op"] = out  # `choose_kernels` hands it the compile's implementation
     if _is_fast_write(qw):
         _fuse_write(gm, site, qw, out)
+
+
+def _undo_at_read(gm: fx.GraphModule, site: Site, out: fx.Node, basis_t: torch.Tensor, mean_t: torch.Tensor,
+                  like: Optional[fx.Node] = None) -> None:
+    """A site whose o_proj could not absorb the value basis (a gated output): the attention output `out` (storage
+    basis) mapped back to the model basis right after it (on GPU, the decode kernel's epilogue). `like`: the
+    replaced attention node, whose recorded value has out's shape."""
+    if site.nodes.get("o_linear") is None:
+        insert_output_rotation(gm, site, out, basis_t, mean_t, like=like)
+        site.output_rotation = f"at the read ({site.nodes['output_read']})"
 
 
 def _sink_score_terms(attn: fx.Node, cat: fx.Node) -> tuple:
