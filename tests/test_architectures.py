@@ -32,6 +32,9 @@ BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 REWRITTEN = "rewritten"
+# rewritten with the value rotation undone on the attention output, where an elementwise gate between attention and
+# o_proj keeps o_proj from absorbing it (tests/test_gated_attention.py)
+GATED_OUTPUT = "rewritten, output rotation at the read"
 
 # arch -> (config class, model class, config kwargs (None: BASE is not used), attn_implementation,
 #          caches to run, expected outcome: REWRITTEN or a substring of the reason every site is left with,
@@ -121,6 +124,15 @@ EXPECT = {
                     dict(head_dim=16, intermediate_size=32, intermediate_size_mlp=128, num_local_experts=4,
                          num_experts_per_tok=1, no_rope_layers=[1, 0], attention_chunk_size=8, floor_scale=4),
                     "sdpa", ("dynamic", "static"), REWRITTEN, (True, False)),
+    # gated attention output o_proj(attn * sigmoid(gate)), the gate split from q_proj per head; q/k RMS norm, partial
+    # rotary; every layer full attention here (the hybrid layouts: tests/test_hybrid_models.py); MoE with a gated
+    # shared expert (Qwen3-Next) or a dense MLP (Qwen3.5)
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                   dict(head_dim=16, layer_types=["full_attention"] * 2, num_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=32, shared_expert_intermediate_size=32),
+                   "sdpa", ("dynamic", "static"), GATED_OUTPUT, True),
+    "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(head_dim=16, layer_types=["full_attention"] * 2),
+                "sdpa", ("dynamic", "static"), GATED_OUTPUT, True),
     # -- left alone, with the reason --------------------------------------------------------------------------
     # multi-head latent attention: k_nope and v split per head out of kv_b_proj; the value rows are mapped, but
     # v_head_dim 8 != the qk head dim 16
@@ -228,9 +240,10 @@ def test_architecture(arch, kind, impl):
         att = report.by_kind("attention", g)
         # every attention call is found: one site per layer in every graph
         assert len(att) == layers, f"{arch}/{kind} graph {g}: {len(att)} attention sites\n{report}"
-        if expect == REWRITTEN:
+        if expect in (REWRITTEN, GATED_OUTPUT):
             assert sorted(s.layer for s in att) == list(range(layers)), str(report)
-            bad = [s for s in att if not (s.rewritten and s.rotation and s.o_proj_folded)]
+            bad = [s for s in att if not (s.rewritten and s.rotation and (
+                s.o_proj_folded if expect == REWRITTEN else not s.o_proj_folded and s.output_rotation))]
             assert not bad, f"{arch}/{kind}: expected every site rewritten\n{report}"
             # one RoPE flag for every layer, or one per layer (Llama-4: RoPE and NoPE layers)
             assert all(s.rope == (rope[s.layer] if isinstance(rope, tuple) else rope) for s in att), str(report)

@@ -5,9 +5,10 @@ key/value means are nonzero (so a wrong rewrite shows up in the output):
 
 1. the output equals eager (1e-4 relative) -- always, whether a site was rewritten or not;
 2. a site is rewritten only when the module is attention that the rewrite is exact for: no extra consumer of
-   the key, the value or the attention output, a value projection whose rows the graph maps (one block, or a
-   per-head gather from a fused QKV), an o_proj that reads
-   the heads in order, kv heads shared as h // (q_heads / kv_heads);
+   the key or the value, a value projection whose rows the graph maps (one block, or a per-head gather from a
+   fused QKV), kv heads shared as h // (q_heads / kv_heads); o_proj absorbs the inverse value rotation when it
+   alone reads the output with the heads in order, else (an extra reader of the output, heads out of order) the
+   rotation is undone on the attention output;
 3. the clean attention forms are rewritten (the detector is not vacuous).
 
 Extra consumers are summed into the module's output, so a consumer that saw rotated values would change it.
@@ -61,8 +62,13 @@ class Spec:
         attention = self.form != "eager_softmax_dim2" and not (self.form == "sdpa_tile" and self.rep > 1)
         # a fused QKV split per head (GPT-NeoX, grouped per kv head): the value rows are gathered from the weight
         provable_v = self.qkv in ("separate", "fused_slice", "fused_split", "fused_per_head")
-        extra_ok = self.extra in ("none", "q") or (self.extra == "probs" and self.form.startswith("sdpa"))
-        return attention and provable_v and self.out_layout != "bad_permute" and extra_ok
+        extra_ok = self.extra in ("none", "q", "out") or (self.extra == "probs" and self.form.startswith("sdpa"))
+        return attention and provable_v and extra_ok
+
+    def o_proj_folds(self) -> bool:
+        """o_proj alone reads the output, heads in order: it absorbs the inverse value rotation; otherwise (a second
+        reader, a [B, S, d, H] flatten) the rotation is undone on the attention output (`insert_output_rotation`)."""
+        return self.out_layout != "bad_permute" and self.extra != "out"
 
 
 class FuzzAttention(nn.Module):
@@ -222,6 +228,7 @@ def _check(spec: Spec, seed: int = 0):
     else:
         assert len(att) == 1 and att[0].rewritten, f"did not rewrite clean attention: {spec}\n{report}"
         assert (att[0].q_heads, att[0].kv_heads, att[0].head_dim) == (spec.hq, spec.hkv, spec.d)
+        assert att[0].o_proj_folded == spec.o_proj_folds() == (att[0].output_rotation is None), (spec, str(report))
 
 
 @SETTINGS

@@ -3,9 +3,9 @@ the others) under the backend, each a tiny random config with the model's own hy
 `DynamicCache(config=...)`: linear-attention layers beside KV layers).
 
 - rotation only: the logits of a 12-token prefill and 4 greedy steps equal eager within 1e-4;
-- `explain` has a row for every block: the attention layers rewritten (Qwen3-Next's gated attention output is
-  left alone with its reason), each state-space / linear-attention / convolution block a "mixer" row left alone
-  as "not softmax attention";
+- `explain` has a row for every block: the attention layers rewritten (Qwen3-Next's and Qwen3.5's gated attention
+  output with the value rotation undone at the read, tests/test_gated_attention.py), each state-space /
+  linear-attention / convolution block a "mixer" row left alone as "not softmax attention";
 - with quantization the attention layers are quantized through the plain hybrid cache (SpectralCache's format);
 - `SpectralCache` (and `sqcompile.optimize`, which generates with one) refuses a hybrid model with an error that
   names the layers it has no layer for.
@@ -24,7 +24,7 @@ from test_hf_models import _decode as hf_decode  # noqa: E402
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-GATED = "before any projection"  # Qwen3-Next: o_proj(attn * sigmoid(gate)) (issue #22 item 5)
+GATED = "gated"  # o_proj(attn * sigmoid(gate)): rewritten, the value rotation undone at the read (issue #22 item 5)
 # arch -> (config class, model class, config kwargs, attention layers, mixer layers, attention outcome)
 HYBRIDS = {
     "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
@@ -46,6 +46,10 @@ HYBRIDS = {
                         linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
                         linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                         shared_expert_intermediate_size=32), [3], [0, 1, 2], GATED),
+    "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM",
+                dict(num_hidden_layers=2, head_dim=16, layer_types=["linear_attention", "full_attention"],
+                     linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                     linear_value_head_dim=16), [1], [0], GATED),
 }
 FAST = {"lfm2", "bamba"}
 
@@ -95,12 +99,13 @@ def test_hybrid_model(arch):
         if outcome == "rewritten":
             assert all(s.rewritten and s.rotation and s.o_proj_folded for s in att), str(report)
         else:
-            assert all(not s.rewritten and outcome in s.reason for s in att), str(report)
+            assert all(s.rewritten and s.rotation and not s.o_proj_folded and s.output_rotation
+                       and "'mul' before any projection" in s.output_rotation for s in att), str(report)
     # quantized: the attention layers read SpectralCache's format through the plain hybrid cache
     torch._dynamo.reset()
     _, report = compiled(model, {"profile": profile, "bits": 2.69, "lower": "eager"}, ids)
     att = report.by_kind("attention")
-    assert all(s.quantized for s in att if s.rewritten) and (outcome != "rewritten" or att), str(report)
+    assert att and all(s.quantized and s.rewritten for s in att), str(report)
     with pytest.raises(ValueError, match="convolution / recurrent state"):
         SpectralCache(model, profile, bits=2.69, max_cache_len=32)
 
