@@ -230,7 +230,8 @@ def test_graph_without_attention_reports_zero_sites_under_inductor_default():
 
 
 class ExtraConsumer(Attention):
-    """The attention output also feeds something other than o_proj: the pass must not fold o_proj."""
+    """The attention output also feeds something other than o_proj: the pass must not fold o_proj (it undoes the
+    value rotation on the output instead)."""
 
     def forward(self, x):
         b, s, _ = x.shape
@@ -266,8 +267,24 @@ class OProjOtherUser(Attention):
                                              self.o_proj.weight)
 
 
-@pytest.mark.parametrize("module,reason", [(ExtraConsumer, "consumers"), (SharedProjection, "shared"),
-                                           (OProjOtherUser, "used by")])
+def test_extra_reader_of_the_output_gets_the_output_rotation():
+    torch.manual_seed(0)
+    m = ExtraConsumer().eval()
+    x = torch.randn(B, S, D_MODEL)
+    profile = SpectralProfile.random(1, HKV, HD, num_heads=HQ, seed=2, mean_scale=1.0)
+    with torch.no_grad():
+        report = sqcompile.explain(m, x, options={"quantize": False, "profile": profile})
+        assert len(report.sites) == 1, str(report)
+        s = report.sites[0]
+        assert s.rewritten and not s.o_proj_folded and "2 consumers before o_proj" in s.output_rotation, str(report)
+        torch._dynamo.reset()
+        out = torch.compile(m, backend="spectralquant", options={"quantize": False, "profile": profile,
+                                                                 "lower": "eager"})(x)
+        ref = m(x)
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("module,reason", [(SharedProjection, "shared"), (OProjOtherUser, "used by")])
 def test_unprovable_sites_left_alone_with_reason(module, reason):
     torch.manual_seed(0)
     m = module().eval()
