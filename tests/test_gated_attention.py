@@ -93,6 +93,7 @@ def test_rotation_only_equals_eager(arch, kind, impl, bias):
     logits, report = compiled(model, kind, ids, {"quantize": False, "profile": random_profile(model.config),
                                                  "lower": "eager"})
     assert rel(logits, eager) < 1e-4, (arch, kind, rel(logits, eager), str(report))
+    print(f"rotation only {arch}/{kind}/{impl} bias={bias}: rel err {rel(logits, eager):.2e}")
     assert_gated_sites(report, model.config.num_hidden_layers)
     for k, v in model.state_dict().items():  # the user's module is not touched
         assert torch.equal(v, state[k]), k
@@ -133,6 +134,7 @@ def test_mutants_fail(monkeypatch, what):
     logits, _ = compiled(model, "dynamic", ids, {"quantize": False, "profile": random_profile(model.config),
                                                  "lower": "eager"}, steps=2)
     assert rel(logits, eager) > 1e-2, (what, rel(logits, eager))
+    print(f"mutant without the output {what}: rel err {rel(logits, eager):.2e}")
 
 
 @pytest.mark.parametrize("layout", ["planes", pytest.param("fast", marks=pytest.mark.slow)])
@@ -167,6 +169,7 @@ def test_quantized_mutant_fails(monkeypatch):
         b = step(input_ids=ids, past_key_values=SpectralCache(model, profile, bits=3.25, max_cache_len=40),
                  use_cache=True).logits
     assert rel(b, a) > 1e-2, rel(b, a)
+    print(f"SpectralCache mutant without the output rotation: rel err {rel(b, a):.2e}")
 
 
 def test_in_graph_quantization_equals_cache_simulation():
@@ -194,9 +197,11 @@ def test_in_graph_quantization_equals_cache_simulation():
             a = step(input_ids=x, past_key_values=static, use_cache=True).logits
             b = model(input_ids=x, past_key_values=sim, use_cache=True).logits
             assert rel(a, b) < 2e-3, (i, rel(a, b))
+            print(f"in-graph quantization, chunk {i // 16}: rel err vs simulation {rel(a, b):.2e}")
             if i == 16:  # and quantization did change something
                 fp = model(input_ids=ids[:, :32], use_cache=False).logits[:, 16:]
                 assert rel(a, fp) > 5 * rel(a, b), (rel(a, fp), rel(a, b))
+                print(f"  vs the unquantized model: rel err {rel(a, fp):.2e}")
     assert_gated_sites(report, 2)
     assert all(s.quantized for s in report.by_kind("attention")), str(report)
 
