@@ -275,7 +275,7 @@ def test_architecture(arch, kind, impl):
 GATHERED_ROWS = ("gpt_neox", "gpt_bigcode", "falcon", "gpt2")
 # ... and the rewritten architectures with a mask or position form of their own: Llama-4's chunked attention (the
 # chunk-8 mask cuts the 16-token prefill and the decode steps) and NoPE layers with temperature tuning.
-QUANTIZED_ROWS = GATHERED_ROWS + ("llama4_text",)
+QUANTIZED_ROWS = GATHERED_ROWS + ("llama4_text", "qwen3_next")
 
 
 @pytest.mark.parametrize("arch", QUANTIZED_ROWS)
@@ -301,7 +301,8 @@ def test_quantized_equals_eager_spectral_cache(arch):
     layers = model_fingerprint(model.config)["num_layers"]
     for g in report.graphs:
         att = report.by_kind("attention", g)
-        assert len(att) == layers and all(s.rewritten and s.o_proj_folded and s.kv_write == "spectral" for s in att), \
+        assert len(att) == layers and all(s.rewritten and (s.o_proj_folded or s.output_rotation)
+                                          and s.kv_write == "spectral" for s in att), \
             f"{arch}\n{report}"
     print(report)
 
@@ -309,7 +310,7 @@ def test_quantized_equals_eager_spectral_cache(arch):
 # Quantized inside the compiled graph over a plain StaticCache (the path eager-only architectures such as BLOOM take:
 # the SpectralCache read is substituted for SDPA sites only): the compiled model equals the eager model over the
 # Cache-API simulation with the same codec and slots, as tests/test_backend_quantization.py checks for Llama.
-@pytest.mark.parametrize("arch", GATHERED_ROWS + ("bloom",))
+@pytest.mark.parametrize("arch", GATHERED_ROWS + ("bloom", "qwen3_next"))
 def test_in_graph_quantization_equals_cache_simulation(arch):
     from transformers import StaticCache
 

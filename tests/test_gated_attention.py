@@ -9,9 +9,10 @@ tests/test_hybrid_models.py runs the hybrid layouts through the plain cache):
 - rotation only: the logits of a prefill and greedy steps equal eager within 1e-4 (with attention biases here; the
   rows of tests/test_architectures.py run them without), and `explain` shows every attention site rewritten with the
   output rotation at the read;
-- quantized through a `SpectralCache`: the compiled model (decode kernels on the packed codes, output rotation after
-  them) equals the eager model over its own `SpectralCache` step by step; through a plain StaticCache the in-graph
-  quantization equals the Cache-API simulation with the same codec and slots;
+- quantized through a `SpectralCache` (fast layout here; the bit-plane layout and the in-graph quantization over a
+  plain StaticCache, equal to the Cache-API simulation, are the qwen3_next rows of tests/test_architectures.py): the
+  compiled model (decode kernels on the packed codes, output rotation after them) equals the eager model over its own
+  `SpectralCache` step by step, and `sqcompile.optimize(...).generate` gives the eager model's greedy tokens;
 - mutants: without the output rotation, or without its value mean, the logits are far from eager.
 """
 from __future__ import annotations
@@ -21,11 +22,11 @@ import torch
 import transformers
 
 import sqcompile
-from sqcompile import SpectralProfile, backend
+from sqcompile import backend
 from sqcompile.backend import spectralquant
 from sqcompile.cache import SpectralCache, non_attention_layers
-from sqcompile.profile import model_fingerprint
 from sqcompile.report import Report
+from test_architectures import compiled_decode, random_profile  # noqa: E402
 from test_hf_models import _decode as decode  # noqa: E402
 from test_hf_models import _rel as rel  # noqa: E402
 
@@ -55,18 +56,6 @@ def build(arch: str, impl: str = "sdpa", bias: bool = False):
     return model
 
 
-def random_profile(config, seed=3):
-    fp = model_fingerprint(config)
-    return SpectralProfile.random(fp["num_layers"], fp["num_kv_heads"], fp["head_dim"], num_heads=fp["num_heads"],
-                                  seed=seed, mean_scale=0.5)
-
-
-def compiled(model, kind, ids, options, steps=6):
-    report = Report()
-    fn = torch.compile(model.forward, backend=backend.recording_backend(report), options=options)
-    return decode(fn, model, kind, ids, steps), report
-
-
 def assert_gated_sites(report, layers, spectral=False):
     assert report.graphs, str(report)
     for g in report.graphs:
@@ -90,8 +79,8 @@ def test_rotation_only_equals_eager(arch, kind, impl, bias):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     eager = decode(model, model, kind, ids, 6)
-    logits, report = compiled(model, kind, ids, {"quantize": False, "profile": random_profile(model.config),
-                                                 "lower": "eager"})
+    logits, report = compiled_decode(model, kind, ids, {"quantize": False, "profile": random_profile(model.config),
+                                                        "lower": "eager"}, steps=6)
     assert rel(logits, eager) < 1e-4, (arch, kind, rel(logits, eager), str(report))
     print(f"rotation only {arch}/{kind}/{impl} bias={bias}: rel err {rel(logits, eager):.2e}")
     assert_gated_sites(report, model.config.num_hidden_layers)
@@ -131,13 +120,14 @@ def test_mutants_fail(monkeypatch, what):
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     eager = decode(model, model, "dynamic", ids, 2)
     _without(monkeypatch, what)
-    logits, _ = compiled(model, "dynamic", ids, {"quantize": False, "profile": random_profile(model.config),
-                                                 "lower": "eager"}, steps=2)
+    logits, _ = compiled_decode(model, "dynamic", ids, {"quantize": False, "profile": random_profile(model.config),
+                                                        "lower": "eager"}, steps=2)
     assert rel(logits, eager) > 1e-2, (what, rel(logits, eager))
     print(f"mutant without the output {what}: rel err {rel(logits, eager):.2e}")
 
 
-@pytest.mark.parametrize("layout", ["planes", pytest.param("fast", marks=pytest.mark.slow)])
+# the bit-plane layout: tests/test_architectures.py (test_quantized_equals_eager_spectral_cache, row qwen3_next)
+@pytest.mark.parametrize("layout", ["fast"])
 def test_quantized_equals_eager_spectral_cache(layout):
     from test_spectral_cache import _lockstep
 
@@ -172,53 +162,17 @@ def test_quantized_mutant_fails(monkeypatch):
     print(f"SpectralCache mutant without the output rotation: rel err {rel(b, a):.2e}")
 
 
-def test_in_graph_quantization_equals_cache_simulation():
-    from transformers import StaticCache
-
-    from sqcompile.evaluate import EvalState, simulated_cache
-    from sqcompile.kernels.sink import OUTLIER_TOKENS
-    from sqcompile.quant import build_codec
-
-    torch._dynamo.reset()
-    model = build("qwen3_next", bias=True)
-    cfg = model.config
-    profile = random_profile(cfg, seed=5)
-    bits = 4.25
-    codec = build_codec(profile, bits=bits)
-    ids = torch.randint(3, 128, (1, 48), generator=torch.Generator().manual_seed(0))
-    report = Report()
-    step = torch.compile(model.forward, backend=backend.recording_backend(report),
-                         options={"profile": profile, "bits": bits, "lower": "eager"})
-    static = StaticCache(config=cfg, max_cache_len=64)
-    sim = simulated_cache(EvalState(codec, (), keep_sink=True, exact_fresh=True, outlier_tokens=OUTLIER_TOKENS), cfg)
-    with torch.no_grad():
-        for i in range(0, 48, 16):  # chunks attend to the quantized cache of earlier chunks
-            x = ids[:, i:i + 16]
-            a = step(input_ids=x, past_key_values=static, use_cache=True).logits
-            b = model(input_ids=x, past_key_values=sim, use_cache=True).logits
-            assert rel(a, b) < 2e-3, (i, rel(a, b))
-            print(f"in-graph quantization, chunk {i // 16}: rel err vs simulation {rel(a, b):.2e}")
-            if i == 16:  # and quantization did change something
-                fp = model(input_ids=ids[:, :32], use_cache=False).logits[:, 16:]
-                assert rel(a, fp) > 5 * rel(a, b), (rel(a, fp), rel(a, b))
-                print(f"  vs the unquantized model: rel err {rel(a, fp):.2e}")
-    assert_gated_sites(report, 2)
-    assert all(s.quantized for s in report.by_kind("attention")), str(report)
-
-
 def test_optimize_generates_with_a_gated_model():
-    """`sqcompile.optimize(model).generate`: the eager SpectralCache model's greedy tokens, decode steps through the
-    decode op with the output rotation after it."""
+    """`sqcompile.optimize(model).generate`: the greedy tokens of the eager model over the same SpectralCache, decode
+    steps through the decode op with the output rotation after it."""
     torch._dynamo.reset()
     model = build("qwen3_next")
-    profile = random_profile(model.config)
     ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        cache = SpectralCache(model, profile, bits=2.69, max_cache_len=32).allocate(2, ids.device, torch.float32)
-        want = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
-    opt = sqcompile.optimize(model, profile, bits=2.69, max_cache_len=32, lower="eager")
+    eager_forward = model.forward
+    opt = sqcompile.optimize(model, random_profile(model.config), bits=2.69, max_cache_len=32, lower="eager")
     got = opt.generate(ids, max_new_tokens=8, do_sample=False)
-    assert torch.equal(got, want), (got, want)
+    model.forward = eager_forward  # the same generate and cache settings, eager
+    assert torch.equal(got, opt.generate(ids, max_new_tokens=8, do_sample=False)), got
     att = opt.report.by_kind("attention")
     assert att and all(s.rewritten and s.output_rotation for s in att), str(opt.report)
     assert any(s.kernel and s.kernel.startswith("decode_attention") for s in att), str(opt.report)
