@@ -69,7 +69,8 @@ def assert_gated_sites(report, layers, spectral=False):
 
 
 # without biases, every cache and implementation: tests/test_architectures.py (rows qwen3_next, qwen3_5)
-@pytest.mark.parametrize("arch,kind,impl,bias", [("qwen3_next", "static", "sdpa", True),
+@pytest.mark.parametrize("arch,kind,impl,bias", [pytest.param("qwen3_next", "static", "sdpa", True,
+                                                              marks=pytest.mark.slow),
                                                  ("qwen3_5", "dynamic", "sdpa", True),
                                                  pytest.param("qwen3_5", "dynamic", "eager", True,
                                                               marks=pytest.mark.slow)])
@@ -116,7 +117,7 @@ def _without(monkeypatch, what):
 @pytest.mark.parametrize("what", ["rotation", pytest.param("mean", marks=pytest.mark.slow)])
 def test_mutants_fail(monkeypatch, what):
     torch._dynamo.reset()
-    model = build("qwen3_next")
+    model = build("qwen3_5")
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     eager = decode(model, model, "dynamic", ids, 2)
     _without(monkeypatch, what)
@@ -127,7 +128,7 @@ def test_mutants_fail(monkeypatch, what):
 
 
 # the bit-plane layout: tests/test_architectures.py (test_quantized_equals_eager_spectral_cache, row qwen3_next)
-@pytest.mark.parametrize("layout", ["fast"])
+@pytest.mark.parametrize("layout", [pytest.param("fast", marks=pytest.mark.slow)])
 def test_quantized_equals_eager_spectral_cache(layout):
     from test_spectral_cache import _lockstep
 
@@ -148,7 +149,7 @@ def test_quantized_equals_eager_spectral_cache(layout):
 
 def test_quantized_mutant_fails(monkeypatch):
     torch._dynamo.reset()
-    model = build("qwen3_next")
+    model = build("qwen3_5")
     profile = random_profile(model.config)
     ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     _without(monkeypatch, "rotation")
@@ -166,7 +167,7 @@ def test_optimize_generates_with_a_gated_model():
     """`sqcompile.optimize(model).generate`: the greedy tokens of the eager model over the same SpectralCache, decode
     steps through the decode op with the output rotation after it."""
     torch._dynamo.reset()
-    model = build("qwen3_next")
+    model = build("qwen3_5")
     ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(4))
     eager_forward = model.forward
     opt = sqcompile.optimize(model, random_profile(model.config), bits=2.69, max_cache_len=32, lower="eager")

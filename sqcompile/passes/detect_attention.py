@@ -3,7 +3,9 @@
 A site is accepted only when every piece the rewrite relies on is found and has no consumer outside the
 site: the fresh key and value written to the cache (`index_copy_` into a StaticCache tensor, `cat` onto a
 DynamicCache tensor, or used directly), the `v_proj` linear behind the value (alone or a slice of a fused
-QKV linear), and the `o_proj` linear that is the only consumer of the attention output. Anything else is
+QKV linear), and either the `o_proj` linear that is the only consumer of the attention output (it absorbs the
+inverse value rotation) or, where there is none (a gated output `o_proj(attn * sigmoid(gate))`, a second reader), an
+output in [batch, q_heads, tokens, head_dim] that the rotation is undone on (`o_proj_or_read`). Anything else is
 reported with the reason it was left alone. Two forms are recognised:
 
 - ``sdpa``:  ``F.scaled_dot_product_attention(q, k, v, ...)`` (GQA by ``enable_gqa`` or ``repeat_kv``);
