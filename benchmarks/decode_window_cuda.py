@@ -9,7 +9,8 @@ the codes before the window (`sink.codes_lengths`), which merges that split. Thi
    takes the layout), ragged lengths, rings that wrapped and rings shorter than W;
 2. times with `triton.testing.do_bench` (median; L2 flushed between calls; each variant one captured CUDA graph, so
    no host time): FP16 SDPA (enable_gqa, exactly S tokens) against the CUDA kernel alone (W = 0, no exact tokens) and
-   the decode step's whole attention (exact split + kernel) at W = 0, 48, 128 with 5 exact slots and the new token;
+   the decode step's whole attention (exact split + kernel) at W = 0, 48, 128 with 5 exact slots and the new token
+   (`codes_lengths` as one Inductor kernel, as in a compiled step);
 3. times the decode step's write at 4K: the write fused into the kernel's first launch (the kernel with the write
    minus without), the ring's store (`SpectralLayer._store_window`: three index_copy_), against one call.
 
@@ -65,12 +66,12 @@ def exact_inputs(B, H, d, S, W, lengths, dev, gen, slots=5):
     return sk, sv, sp, mean, new, win
 
 
-def step(q, kp, vp, st, scale, ex, lengths_written, poison=False):
+def step(q, kp, vp, st, scale, ex, lengths_written, poison=False, lens_fn=codes_lengths):
     """The decode step's attention as the compiled graph runs it: exact split, then the CUDA kernel."""
     sk, sv, sp, mean, new, win = ex
     score, value, pos = torch.ops.sqcompile.exact_split(q, mean, None, scale, sk, sv, sp, *new,
                                                         *(win if win is not None else ()))
-    lens = codes_lengths(lengths_written, win[2]) if win is not None else lengths_written
+    lens = lens_fn(lengths_written, win[2]) if win is not None else lengths_written
     return dc.decode_attention_fast_cuda(q, kp, vp, lens, scale=scale, **st.args, poison=poison, sink_score=score,
                                          sink_value=value, sink_pos=pos)
 
@@ -140,6 +141,7 @@ def us(fn) -> float:
 def timing(dev, gen, seqs, bits_list, windows, B=8, Hq=32, H=8, d=128):
     rows = []
     scale = 1 / math.sqrt(d)
+    lens_fn = torch.compile(codes_lengths, fullgraph=True)  # one Inductor kernel, as in a compiled decode step
     for S in seqs:
         q4 = torch.randn(B, Hq, 1, d, device=dev, generator=gen).half()
         k16 = torch.randn(B, H, S, d, device=dev, generator=gen).half()
@@ -155,8 +157,8 @@ def timing(dev, gen, seqs, bits_list, windows, B=8, Hq=32, H=8, d=128):
             row = dict(S=S, bits=bits, bits_per_element=st.bits_per_element, sdpa_us=t_sdpa, kernel_us=t_kernel)
             for W in windows:
                 ex = exact_inputs(B, H, d, S, W, [S] * B, dev, gen)
-                written = torch.tensor(S - 1, device=dev)
-                row[f"step_W{W}_us"] = us(lambda: step(q, kp, vp, st, scale, ex, written))
+                written = torch.full((B,), S - 1, device=dev)  # one length per row (the kernel reads B of them)
+                row[f"step_W{W}_us"] = us(lambda: step(q, kp, vp, st, scale, ex, written, lens_fn=lens_fn))
                 sk, sv, sp, mean, new, win = ex
                 row[f"split_W{W}_us"] = us(lambda: torch.ops.sqcompile.exact_split(
                     q, mean, None, scale, sk, sv, sp, *new, *(win if win is not None else ())))
