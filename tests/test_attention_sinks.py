@@ -26,10 +26,11 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_lay
 SCHEDULE = ((0, 12), (12, 16), (16, 20), *((i, i + 1) for i in range(20, 30)))  # a prompt, chunks, decode steps
 
 
-def gpt_oss(layer_types=("full_attention", "full_attention"), sliding_window=8):
+def gpt_oss(layer_types=("full_attention", "full_attention"), sliding_window=8, head_dim=TINY["head_dim"]):
     """A tiny random GPT-OSS with sink logits and biases far from zero (the sink takes a real share)."""
     torch.manual_seed(0)
-    config = transformers.GptOssConfig(**TINY, sliding_window=sliding_window, layer_types=list(layer_types))
+    config = transformers.GptOssConfig(**{**TINY, "head_dim": head_dim}, sliding_window=sliding_window,
+                                       layer_types=list(layer_types))
     config._attn_implementation = "eager"
     model = transformers.GptOssForCausalLM(config).eval()
     with torch.no_grad():
@@ -178,6 +179,67 @@ def test_optimize_generate_runs_gpt_oss():
     assert kernels and any(k and k.startswith("decode_attention") for k in kernels), kernels
 
 
+_LOW = torch.finfo(torch.float32).min
+# the additive terms a model's eager attention may add to its scores before the sink cat, and what the substitution
+# reads from each: "bool" (the boolean mask of a where(mask, 0, -big)), "float" (the float mask input, read at run
+# time by `token_mask_from_bias`) or None (left as eager attention, with a reason)
+MASK_FORMS = {
+    # transformers 5.17's eager mask: the 0 is a constant tensor the graph makes
+    "where_tensor_zero": (lambda m, f: torch.where(m, torch.tensor(0.0, device=m.device, dtype=f.dtype), _LOW), "bool"),
+    # transformers 5.25's
+    "where_zeros": (lambda m, f: torch.where(m, torch.zeros((), device=m.device, dtype=f.dtype), _LOW), "bool"),
+    "where_tensor_low": (lambda m, f: torch.where(m, 0.0, torch.tensor(float("-inf"))), "bool"),
+    "where_full": (lambda m, f: torch.where(m, torch.full_like(f, 0.0), torch.full((), _LOW)), "bool"),
+    "float_input": (lambda m, f: f, "float"),
+    "float_input_sliced": (lambda m, f: f[:, :, :, :f.shape[-1]], "float"),  # mask[..., :key_len], the whole row
+    "soft_penalty": (lambda m, f: torch.where(m, torch.tensor(0.0), -1.0), None),
+    "nonzero_keep": (lambda m, f: torch.where(m, torch.tensor(0.5), _LOW), None),
+    "scaled_float_input": (lambda m, f: f * 0.5, None),
+    "float_input_shifted": (lambda m, f: torch.cat([f, f], -1)[:, :, :, 1:f.shape[-1] + 1], None),
+}
+
+
+@pytest.mark.parametrize("form", sorted(MASK_FORMS))
+def test_sink_scores_read_each_mask_form(form):
+    """The decode substitution reads the mask added to the sink form's scores (`_sink_score_terms`) as a token mask
+    only where it provably is one: where(mask, 0, -big) with 0 / -big as numbers or constant tensors (transformers
+    5.17 makes the 0 with torch.tensor, 5.25 with torch.zeros), a float mask input or a slice of it that keeps its
+    shape; any other bias leaves the site as eager attention and says why. Captured by dynamo as the backend sees
+    it, without a transformers version that makes the form."""
+    from sqcompile.passes.fx_utils import is_op, meta_tensor
+    from sqcompile.passes.substitute_decode_attention import _sink_score_terms
+
+    make_bias, want = MASK_FORMS[form]
+
+    def scores(q, k, sinks, bool_mask, float_mask):
+        weights = torch.matmul(q, k.transpose(2, 3)) * 0.25 + make_bias(bool_mask, float_mask)
+        return torch.cat([weights, sinks], dim=-1).softmax(-1)
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    B, H, T, d = 2, 4, 8, 16
+    g = torch.Generator().manual_seed(0)
+    bool_mask = torch.rand(B, 1, 1, T, generator=g) > 0.3
+    inputs = (torch.randn(B, H, 1, d, generator=g), torch.randn(B, H, T, d, generator=g),
+              torch.randn(B, H, 1, 1, generator=g), bool_mask, torch.where(bool_mask, 0.0, _LOW))
+    torch._dynamo.reset()
+    torch.compile(scores, backend=capture, fullgraph=True)(*inputs)
+    nodes = list(graphs[0].graph.nodes)
+    attn = next(n for n in nodes if is_op(n, "matmul"))
+    cat = [n for n in nodes if is_op(n, "cat")][-1]  # the sink cat (a form may cat too)
+    scale, mask, why = _sink_score_terms(attn, cat)
+    if want is None:
+        assert mask is None and scale is None and "not a token mask" in why, (mask, why)
+        return
+    assert why is None and scale == 0.25, why
+    assert mask.op == "placeholder", mask  # the mask handed in itself: one token mask shared by the layers
+    assert meta_tensor(mask).dtype == (torch.bool if want == "bool" else torch.float32)
+
+
 def _sink_split(B, Hq, Hkv, d, gen, scale):
     """A GPT-OSS sink split as the substitution pass builds it: (score, value per query head, sink_pos -1)."""
     from sqcompile.kernels.sink_logits import no_exact_positions, sink_logit_split
@@ -229,18 +291,30 @@ def test_triton_decode_kernels_take_the_sink_logit():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernels", ["cuda", "triton"])
+@pytest.mark.parametrize("kernels", ["auto", "triton"])
 def test_gpu_decode_with_sinks_equals_eager_spectral_cache(kernels):
-    """On a GPU: the compiled GPT-OSS over a fast-layout SpectralCache (decode steps on the CUDA or Triton decode
-    kernel, the sink logit in the extra split they merge) equals the eager model over its own SpectralCache."""
+    """On a GPU: the compiled GPT-OSS over a fast-layout SpectralCache (decode steps on the CUDA decode kernel where
+    kernels="auto", the Triton one where "triton", the sink logit in the extra split they merge) equals the eager
+    model over its own SpectralCache; each decode site's `kernel` column names the implementation that ran."""
+    from sqcompile.kernels import decode_attention_cuda
+    from sqcompile.quant.fast_layout import FastLayout
+
     torch._dynamo.reset()
-    model = gpt_oss(("sliding_attention", "full_attention")).cuda()
+    head_dim = 64  # a layout the CUDA kernel takes at 3.25 bits (head_dim 16 has 2-bit groups of 16 columns)
+    model = gpt_oss(("sliding_attention", "full_attention"), head_dim=head_dim).cuda()
     profile = profile_of(model, centered_values=True)
     ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(6)).cuda()
     mine = SpectralCache(model, profile, bits=3.25, max_cache_len=32, layout="fast")
     real = SpectralCache(model, profile, bits=3.25, max_cache_len=32, layout="fast")
+    group = TINY["num_attention_heads"] // TINY["num_key_value_heads"]
+    for layer in mine.layers:
+        why = decode_attention_cuda.supports(FastLayout.from_spec(head_dim, layer.k_layout),
+                                             FastLayout.from_spec(head_dim, layer.v_layout), head_dim, group,
+                                             layer.max_cache_len)
+        assert why is None, f"the test's layout no longer runs on the CUDA decode kernel: {why}"
     worst, _, attention = run_schedule(model, {"profile": profile, "bits": 3.25, "layout": "fast", "kernels": kernels,
                                                "lower": "eager"}, ids, mine, real)
-    kernels_used = [s.kernel for s in attention]
-    assert any(k and k.startswith("decode_attention") for k in kernels_used), kernels_used
+    decode = [s.kernel for s in attention if s.kernel and s.kernel.startswith("decode_attention")]
+    impl = "cuda" if kernels == "auto" else "triton"
+    assert decode and all(k.endswith(f" ({impl})") for k in decode), decode
     assert worst < 5e-3, worst

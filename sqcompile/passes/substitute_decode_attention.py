@@ -37,7 +37,8 @@ from .detect_attention import _strip_kv_read, _trace_value_rows, _Unproven, o_pr
 from .fold_value_rotation import fold_value_rotation
 from .insert_output_rotation import insert_output_rotation
 from .insert_sink_value import insert_sink_value, sink_value
-from .fx_utils import add_constant, arg, concrete_int, is_op, layer_from_name, meta_tensor, node_source_name, tensor_value
+from .fx_utils import (add_constant, arg, concrete_int, is_op, layer_from_name, meta_tensor, node_source_name,
+                       op_name, same_size, tensor_value)
 from .sites import Site
 
 
@@ -394,12 +395,14 @@ def _sink_score_terms(attn: fx.Node, cat: fx.Node) -> tuple:
         elif is_op(n, "add") and len(n.args) == 2 and mask is None and all(isinstance(x, fx.Node) for x in n.args):
             chain, bias = (n.args[0], n.args[1]) if _reaches(n.args[0], attn) else (n.args[1], n.args[0])
             mask = _token_mask_of(bias)
-            bt = meta_tensor(bias)
-            if mask is None and (bt is None or not bt.is_floating_point() or bias.op != "placeholder"):
-                return None, None, "the scores get an additive bias that is not a token mask (where(mask, 0, -inf))"
-            # a float mask handed in (`generate` builds it outside the graph): read as a token mask at run time,
-            # where the op raises on any value but 0 and -inf (`sink_logits.token_mask_from_bias`)
-            mask = bias if mask is None else mask
+            handed_in, bt = _mask_root(bias), meta_tensor(bias)
+            if mask is None and (bt is None or not bt.is_floating_point() or handed_in.op != "placeholder"):
+                return None, None, ("the scores get an additive bias that is not a token mask (where(mask, 0, -inf)) "
+                                    f"nor a float mask input: '{_describe(bias)}'")
+            # a float mask handed in (`generate` builds it outside the graph), or a slice of one that keeps its
+            # shape: read as a token mask at run time, where the op raises on any value but 0 and -inf
+            # (`sink_logits.token_mask_from_bias`)
+            mask = handed_in if mask is None else mask
             n = chain
         else:
             break
@@ -417,15 +420,51 @@ def _reaches(n, target: fx.Node, depth: int = 8) -> bool:
 
 
 def _token_mask_of(bias: fx.Node) -> Optional[fx.Node]:
-    """`where(mask, 0, -big)` (transformers' eager mask from a boolean one): the boolean mask, else None."""
+    """`where(mask, 0, -big)` (transformers' eager mask from a boolean one; 0 and -big as numbers or as constant
+    tensors the graph makes, e.g. `torch.tensor(0.0)` in transformers 5.17, `torch.zeros(())` in 5.25): the boolean
+    mask, else None. -big is at or below `sink_logits.HIDDEN_BELOW` (finfo(dtype).min in fp32, bf16 and fp16), and
+    0 / -big must not broadcast the mask to another shape."""
+    from ..kernels.sink_logits import HIDDEN_BELOW
+
     if not (is_op(bias, "where") and len(bias.args) == 3):
         return None
     cond, keep, drop = bias.args
-    ct = meta_tensor(cond)
-    zero = (isinstance(keep, (int, float)) and keep == 0) or (
-        is_op(keep, "zeros", "zeros_like", "new_zeros") or (is_op(keep, "full") and arg(keep, 1, "fill_value") == 0))
-    return cond if ct is not None and ct.dtype == torch.bool and zero and isinstance(drop, (int, float)) \
-        and drop <= -1e30 else None
+    ct, bt = meta_tensor(cond), meta_tensor(bias)
+    if ct is None or bt is None or ct.dtype != torch.bool or not bt.is_floating_point() or ct.dim() != bt.dim() \
+            or not all(same_size(a, b) for a, b in zip(ct.shape, bt.shape)):
+        return None
+    keep, drop = _constant_of(keep), _constant_of(drop)
+    return cond if keep == 0 and drop is not None and drop <= HIDDEN_BELOW else None
+
+
+def _constant_of(n) -> Optional[float]:
+    """The single value of a number or of a tensor the graph fills with a literal (`torch.tensor(c)`,
+    `scalar_tensor(c)`, `new_tensor(c)`, `zeros*`, `full(size, c)`, `full_like(x, c)`, `x.new_full(size, c)`),
+    else None."""
+    if isinstance(n, (int, float)) and not isinstance(n, bool):
+        return float(n)
+    if not isinstance(n, fx.Node):
+        return None
+    if is_op(n, "zeros", "zeros_like", "new_zeros"):
+        return 0.0
+    if is_op(n, "tensor", "scalar_tensor", "as_tensor") and n.op == "call_function":
+        value = arg(n, 0, "data")
+    elif is_op(n, "new_tensor") and n.op == "call_method":
+        value = arg(n, 1, "data")
+    elif is_op(n, "full", "full_like") and n.op == "call_function":
+        value = arg(n, 1, "fill_value")
+    elif is_op(n, "new_full") and n.op == "call_method":
+        value = arg(n, 2, "fill_value")
+    else:
+        return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _describe(n) -> str:
+    """A node as 'op(inputs)', for a reason shown in `explain`."""
+    if not isinstance(n, fx.Node):
+        return repr(n)
+    return f"{op_name(n)}({', '.join(a.name if isinstance(a, fx.Node) else repr(a) for a in n.args)})"
 
 
 def _add_sink_logit(gm: fx.GraphModule, site: Site, q3: fx.Node, k_mean: fx.Node, scale, basis_t, mean_t,
@@ -468,7 +507,8 @@ def _mask_root(mask: fx.Node) -> fx.Node:
     while is_op(mask, "getitem") and isinstance(mask.args[0], fx.Node):
         index = mask.args[1] if isinstance(mask.args[1], tuple) else (mask.args[1],)
         inner, outer = meta_tensor(mask.args[0]), meta_tensor(mask)
-        if inner is None or outer is None or tuple(inner.shape) != tuple(outer.shape) \
+        if inner is None or outer is None or inner.dim() != outer.dim() \
+                or not all(same_size(a, b) for a, b in zip(inner.shape, outer.shape)) \
                 or not all(isinstance(i, slice) or i is Ellipsis for i in index):
             break
         mask = mask.args[0]
