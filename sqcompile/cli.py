@@ -64,12 +64,14 @@ def _eval(args) -> int:
 
     window = DECODE_WINDOW if args.window is None else args.window
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else (4.25, 3.25, 2.69)
+    window_bits = [float(b) for b in args.window_bits.split(",")]
     if args.protocol == "decode":
         results, info = run_decode_eval(model=args.model, gguf_file=args.gguf_file, context=args.context,
                                         scored=args.scored, calibration_text=args.calibration_text,
                                         eval_text=args.eval_text, eval_offset=args.eval_offset,
                                         profile_path=args.profile, bos=args.bos, out_dir=args.out,
-                                        rows=default_decode_rows(budgets, args.layouts.split(","), window))
+                                        rows=default_decode_rows(budgets, args.layouts.split(","), window,
+                                                                 window_bits))
         print("\n".join(f"- {k}: {v}" for k, v in info.items()) + "\n\n" + decode_markdown(results))
         return 0
     if args.model != "smollm2" or args.gguf_file:
@@ -240,8 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-file", default=None, help="decode: the GGUF file inside --model's directory")
     p.add_argument("--layouts", default="fast,planes", help="decode: comma-separated SpectralCache layouts")
     p.add_argument("--window", type=int, default=None,
-                   help="decode: also the fast layout at 2.75 bits with this many recent tokens exact (0: no such row; "
+                   help="decode: also the fast layout at --window-bits with this many recent tokens exact (0: no such row; "
                         "default evaluate.DECODE_WINDOW = 48)")
+    p.add_argument("--window-bits", default="2.75",
+                   help="decode: comma-separated bits/element of the recent-window rows (default 2.75)")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="decode: prepend the BOS token (default: when the tokenizer does)")
     p.add_argument("--calibration-text", default="britannica")
