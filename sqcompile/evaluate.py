@@ -678,7 +678,11 @@ def evaluate_decode(model, profile, ids: Tensor, rows: Optional[Sequence[DecodeR
     rows = list(rows) if rows is not None else default_decode_rows()
     C = ids.numel()
     fp16_bytes = fp16_kv_bytes(model.config, C)
-    fp16_model_bytes = fp16_model_cache_bytes(model.config, C)
+    try:
+        fp16_model_bytes = fp16_model_cache_bytes(model.config, C)
+    except (ValueError, TypeError) as e:  # a cache layout StaticCache does not build: that ratio is not shown
+        log.warning("no ratio vs the model's own FP16 cache: %s", e)
+        fp16_model_bytes = 0
     results: list[DecodeRowResult] = []
     for spec in tqdm(rows, desc="decode rows", disable=not progress):
         t0 = time.monotonic()
@@ -699,7 +703,8 @@ def evaluate_decode(model, profile, ids: Tensor, rows: Optional[Sequence[DecodeR
                 res.sequence_bytes, res.constant_bytes = cache.sequence_nbytes, cache.constant_nbytes
                 del cache
             res.compression = fp16_bytes / res.sequence_bytes
-            res.compression_model = fp16_model_bytes / res.sequence_bytes if spec.bits is not None else 1.0
+            res.compression_model = (float("nan") if not fp16_model_bytes else
+                                     fp16_model_bytes / res.sequence_bytes if spec.bits is not None else 1.0)
             res.ppl = decode_perplexity(model, ids, make, scored, prefill_chunk, 1)
             if chunked:
                 res.ppl_chunked = decode_perplexity(model, ids, make, scored, prefill_chunk, chunked)

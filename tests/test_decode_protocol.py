@@ -260,6 +260,17 @@ def test_fp16_model_cache_bytes_counts_a_sliding_layer_s_window_only():
     llama = _model("llama")
     assert fp16_model_cache_bytes(llama.config, 48) == fp16_kv_bytes(llama.config, 48)
 
+    from sqcompile.evaluate import DecodeRowSpec, decode_markdown, evaluate_decode
+
+    ids = torch.randint(3, 128, (32,), generator=torch.Generator().manual_seed(7))
+    rows = [DecodeRowSpec("FP16"), DecodeRowSpec("fast 2.75 + window 4", "fast", 2.75, {"recent_window": 4})]
+    fp16, fast = evaluate_decode(gemma, None, ids, rows, scored=8, prefill_chunk=8, chunked=None, progress=False)
+    assert fp16.error is None and fast.error is None, (fp16.error, fast.error)
+    assert fp16.compression == fp16.compression_model == 1.0
+    assert fast.fp16_model_bytes == per_token * (8 + 32) and fast.fp16_bytes == per_token * 2 * 32
+    assert fast.compression_model == fast.fp16_model_bytes / fast.sequence_bytes < fast.compression
+    assert f"| {fast.compression_model:.2f}x |" in decode_markdown([fp16, fast])
+
 
 def test_spectral_cache_on_a_sliding_window_model_with_the_window_past_it():
     """Gemma-3 layout (head_dim 256, one kv-head, a sliding layer of window 8, query scalar 64, attention
