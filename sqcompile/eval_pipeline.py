@@ -91,7 +91,8 @@ def run_decode_eval(model: str = "smollm2", gguf_file: Optional[str] = None, con
 
     torch.manual_seed(0)
     net, tokenizer = load_model(model, gguf_file)
-    if profile_path and Path(profile_path).is_file():
+    loaded = bool(profile_path and Path(profile_path).is_file())
+    if loaded:
         profile = SpectralProfile.load(profile_path)
         profile.check_matches(model_fingerprint(net.config))
     else:
@@ -105,8 +106,10 @@ def run_decode_eval(model: str = "smollm2", gguf_file: Optional[str] = None, con
     t0 = time.monotonic()
     results = evaluate_decode(net, profile, ids, rows=rows, scored=scored, chunked=chunked, progress=progress)
     info = {"model": model + (f" ({gguf_file})" if gguf_file else ""),
-            "calibration": f"{calibration_text}, {profile.tokens} tokens, calibrate() defaults "
-                           f"(stopped by {profile.meta.get('stopped_by', '?')})",
+            "calibration": (f"the profile {profile_path} ({profile.meta.get('texts', '?')}, {profile.tokens} tokens, "
+                            f"stopped by {profile.meta.get('stopped_by', '?')})" if loaded else
+                            f"{calibration_text}, {profile.tokens} tokens, calibrate() defaults "
+                            f"(stopped by {profile.meta.get('stopped_by', '?')})"),
             "protocol": f"{eval_text} tokens [{eval_offset}, {eval_offset + context}){' after BOS' if bos else ''}: "
                         f"{context - scored} prefilled in chunks of {DECODE_PREFILL_CHUNK}, the last {scored} scored "
                         f"one token at a time" + (f" (and in chunks of {chunked})" if chunked else ""),
