@@ -178,8 +178,9 @@ def calibrate(model, texts_or_batches: Union[str, Tensor, Iterable], seconds: fl
 
     `texts_or_batches`: a string, a token-id tensor ([S] or [B, S]), or an iterable of those. Long
     sequences are cut into independent windows of `chunk` tokens (each starting at position 0, like
-    the prefixes the model sees; text windows start with BOS where the tokenizer adds one, `_to_windows`). Stops at `max_tokens` or after `seconds` (at window granularity,
-    always at least one window) and records how many tokens it used in `profile.tokens`.
+    the prefixes the model sees; text windows start with BOS where the tokenizer adds one, `_to_windows`).
+    Stops at `max_tokens` or after `seconds` (at window granularity, always at least one window) and records
+    how many tokens it used in `profile.tokens`.
 
     On a tensor-parallel model every rank of the group calls it with the same text and gets the whole profile
     (the module doc); for a profile that does not depend on timing, bound it by `max_tokens`.

@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-file", default=None, help="decode: the GGUF file inside --model's directory")
     p.add_argument("--layouts", default="fast,planes", help="decode: comma-separated SpectralCache layouts")
     p.add_argument("--window", type=int, default=None,
-                   help="decode: also the fast layout at --window-bits with this many recent tokens exact (0: no such row; "
-                        "default evaluate.DECODE_WINDOW = 48)")
+                   help="decode: also the fast layout at --window-bits with this many recent tokens exact "
+                        "(0: no such row; default evaluate.DECODE_WINDOW = 48)")
     p.add_argument("--window-bits", default="2.75",
                    help="decode: comma-separated bits/element of the recent-window rows (default 2.75)")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,

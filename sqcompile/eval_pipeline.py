@@ -114,8 +114,8 @@ def run_decode_eval(model: str = "smollm2", gguf_file: Optional[str] = None, con
                         f"{context - scored} prefilled in chunks of {DECODE_PREFILL_CHUNK}, the last {scored} scored "
                         f"one token at a time" + (f" (and in chunks of {chunked})" if chunked else ""),
             "ratio": "FP16 K/V bytes of the context / every per-sequence byte the cache allocates for it; vs the "
-                     "model's FP16 cache: the bytes transformers' StaticCache allocates for the context (sliding-window "
-                     "layers hold their window only) / the same",
+                     "model's FP16 cache: the bytes transformers' StaticCache allocates for the context "
+                     "(sliding-window layers hold their window only) / the same",
             "device": "CPU", "torch": torch.__version__, "eval_seconds": round(time.monotonic() - t0, 1)}
     if out_dir:
         out = Path(out_dir)

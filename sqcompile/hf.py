@@ -149,5 +149,5 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-__all__ = ["bos_prefix", "cache_dir", "cache_kwarg", "load_smollm2", "load_text", "text_path", "smollm2_dir", "tokenize",
-           "save_gguf_as_float"]
+__all__ = ["bos_prefix", "cache_dir", "cache_kwarg", "load_smollm2", "load_text", "text_path", "smollm2_dir",
+           "tokenize", "save_gguf_as_float"]
