@@ -124,3 +124,4 @@ def test_measure_kv_sensitivity_with_the_fast_layout(tiny_llama):
     assert fast != planes
     profile.meta["kv_sensitivity"] = fast
     assert build_codec(profile, bits=3.25, layout="fast").config["layer_adaptive"]
+
