@@ -92,20 +92,15 @@ def main() -> None:
 
     import sqcompile
     from sqcompile import evaluate as ev
-    from sqcompile.hf import load_text
+    from sqcompile.hf import bos_prefix, load_text
     from models import load_model
 
     model, tok = load_model(args.model)
-    bos = args.model == "gemma3"  # Gemma scores text only after BOS (perplexity ~72 without, ~39 with)
+    bos = bool(bos_prefix(tok))  # where the tokenizer adds BOS (Gemma-3: perplexity ~72 without, ~39 with)
     if args.profile and Path(args.profile).is_file():
         profile = sqcompile.SpectralProfile.load(args.profile)
-    else:
-        window = max(args.lengths)
-        calib = _ids(tok, load_text("britannica")[:400_000], False)
-        step = window - int(bos)
-        windows = [_ids(tok, "", bos).tolist() + calib[i:i + step].tolist() for i in range(0, calib.numel(), step)]
-        profile = sqcompile.calibrate(model, [torch.tensor(w) for w in windows if len(w) > 1], tokenizer=tok,
-                                      chunk=window)
+    else:  # windows of the longest prompt, each starting with BOS where the tokenizer adds it (calibrate's own)
+        profile = sqcompile.calibrate(model, load_text("britannica")[:400_000], tokenizer=tok, chunk=max(args.lengths))
         if args.profile:
             profile.save(args.profile)
     bits = 16.0 / args.ratio

@@ -81,11 +81,11 @@ def main() -> None:
     import transformers
     import sqcompile
     from sqcompile.evaluate import fp16_kv_bytes
-    from sqcompile.hf import load_text
+    from sqcompile.hf import bos_prefix, load_text
     from models import load_model
 
     model, tok = load_model(args.model)
-    bos = [tok.bos_token_id] if args.model == "gemma3" else []
+    bos = bos_prefix(tok)  # [BOS] where the tokenizer starts its encodings with it (Gemma-3), else []
     if args.profile and Path(args.profile).is_file():
         profile = sqcompile.SpectralProfile.load(args.profile)
     elif args.calib_tokens:
@@ -94,10 +94,9 @@ def main() -> None:
         if args.profile:
             profile.save(args.profile)
     else:
-        text = tok(load_text("britannica")[:200_000], add_special_tokens=False)["input_ids"]
-        window = max(1024, args.eval_tokens)
-        windows = [torch.tensor(bos + text[i:i + window - len(bos)]) for i in range(0, len(text), window - len(bos))]
-        profile = sqcompile.calibrate(model, windows, tokenizer=tok, chunk=window)
+        # windows of max(1024, eval tokens), each starting with BOS where the tokenizer adds it (calibrate's own)
+        profile = sqcompile.calibrate(model, load_text("britannica")[:200_000], tokenizer=tok,
+                                      chunk=max(1024, args.eval_tokens))
         if args.profile:
             profile.save(args.profile)
     W = args.recent_window

@@ -131,16 +131,23 @@ def _model_config(model) -> Any:
     return getattr(config, "get_text_config", lambda: config)() if hasattr(config, "get_text_config") else config
 
 
-def _to_sequences(texts_or_batches: Any, tokenizer) -> list[Tensor]:
-    """Strings, token-id tensors ([S] or [B, S]) or lists of ints -> list of 1-D LongTensors."""
+def _to_windows(texts_or_batches: Any, tokenizer, chunk: int) -> list[Tensor]:
+    """Strings, token-id tensors ([S] or [B, S]) or lists of ints -> 1-D LongTensor windows of at most `chunk`
+    tokens, each a sequence the model will see from position 0. A string is tokenized without special tokens;
+    where the tokenizer starts its encodings with BOS (`hf.bos_prefix`: Gemma-3), every window of it starts with
+    BOS and holds chunk - 1 text tokens, as every sequence the model sees in use does. Token ids are cut as given."""
+    from .hf import bos_prefix
+
     if isinstance(texts_or_batches, (str, Tensor)):
         texts_or_batches = [texts_or_batches]
-    sequences = []
+    windows = []
     for item in texts_or_batches:
+        head = []
         if isinstance(item, str):
             if tokenizer is None:
                 raise ValueError("calibrate got text but no tokenizer: pass tokenizer=..., or token-id tensors")
             ids = tokenizer(item, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            head = bos_prefix(tokenizer)
         elif isinstance(item, dict) and "input_ids" in item:
             ids = torch.as_tensor(item["input_ids"])
         else:
@@ -150,8 +157,12 @@ def _to_sequences(texts_or_batches: Any, tokenizer) -> list[Tensor]:
         ids = ids.long()
         if ids.dim() == 1:
             ids = ids[None]
-        sequences.extend(row for row in ids if row.numel() > 0)
-    return sequences
+        step = chunk - len(head)
+        if step < 1:
+            raise ValueError(f"calibrate: chunk={chunk} leaves no room for text after the BOS token")
+        prefix = torch.tensor(head, dtype=torch.long)
+        windows += [torch.cat([prefix, row[i:i + step]]) for row in ids for i in range(0, row.numel(), step)]
+    return windows
 
 
 @torch.no_grad()
@@ -167,8 +178,9 @@ def calibrate(model, texts_or_batches: Union[str, Tensor, Iterable], seconds: fl
 
     `texts_or_batches`: a string, a token-id tensor ([S] or [B, S]), or an iterable of those. Long
     sequences are cut into independent windows of `chunk` tokens (each starting at position 0, like
-    the prefixes the model sees). Stops at `max_tokens` or after `seconds` (at window granularity,
-    always at least one window) and records how many tokens it used in `profile.tokens`.
+    the prefixes the model sees; text windows start with BOS where the tokenizer adds one, `_to_windows`).
+    Stops at `max_tokens` or after `seconds` (at window granularity, always at least one window) and records
+    how many tokens it used in `profile.tokens`.
 
     On a tensor-parallel model every rank of the group calls it with the same text and gets the whole profile
     (the module doc); for a profile that does not depend on timing, bound it by `max_tokens`.
@@ -182,8 +194,7 @@ def calibrate(model, texts_or_batches: Union[str, Tensor, Iterable], seconds: fl
     refuse_latent_cache(config, "calibrate")
     fingerprint = model_fingerprint(config)
     needed = fingerprint["head_dim"] + 1
-    sequences = _to_sequences(texts_or_batches, tokenizer)
-    windows = [seq[i:i + chunk] for seq in sequences for i in range(0, seq.numel(), chunk)]
+    windows = _to_windows(texts_or_batches, tokenizer, chunk)
     windows = [w for w in windows if w.numel() >= 2] or windows
     available = min(sum(w.numel() for w in windows), max_tokens)
     if available < needed:

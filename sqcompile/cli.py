@@ -63,13 +63,17 @@ def _eval(args) -> int:
     from .evaluate import DECODE_WINDOW, decode_markdown, default_decode_rows, default_rows, to_markdown
 
     window = DECODE_WINDOW if args.window is None else args.window
-    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else (4.25, 3.25, 2.69)
+    budgets = ((4.25, 3.25, 2.69) if args.budgets is None
+               else [float(b) for b in args.budgets.split(",") if b.strip()])
+    window_bits = [float(b) for b in args.window_bits.split(",")]
     if args.protocol == "decode":
         results, info = run_decode_eval(model=args.model, gguf_file=args.gguf_file, context=args.context,
                                         scored=args.scored, calibration_text=args.calibration_text,
                                         eval_text=args.eval_text, eval_offset=args.eval_offset,
                                         profile_path=args.profile, bos=args.bos, out_dir=args.out,
-                                        rows=default_decode_rows(budgets, args.layouts.split(","), window))
+                                        chunked=args.chunked or None,
+                                        rows=default_decode_rows(budgets, args.layouts.split(","), window,
+                                                                 window_bits))
         print("\n".join(f"- {k}: {v}" for k, v in info.items()) + "\n\n" + decode_markdown(results))
         return 0
     if args.model != "smollm2" or args.gguf_file:
@@ -236,12 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "SpectralCache; short: SmolLM2, --eval-tokens in chunks of 64 through the simulated codec")
     p.add_argument("--context", type=int, default=2048, help="decode: context tokens C (the first C - scored prefilled)")
     p.add_argument("--scored", type=int, default=512, help="decode: tokens scored one at a time")
+    p.add_argument("--chunked", type=int, default=64,
+                   help="decode: also score the same tokens in chunks of this many (the short protocol's column; "
+                        "0: off, about half the time)")
     p.add_argument("--model", default="smollm2", help="decode: 'smollm2' (cached by `python tests/models.py smollm2`), a local HF model directory or a .gguf file")
     p.add_argument("--gguf-file", default=None, help="decode: the GGUF file inside --model's directory")
     p.add_argument("--layouts", default="fast,planes", help="decode: comma-separated SpectralCache layouts")
     p.add_argument("--window", type=int, default=None,
-                   help="decode: also the fast layout at 2.75 bits with this many recent tokens exact (0: no such row; "
-                        "default evaluate.DECODE_WINDOW = 48)")
+                   help="decode: also the fast layout at --window-bits with this many recent tokens exact "
+                        "(0: no such row; default evaluate.DECODE_WINDOW = 48)")
+    p.add_argument("--window-bits", default="2.75",
+                   help="decode: comma-separated bits/element of the recent-window rows (default 2.75)")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="decode: prepend the BOS token (default: when the tokenizer does)")
     p.add_argument("--calibration-text", default="britannica")
@@ -251,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=15, help="calibration time budget")
     p.add_argument("--calibration-tokens", type=int, default=8192, help="calibration token cap")
     p.add_argument("--profile", default=None, help="load this profile if it exists, else calibrate and save it")
-    p.add_argument("--budgets", default=None, help="comma-separated bits/element, default 4.25,3.25,2.69")
+    p.add_argument("--budgets", default=None, help="comma-separated bits/element, default 4.25,3.25,2.69 (decode: "
+                                                   "\"\" for the FP16 and recent-window rows only)")
     p.add_argument("--only", default=None, help="comma-separated substrings of row group/name to keep")
     p.add_argument("--out", default=None, help="directory for eval.md and eval.json")
     p.add_argument("--sensitivity-tokens", type=int, default=512,

@@ -76,12 +76,6 @@ def load_model(name: str = "smollm2", gguf_file: Optional[str] = None):
     return model, AutoTokenizer.from_pretrained(str(path), **kw)
 
 
-def _wants_bos(tokenizer) -> bool:
-    """Whether the tokenizer itself starts an encoded text with its BOS token (Gemma-3 does; SmolLM2 does not)."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-
-
 def run_decode_eval(model: str = "smollm2", gguf_file: Optional[str] = None, context: int = DECODE_CONTEXT,
                     scored: int = DECODE_SCORED, calibration_text: str = "britannica", eval_text: str = "hamlet",
                     eval_offset: int = 0, profile_path: Optional[str] = None,
@@ -92,12 +86,13 @@ def run_decode_eval(model: str = "smollm2", gguf_file: Optional[str] = None, con
     tokenizer=tok)`, its defaults; or load `profile_path`), take the C-token window of the held-out text, run
     `evaluate_decode`, write eval-decode.md/json to `out_dir`. `bos` None: prepend BOS when the tokenizer does."""
     from .calibrate import calibrate
-    from .hf import load_text
+    from .hf import bos_prefix, load_text
     from .profile import SpectralProfile, model_fingerprint
 
     torch.manual_seed(0)
     net, tokenizer = load_model(model, gguf_file)
-    if profile_path and Path(profile_path).is_file():
+    loaded = bool(profile_path and Path(profile_path).is_file())
+    if loaded:
         profile = SpectralProfile.load(profile_path)
         profile.check_matches(model_fingerprint(net.config))
     else:
@@ -106,17 +101,21 @@ def run_decode_eval(model: str = "smollm2", gguf_file: Optional[str] = None, con
         profile.meta["texts"] = [calibration_text]
         if profile_path:
             profile.save(profile_path)
-    bos = _wants_bos(tokenizer) if bos is None else bos
+    bos = bool(bos_prefix(tokenizer)) if bos is None else bos
     ids = decode_context(tokenizer, load_text(eval_text), context, eval_offset, bos=bos)
     t0 = time.monotonic()
     results = evaluate_decode(net, profile, ids, rows=rows, scored=scored, chunked=chunked, progress=progress)
     info = {"model": model + (f" ({gguf_file})" if gguf_file else ""),
-            "calibration": f"{calibration_text}, {profile.tokens} tokens, calibrate() defaults "
-                           f"(stopped by {profile.meta.get('stopped_by', '?')})",
+            "calibration": (f"the profile {profile_path} ({profile.meta.get('texts', '?')}, {profile.tokens} tokens, "
+                            f"stopped by {profile.meta.get('stopped_by', '?')})" if loaded else
+                            f"{calibration_text}, {profile.tokens} tokens, calibrate() defaults "
+                            f"(stopped by {profile.meta.get('stopped_by', '?')})"),
             "protocol": f"{eval_text} tokens [{eval_offset}, {eval_offset + context}){' after BOS' if bos else ''}: "
                         f"{context - scored} prefilled in chunks of {DECODE_PREFILL_CHUNK}, the last {scored} scored "
                         f"one token at a time" + (f" (and in chunks of {chunked})" if chunked else ""),
-            "ratio": "FP16 K/V bytes of the context / every per-sequence byte the cache allocates for it",
+            "ratio": "FP16 K/V bytes of the context / every per-sequence byte the cache allocates for it; vs the "
+                     "model's FP16 cache: the bytes transformers' StaticCache allocates for the context "
+                     "(sliding-window layers hold their window only) / the same",
             "device": "CPU", "torch": torch.__version__, "eval_seconds": round(time.monotonic() - t0, 1)}
     if out_dir:
         out = Path(out_dir)

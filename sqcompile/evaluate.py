@@ -553,15 +553,16 @@ class DecodeRowSpec:
 
 def default_decode_rows(budgets: Sequence[float] = (4.25, 3.25, 2.69),
                         layouts: Sequence[str] = ("fast", "planes"), window: int = DECODE_WINDOW,
-                        window_bits: float = 2.75) -> list[DecodeRowSpec]:
+                        window_bits: Sequence[float] = (2.75,)) -> list[DecodeRowSpec]:
     """FP16, then every layout at every budget (SpectralCache's defaults otherwise), then (window > 0, with "fast"
-    among the layouts) the fast layout at `window_bits` with the last `window` tokens exact (`recent_window`)."""
+    among the layouts) the fast layout at each of `window_bits` with the last `window` tokens exact
+    (`recent_window`)."""
     rows = [DecodeRowSpec("FP16")]
     for b in budgets:
         rows += [DecodeRowSpec(f"{layout} {b:g} bits", layout, float(b)) for layout in layouts]
     if window and "fast" in layouts:
-        rows.append(DecodeRowSpec(f"fast {window_bits:g} bits + recent window {window}", "fast", float(window_bits),
-                                  {"recent_window": int(window)}))
+        rows += [DecodeRowSpec(f"fast {b:g} bits + recent window {window}", "fast", float(b),
+                               {"recent_window": int(window)}) for b in window_bits]
     return rows
 
 
@@ -576,8 +577,10 @@ class DecodeRowResult:
     dppl_chunked_pct: float = 0.0
     sequence_bytes: int = 0  # every byte the cache allocates per sequence for the context (all layers)
     constant_bytes: int = 0  # per-model constants (bases, means, codebooks), apart
-    fp16_bytes: int = 0
+    fp16_bytes: int = 0  # FP16 K/V of every layer for the whole context
     compression: float = 1.0  # fp16_bytes / sequence_bytes
+    fp16_model_bytes: int = 0  # what the model's own FP16 cache holds (sliding-window layers: their window only)
+    compression_model: float = 1.0  # fp16_model_bytes / sequence_bytes
     seconds: float = 0.0
     error: Optional[str] = None
 
@@ -600,6 +603,23 @@ def fp16_kv_bytes(config, tokens: int) -> int:
 
     fp = model_fingerprint(text_config(config))
     return 2 * fp["num_layers"] * fp["num_kv_heads"] * fp["head_dim"] * tokens * 2
+
+
+def fp16_model_cache_bytes(config, tokens: int) -> int:
+    """Bytes the model's own FP16 cache allocates for a `tokens`-token context of one sequence: transformers'
+    `StaticCache` for the config, whose sliding-window layers hold only their window (Gemma-3-270M: 512 tokens on
+    15 of 18 layers), every other layer `tokens`. Equal to `fp16_kv_bytes` on a model without sliding layers."""
+    from transformers import StaticCache
+
+    from .profile import model_fingerprint, text_config
+
+    config = text_config(config)
+    fp = model_fingerprint(config)
+    layers = StaticCache(config=config, max_cache_len=tokens).layers
+    if len(layers) != fp["num_layers"]:
+        raise ValueError(f"StaticCache for this config has {len(layers)} layers, the model {fp['num_layers']}")
+    held = sum(min(tokens, getattr(layer, "max_cache_len", tokens)) for layer in layers)
+    return 2 * fp["num_kv_heads"] * fp["head_dim"] * held * 2
 
 
 @torch.no_grad()
@@ -648,7 +668,9 @@ def evaluate_decode(model, profile, ids: Tensor, rows: Optional[Sequence[DecodeR
     time (what decode sees: the compressed cache of everything before, the exact slots, the current token's own
     exact K/V). `chunked` (64; None: off) also scores the same tokens in chunks of that many after the same
     prefill, the short protocol, where every token reads up to chunked - 1 predecessors exact. dPPL against the
-    FP16 row (else the first row); compression = FP16 KV bytes of C tokens / `SpectralCache.sequence_nbytes`."""
+    FP16 row (else the first row); compression = FP16 KV bytes of C tokens / `SpectralCache.sequence_nbytes`, and
+    compression_model = the bytes of the model's own FP16 cache (`fp16_model_cache_bytes`: sliding-window layers hold
+    their window only, SpectralCache holds all C tokens on every layer) / the same."""
     from tqdm.auto import tqdm
 
     from .cache import SpectralCache
@@ -656,12 +678,18 @@ def evaluate_decode(model, profile, ids: Tensor, rows: Optional[Sequence[DecodeR
     rows = list(rows) if rows is not None else default_decode_rows()
     C = ids.numel()
     fp16_bytes = fp16_kv_bytes(model.config, C)
+    try:
+        fp16_model_bytes = fp16_model_cache_bytes(model.config, C)
+    except (ValueError, TypeError) as e:  # a cache layout StaticCache does not build: that ratio is not shown
+        log.warning("no ratio vs the model's own FP16 cache: %s", e)
+        fp16_model_bytes = 0
     results: list[DecodeRowResult] = []
     for spec in tqdm(rows, desc="decode rows", disable=not progress):
         t0 = time.monotonic()
-        res = DecodeRowResult(spec.name, spec.layout, spec.bits, fp16_bytes=fp16_bytes)
+        res = DecodeRowResult(spec.name, spec.layout, spec.bits, fp16_bytes=fp16_bytes,
+                              fp16_model_bytes=fp16_model_bytes)
         try:
-            if spec.bits is None:
+            if spec.bits is None:  # the baseline, 1.00x in both ratios
                 make = lambda: fp16_cache(model.config)
                 res.sequence_bytes = fp16_bytes
             else:
@@ -675,6 +703,8 @@ def evaluate_decode(model, profile, ids: Tensor, rows: Optional[Sequence[DecodeR
                 res.sequence_bytes, res.constant_bytes = cache.sequence_nbytes, cache.constant_nbytes
                 del cache
             res.compression = fp16_bytes / res.sequence_bytes
+            res.compression_model = (float("nan") if not fp16_model_bytes else
+                                     fp16_model_bytes / res.sequence_bytes if spec.bits is not None else 1.0)
             res.ppl = decode_perplexity(model, ids, make, scored, prefill_chunk, 1)
             if chunked:
                 res.ppl_chunked = decode_perplexity(model, ids, make, scored, prefill_chunk, chunked)
@@ -694,37 +724,39 @@ def evaluate_decode(model, profile, ids: Tensor, rows: Optional[Sequence[DecodeR
 
 def decode_markdown(results: Sequence[DecodeRowResult]) -> str:
     """The decode protocol's table: one row per cache, token-by-token and 64-token-chunk columns."""
-    lines = ["| row | target bits | ratio vs FP16 (all per-sequence bytes) | PPL token by token | dPPL % | "
-             "PPL chunks of 64 | dPPL % (chunks) | per-sequence bytes | constants bytes | s |",
-             "|" + "---|" * 10]
+    lines = ["| row | target bits | ratio vs FP16 (all per-sequence bytes) | ratio vs the model's FP16 cache | "
+             "PPL token by token | dPPL % | PPL chunks of 64 | dPPL % (chunks) | per-sequence bytes | "
+             "constants bytes | s |",
+             "|" + "---|" * 11]
     for r in results:
         if r.error:
-            lines.append(f"| {r.name} | {_fmt(r.target_bits)} | | error: {r.error[:100]} | | | | | | |")
+            lines.append(f"| {r.name} | {_fmt(r.target_bits)} | | | error: {r.error[:100]} | | | | | | |")
             continue
-        lines.append(f"| {r.name} | {_fmt(r.target_bits)} | {r.compression:.2f}x | {r.ppl:.3f} | {r.dppl_pct:+.2f} | "
-                     f"{r.ppl_chunked:.3f} | {r.dppl_chunked_pct:+.2f} | {r.sequence_bytes} | {r.constant_bytes} | "
-                     f"{r.seconds:.0f} |")
+        lines.append(f"| {r.name} | {_fmt(r.target_bits)} | {r.compression:.2f}x | {r.compression_model:.2f}x | "
+                     f"{r.ppl:.3f} | {r.dppl_pct:+.2f} | {r.ppl_chunked:.3f} | {r.dppl_chunked_pct:+.2f} | "
+                     f"{r.sequence_bytes} | {r.constant_bytes} | {r.seconds:.0f} |")
     return "\n".join(lines)
 
 
 def decode_context(tokenizer, text: str, context: int, offset: int = 0, bos: bool = False) -> Tensor:
-    """The C-token window [offset, offset + context) of `text` (1-D ids); `bos`: the tokenizer's BOS id first
-    (models whose perplexity needs it, e.g. Gemma-3). Raises when the text is too short."""
+    """The C-token window of `text` (1-D ids) starting at its token `offset`; `bos`: the tokenizer's BOS id first,
+    then C - 1 text tokens (models whose perplexity needs it, e.g. Gemma-3). Raises when the text is too short."""
     from .hf import tokenize
 
     ids = tokenize(tokenizer, text)
+    head = []
     if bos:
         if tokenizer.bos_token_id is None:
             raise ValueError("bos=True but the tokenizer has no bos_token_id")
-        ids = torch.cat([torch.tensor([tokenizer.bos_token_id]), ids])
-    window = ids[offset:offset + context]
-    if window.numel() < context:
+        head = [tokenizer.bos_token_id]
+    body = ids[offset:offset + context - len(head)]
+    if body.numel() < context - len(head):
         raise ValueError(f"the evaluation text has {ids.numel()} tokens; a {context}-token context from offset "
-                         f"{offset} needs {offset + context}")
-    return window
+                         f"{offset}{' after BOS' if head else ''} needs {offset + context - len(head)}")
+    return torch.cat([torch.tensor(head, dtype=ids.dtype), body])
 
 
 __all__ = ["RowSpec", "RowResult", "default_rows", "evaluate", "run_row", "to_markdown",
            "write_results", "left_padded", "teacher_forced_logits", "teacher_forced_picks", "generated_positions",
            "agreement", "DecodeRowSpec", "DecodeRowResult", "default_decode_rows", "evaluate_decode",
-           "decode_perplexity", "decode_markdown", "decode_context"]
+           "fp16_model_cache_bytes", "decode_perplexity", "decode_markdown", "decode_context"]

@@ -132,6 +132,16 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     return ids
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """`[bos_token_id]` when the tokenizer itself starts an encoded text with its BOS token (its own add-BOS setting:
+    Gemma-3 does, SmolLM2 does not), else `[]`: what a sequence of text tokens is prefixed with before the model
+    sees it (Gemma-3-270M's perplexity on Hamlet is ~72 without BOS and ~39 with)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    return [bos] if tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
 def cache_kwarg(model) -> str:
     """The keyword a model's forward (and `generate`) takes its KV cache by: `cache` from transformers 5.25 on
     (`past_key_values` is deprecated there), `past_key_values` before. `model`: a model or a forward callable."""
@@ -139,5 +149,5 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-__all__ = ["cache_dir", "cache_kwarg", "load_smollm2", "load_text", "text_path", "smollm2_dir", "tokenize",
-           "save_gguf_as_float"]
+__all__ = ["bos_prefix", "cache_dir", "cache_kwarg", "load_smollm2", "load_text", "text_path", "smollm2_dir",
+           "tokenize", "save_gguf_as_float"]

