@@ -121,3 +121,19 @@ def test_sensitivity_runs_that_start_at_their_layer_equal_full_runs():
     fast = measure_kv_sensitivity(model, ids, profile, progress=False)
     assert counts == [3 * (2 + 2 * (j + 1)) for j in range(4)]
     assert fast == full and min(map(min, full)) > 0, (fast, full)
+
+
+def test_calibrate_with_sensitivity_tokens_is_calibrate_then_the_sensitivity_pass(tiny_llama):
+    """calibrate(..., sensitivity_tokens=n) equals calibrate(...) followed by measure_kv_sensitivity on the first n
+    calibration tokens (what tests/test_real_model.py runs on the profile it shares with other tests)."""
+    from sqcompile.calibrate import measure_kv_sensitivity
+
+    torch.manual_seed(2)
+    ids = torch.randint(0, 128, (200,))
+    both = calibrate(tiny_llama, ids, chunk=64, max_tokens=150, progress=False, sensitivity_tokens=80)
+    steps = calibrate(tiny_llama, ids, chunk=64, max_tokens=150, progress=False)
+    measure_kv_sensitivity(tiny_llama, ids[:80], steps, progress=False)
+    assert both.meta["kv_sensitivity"] == steps.meta["kv_sensitivity"]
+    assert both.meta["kv_sensitivity_info"] == steps.meta["kv_sensitivity_info"]
+    for name in ("key_mean", "key_eigvecs", "value_eigvals"):
+        assert torch.equal(getattr(both, name), getattr(steps, name))
