@@ -17,7 +17,8 @@ if [ "${1:-}" = "--all" ]; then
 fi
 workers=()
 if [ "${SQCOMPILE_TEST_WORKERS:-2}" != 1 ]; then
-  workers=(-n "${SQCOMPILE_TEST_WORKERS:-2}" --dist loadfile)
+  # the longest files first (tests/conftest.py's LONGEST_FIRST), in the order collected: no idle worker at the end
+  workers=(-n "${SQCOMPILE_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 exec "$PY" -m pytest -q -rs -p no:cacheprovider -p no:benchmark ${workers[@]+"${workers[@]}"} ${select[@]+"${select[@]}"} "$@"

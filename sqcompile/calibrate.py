@@ -17,10 +17,11 @@ all), and `sensitivity_tokens` is refused (its simulated cache chooses outlier t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, ContextManager, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -314,7 +315,10 @@ class _OnlyOne:
 
 
 @torch.no_grad()
-def _chunked_log_probs(model, ids: Tensor, codec=None, chunk: int = 64) -> Tensor:
+def _chunked_log_probs(model, ids: Tensor, codec=None, chunk: int = 64,
+                       around: Optional[Callable[[Any], ContextManager]] = None) -> Tensor:
+    """Log-probabilities of `ids` fed in chunks of `chunk` through the simulated cache (`codec` None: FP16);
+    `around(cache)`, when given, is entered around the chunks (`_LayerReplay` records or replays in it)."""
     from . import evaluate as ev
     from .kernels.sink import OUTLIER_TOKENS
 
@@ -329,23 +333,150 @@ def _chunked_log_probs(model, ids: Tensor, codec=None, chunk: int = 64) -> Tenso
     out = []
     ev._ACTIVE = state
     try:
-        for start in range(0, ids.numel(), chunk):
-            logits = model(input_ids=ids[start:start + chunk].to(device)[None], use_cache=True, **{kwarg: cache}).logits
-            out.append(torch.log_softmax(logits[0].float(), -1))
+        with around(cache) if around is not None else contextlib.nullcontext():
+            for start in range(0, ids.numel(), chunk):
+                logits = model(input_ids=ids[start:start + chunk].to(device)[None], use_cache=True,
+                               **{kwarg: cache}).logits
+                out.append(torch.log_softmax(logits[0].float(), -1))
     finally:
         ev._ACTIVE = None
         model.set_attn_implementation(previous)
     return torch.cat(out)
 
 
+def _decoder_layers(model, num_layers: int) -> Optional[torch.nn.ModuleList]:
+    """The model's one list of `num_layers` decoder layers whose i-th holds the module of `layer_idx` i (the
+    attention that writes cache layer i); None when there is no such list or more than one."""
+    found = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == num_layers
+             and all(any(getattr(sub, "layer_idx", None) == i for sub in layer.modules()) for i, layer in enumerate(m))]
+    return found[0] if len(found) == 1 else None
+
+
+@contextlib.contextmanager
+def _replaced(obj: Any, name: str, value: Callable):
+    """`obj.name` is `value` inside the block (an instance attribute: `module(...)` then runs it as its forward,
+    hooks included), what it was after it."""
+    own = vars(obj).get(name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if own is None:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, own)
+
+
+def _cloned(tree):
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda x: x.clone() if isinstance(x, Tensor) else x, tree)
+
+
+class _LayerReplay:
+    """The decoder layers' outputs and cache writes of one chunked run, replayed so that a later run starts at a layer.
+
+    Fake-quantizing only cache layer l changes nothing that layers 0..l-1 compute: each layer reads only its own
+    cache and the hidden states from the layers below it. So the sensitivity run for layer l takes layers 0..l-1
+    from one recorded run in which every layer is passed through (their outputs returned, their cache writes
+    repeated, so the cache holds what it would) and computes layers l..L-1 only: the same operations on the same
+    tensors as the full run, about half the layer work. Held in memory: every layer's output for every token."""
+
+    def __init__(self, layers: torch.nn.ModuleList):
+        self.layers = layers
+        self.outputs: list[list] = [[] for _ in layers]  # [layer][chunk] what the layer returned
+        self.writes: list[list[list]] = [[] for _ in layers]  # [layer][chunk] its cache.update calls
+        self.stray_writes = 0  # cache writes from outside a decoder layer, or from a layer inside another
+
+    @classmethod
+    def record(cls, model, ids: Tensor, codec, chunk: int = 64) -> Optional["_LayerReplay"]:
+        """Record a run with `codec` passed through at every layer; None (logged) when the model's decoder layers
+        cannot be found or do not write their cache once per call, each its own layer (the caller then runs every
+        layer)."""
+        layers = _decoder_layers(model, codec.num_layers)
+        if layers is None:
+            log.info("kv sensitivity: no single list of %d decoder layers found; every run computes all layers",
+                     codec.num_layers)
+            return None
+        replay = cls(layers)
+        _chunked_log_probs(model, ids, _OnlyOne(codec, None, -1), chunk, around=replay._recording)
+        calls = -(-ids.numel() // chunk)
+        bad = [j for j in range(len(layers)) if len(replay.outputs[j]) != calls
+               or any([w[0] for w in writes] != [j] for writes in replay.writes[j])]
+        if bad or replay.stray_writes:
+            log.info("kv sensitivity: decoder layers %s do not write only their own cache once per call (%d writes "
+                     "from elsewhere); every run computes all layers", bad, replay.stray_writes)
+            return None
+        return replay
+
+    @contextlib.contextmanager
+    def _recording(self, cache):
+        current: list[Optional[int]] = [None]
+        update = cache.update
+
+        def recording_update(key_states, value_states, layer_idx, *args, **kwargs):
+            if current[0] is None:
+                self.stray_writes += 1
+            else:
+                self.writes[current[0]][-1].append((layer_idx, key_states.clone(), value_states.clone(), args, kwargs))
+            return update(key_states, value_states, layer_idx, *args, **kwargs)
+
+        def recorder(j: int, forward: Callable) -> Callable:
+            def run(*args, **kwargs):
+                if current[0] is not None:
+                    self.stray_writes += 1  # a layer called inside another: not replayable
+                current[0] = j
+                self.writes[j].append([])
+                try:
+                    out = forward(*args, **kwargs)
+                finally:
+                    current[0] = None
+                self.outputs[j].append(_cloned(out))
+                return out
+            return run
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_replaced(cache, "update", recording_update))
+            for j, layer in enumerate(self.layers):
+                stack.enter_context(_replaced(layer, "forward", recorder(j, layer.forward)))
+            yield
+
+    def replaying(self, start: int) -> Callable[[Any], ContextManager]:
+        """`around` for `_chunked_log_probs`: layers 0..start-1 return their recorded outputs and repeat their
+        recorded cache writes instead of computing."""
+        @contextlib.contextmanager
+        def around(cache):
+            calls = [0] * start
+
+            def replayer(j: int) -> Callable:
+                def run(*args, **kwargs):
+                    c = calls[j]
+                    calls[j] += 1
+                    for layer_idx, k, v, a, kw in self.writes[j][c]:
+                        cache.update(k, v, layer_idx, *a, **kw)
+                    return _cloned(self.outputs[j][c])
+                return run
+
+            with contextlib.ExitStack() as stack:
+                for j in range(start):
+                    stack.enter_context(_replaced(self.layers[j], "forward", replayer(j)))
+                yield
+        return around
+
+
 def measure_kv_sensitivity(model, ids: Tensor, profile: SpectralProfile, bits: float = 3.25,
-                           progress: bool = True, layout: str = "planes") -> list:
+                           progress: bool = True, layout: str = "planes", start_at_layer: bool = True) -> list:
     """How much the model's output suffers per unit of quantization error, per (layer, kind).
 
     For each layer and kind, only that tensor is quantized (equal-bytes codec at `bits`), `ids` are fed through
     the simulated cache in chunks of 64, and KL(FP16 logits || quantized logits) is divided by the codec's
     predicted relative error of that format. Stored in `profile.meta["kv_sensitivity"]` ([L][key, value],
-    mean 1), `build_codec` spends more bytes where it is large. Cost: 1 + 2L forward passes over `ids`.
+    mean 1), `build_codec` spends more bytes where it is large.
+
+    Cost: with `start_at_layer` (the default), 2 full forward passes over `ids` (FP16, and one recorded with every
+    layer passed through) and per (layer l, kind) one pass over layers l..L-1 only, the earlier layers replayed
+    from the recording (`_LayerReplay`: the same numbers as running them); without it, or where the model's
+    decoder layers cannot be replayed, 1 + 2L full passes.
     """
     from tqdm.auto import tqdm
 
@@ -354,11 +485,13 @@ def measure_kv_sensitivity(model, ids: Tensor, profile: SpectralProfile, bits: f
     codec = build_codec(profile, bits=bits, layer_weights=False, layout=layout)
     predicted = codec.config["predicted"]
     ref = _chunked_log_probs(model, ids)
+    replay = _LayerReplay.record(model, ids, codec) if start_at_layer and codec.num_layers > 1 else None
     out = []
     for layer in tqdm(range(codec.num_layers), desc="kv sensitivity", disable=not progress):
         row = []
         for ki, kind in enumerate(("key", "value")):
-            lp = _chunked_log_probs(model, ids, _OnlyOne(codec, kind, layer))
+            around = replay.replaying(layer) if replay is not None and layer > 0 else None
+            lp = _chunked_log_probs(model, ids, _OnlyOne(codec, kind, layer), around=around)
             kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
             row.append(max(kl, 0.0) / max(predicted[layer][ki], 1e-12))
         out.append(row)

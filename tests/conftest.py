@@ -43,6 +43,34 @@ def _interpreter_skip_reason() -> str | None:
             "(tests/conftest.py sets it only where no CUDA device is present): run TRITON_INTERPRET=1 pytest -m interpreter")
 
 
+# The test files that take longest on CPU, longest first (`--durations` of the clean-clone CI, `bash .ci/run`, 2 idle
+# cores, 2026-12-08). pytest-xdist with `--dist loadfile` hands whole files to its workers in collection order, and by
+# default reorders them by their number of tests, which put these few-test files last: one worker then ran
+# test_real_model.py alone at the end while the other sat idle. So these files are collected first (and
+# scripts/test.sh passes --no-loadscope-reorder); the others follow, most tests first, as xdist would order them.
+LONGEST_FIRST = [
+    "test_real_model.py", "test_decode_protocol.py", "test_smollm2_e2e.py", "test_tensor_parallel.py",
+    "test_passkey.py", "test_kernel_option.py", "test_hybrid_models.py", "test_fused_moe.py",
+    "test_e2e_decode_smoke.py", "test_moe_architectures.py", "test_shapes.py", "test_spectral_cache.py",
+    "test_isolation.py", "test_simulated_cache.py", "test_attention_sinks.py",
+]
+
+
+def _longest_first(items) -> None:
+    """Reorder `items` (in place, stable within each file): the LONGEST_FIRST files in that order, then the other
+    files by their number of collected tests, most first."""
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def key(path: str) -> tuple:
+        name = path.rsplit("/", 1)[-1]
+        return (rank.get(name, len(rank)), -len(files[path]))
+
+    items[:] = [item for path in sorted(files, key=key) for item in files[path]]
+
+
 def pytest_collection_modifyitems(config, items):
     no_cuda = None if torch.cuda.is_available() else "needs a CUDA device (torch.cuda.is_available() is False here)"
     wants_interp = any(item.get_closest_marker("interpreter") for item in items)
@@ -52,6 +80,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=no_cuda))
         elif no_interp and item.get_closest_marker("interpreter"):
             item.add_marker(pytest.mark.skip(reason=no_interp))
+    _longest_first(items)
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +109,30 @@ def shared_texts():
     from models import text
 
     return {name: text(name) for name in ("hamlet", "britannica")}
+
+
+@pytest.fixture(scope="session")
+def smollm2_profile(smollm2, shared_texts, tmp_path_factory):
+    """A function returning a fresh `SpectralProfile` of SmolLM2 calibrated on the first 8192 Britannica tokens
+    (windows of 1024; a token budget, so the profile does not depend on the machine's load). Calibrated once per
+    test run (about 50 s on a CPU core) and saved in the run's temporary directory, which the xdist workers share:
+    a worker that finds the file loads it, one that does not calibrates (the same profile) and writes it."""
+    from sqcompile.calibrate import calibrate
+    from sqcompile.profile import SpectralProfile
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is this worker's; its parent is the run's
+        root = root.parent
+    path = root / "smollm2-britannica-8192.safetensors"
+    if not path.is_file():
+        model, tokenizer = smollm2
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            profile = calibrate(model, shared_texts["britannica"], seconds=1e9, max_tokens=8192, chunk=1024,
+                                tokenizer=tokenizer, progress=False)
+        finally:
+            torch.set_num_threads(threads)
+        mine = profile.save(root / f"smollm2-britannica-8192.{os.getpid()}.safetensors")
+        os.replace(mine, path)  # whole files only: a worker never reads one half written
+    return lambda: SpectralProfile.load(path)

@@ -125,3 +125,44 @@ def test_measure_kv_sensitivity_with_the_fast_layout(tiny_llama):
     profile.meta["kv_sensitivity"] = fast
     assert build_codec(profile, bits=3.25, layout="fast").config["layer_adaptive"]
 
+
+def test_sensitivity_runs_that_start_at_their_layer_equal_full_runs():
+    """measure_kv_sensitivity's default replays layers 0..l-1 from one recorded run for the run that quantizes
+    layer l: the same numbers as running every layer each time, and layer j's attention runs 2 + 2 (j + 1) times
+    per chunk (FP16, the recording, the runs of layers 0..j) instead of 1 + 2L."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sqcompile.calibrate import measure_kv_sensitivity
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.2, attn_implementation="sdpa")  # peaked attention: every KL > 0
+    model = LlamaForCausalLM(config).eval()
+    profile = calibrate(model, torch.randint(0, 128, (2, 64)), seconds=60, progress=False)
+    ids = torch.randint(0, 128, (150,))  # 3 chunks of 64, the last one short
+    counts = [0] * 4
+    for j, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_hook(lambda *_, j=j: counts.__setitem__(j, counts[j] + 1))
+    full = measure_kv_sensitivity(model, ids, profile, progress=False, start_at_layer=False)
+    assert counts == [3 * (1 + 2 * 4)] * 4
+    counts[:] = [0] * 4
+    fast = measure_kv_sensitivity(model, ids, profile, progress=False)
+    assert counts == [3 * (2 + 2 * (j + 1)) for j in range(4)]
+    assert fast == full and min(map(min, full)) > 0, (fast, full)
+
+
+def test_calibrate_with_sensitivity_tokens_is_calibrate_then_the_sensitivity_pass(tiny_llama):
+    """calibrate(..., sensitivity_tokens=n) equals calibrate(...) followed by measure_kv_sensitivity on the first n
+    calibration tokens (what tests/test_real_model.py runs on the profile it shares with other tests)."""
+    from sqcompile.calibrate import measure_kv_sensitivity
+
+    torch.manual_seed(2)
+    ids = torch.randint(0, 128, (200,))
+    both = calibrate(tiny_llama, ids, chunk=64, max_tokens=150, progress=False, sensitivity_tokens=80)
+    steps = calibrate(tiny_llama, ids, chunk=64, max_tokens=150, progress=False)
+    measure_kv_sensitivity(tiny_llama, ids[:80], steps, progress=False)
+    assert both.meta["kv_sensitivity"] == steps.meta["kv_sensitivity"]
+    assert both.meta["kv_sensitivity_info"] == steps.meta["kv_sensitivity_info"]
+    for name in ("key_mean", "key_eigvecs", "value_eigvals"):
+        assert torch.equal(getattr(both, name), getattr(steps, name))

@@ -15,14 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 @pytest.mark.slow
-def test_passkey_at_5x_equals_fp16(smollm2, shared_texts):
+def test_passkey_at_5x_equals_fp16(smollm2, smollm2_profile):
     import passkey
     import sqcompile
     from sqcompile import evaluate as ev
 
     model, tok = smollm2
-    calib = tok(shared_texts["britannica"][:200_000], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    profile = sqcompile.calibrate(model, calib, tokenizer=tok, chunk=1024, progress=False)
+    profile = smollm2_profile()  # the first 8192 Britannica tokens (tests/conftest.py)
 
     def fp16(ids):
         cache = ev.simulated_cache(ev.EvalState(None, (), fp16=True), model.config)

@@ -71,8 +71,8 @@ def test_eval_rows_with_the_real_codec_on_a_tiny_model(tiny_llama):
 
 # --- SmolLM2-135M ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smollm2_results(smollm2, shared_texts):
-    from sqcompile.calibrate import calibrate
+def smollm2_results(smollm2, shared_texts, smollm2_profile):
+    from sqcompile.calibrate import measure_kv_sensitivity
     from sqcompile.hf import tokenize
 
     model, tokenizer = smollm2
@@ -86,9 +86,11 @@ def smollm2_results(smollm2, shared_texts):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        # a token budget, not a time budget, so the profile does not depend on the machine's load
-        profile = calibrate(model, shared_texts["britannica"], seconds=600, max_tokens=8192, chunk=1024,
-                            tokenizer=tokenizer, progress=False, sensitivity_tokens=512)
+        # what calibrate(..., max_tokens=8192, chunk=1024, sensitivity_tokens=512) returns (tests/test_calibrate.py
+        # checks that it is these two steps): the shared profile, then the sensitivity pass on the first 512 tokens
+        profile = smollm2_profile()
+        measure_kv_sensitivity(model, tokenize(tokenizer, shared_texts["britannica"], max_tokens=512), profile,
+                               progress=False)
         results = evaluate(model, profile, ids, rows=rows, progress=False)
     finally:
         torch.set_num_threads(threads)

@@ -25,13 +25,11 @@ BITS = 4.25  # 3.76x, every byte of metadata included
 
 
 @pytest.fixture(scope="module")
-def runs(smollm2, shared_texts):
+def runs(smollm2, smollm2_profile):
     """FP32 greedy continuations, and the teacher-forced picks of the eager and the compiled SpectralCache runs."""
     model, tok = smollm2
     torch._dynamo.reset()
-    calib = tok(shared_texts["britannica"][:120_000], return_tensors="pt")["input_ids"][0]
-    # A token budget, not a time budget, so the profile (and the test) does not depend on machine load.
-    profile = sqcompile.calibrate(model, calib, seconds=600, max_tokens=8192, tokenizer=tok, progress=False)
+    profile = smollm2_profile()  # the first 8192 Britannica tokens (tests/conftest.py)
     ids, mask = left_padded(tok, PROMPTS)
     capacity = ids.shape[1] + NEW_TOKENS + 1
     with torch.no_grad():

@@ -124,14 +124,9 @@ def decode(fn, tokens: torch.Tensor, cache) -> torch.Tensor:
 def compiled_decode(model, tokens, options):
     """(logits, sites of every graph compiled on the way: the machinery of sqcompile.explain)."""
     torch._dynamo.reset()
-    fn = torch.compile(model.forward, backend="spectralquant", options=dict(options, lower="eager"))
-    sink: list = []
-    token = backend._REPORT_SINK.set(sink)
-    try:
-        logits = decode(fn, tokens, static_cache(model))
-    finally:
-        backend._REPORT_SINK.reset(token)
-    return logits, sink
+    report = Report()
+    fn = torch.compile(model.forward, backend=backend.recording_backend(report), options=dict(options, lower="eager"))
+    return decode(fn, tokens, static_cache(model)), report.sites
 
 
 def _error(fn) -> str | None:
@@ -180,14 +175,12 @@ def _rank_main(rank: int, world: int, store: str, out_dir: str, refs: dict) -> N
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
             hf = transformers.AutoModelForCausalLM.from_pretrained(refs["hf_dir"], tp_plan="auto")
             torch._dynamo.reset()
-            fn = torch.compile(hf.forward, backend="spectralquant",
+            report = Report()
+            fn = torch.compile(hf.forward, backend=backend.recording_backend(report),
                                options={"profile": profile("llama"), "quantize": False, "lower": "eager"})
-            sink: list = []
-            token = backend._REPORT_SINK.set(sink)
             with torch.no_grad():
                 result["tp_plan"] = fn(input_ids=prompt()).logits[:, -1].float()
-            backend._REPORT_SINK.reset(token)
-            result["tp_plan/sites"] = [(s.layer, s.rewritten, s.q_heads, s.kv_heads) for s in sink]
+            result["tp_plan/sites"] = [(s.layer, s.rewritten, s.q_heads, s.kv_heads) for s in report.sites]
             result["tp_plan/calibrate"] = sqcompile.calibrate(hf, calibration_ids(), **CALIB)
         if world == 4:  # 2 kv-heads over 4 ranks: not whole heads per rank
             result["indivisible"] = _error(lambda: parallel.parallelize(build("llama", num_key_value_heads=2), mesh))
